@@ -1,0 +1,95 @@
+"""The few operations training and sampling need from a Stable Diffusion model.
+
+Two implementations exist: the webui's loaded model (``extensions_builtin_compat.host_backend``) and the
+standalone diffusers model (``dreamartist.standalone``). The core never imports either.
+
+Learned words are passed as ``WordVectors``: for each pseudo-word, one tensor per text encoder, keyed by
+the encoder's name ("clip_l" for SD1, "clip_h" for SD2; SDXL will add "clip_g"). A prompt names the word
+as plain text ("a photo of walle"); the backend splices the vectors in at that position, as the webui does
+for textual-inversion embeddings, so gradients reach those tensors and nothing else.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Iterator, Mapping, Protocol, runtime_checkable
+
+import torch
+
+EncoderVectors = Mapping[str, torch.Tensor]  # encoder key -> (n_vectors, dim)
+WordVectors = Mapping[str, EncoderVectors]  # pseudo-word -> its vectors for every text encoder
+
+EPSILON = "epsilon"
+V_PREDICTION = "v_prediction"
+
+
+@dataclass
+class Conditioning:
+    """Text conditioning for one UNet call, one row per prompt.
+
+    ``branches`` names each row's CFG branch ("pos" or "neg"; "" when it does not matter). Per-row
+    adapters (a LoRA on the positive rows, another on the negative rows of the same call) select rows by it.
+    ``extras`` carries what some families add beside the cross-attention states (SDXL: the pooled "vector").
+    """
+
+    context: torch.Tensor  # (rows, tokens, dim)
+    branches: tuple[str, ...] = ()
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return self.context.shape[0]
+
+
+@runtime_checkable
+class Backend(Protocol):
+    family: str  # "sd1" | "sd2"
+    device: torch.device
+    prediction_type: str  # EPSILON | V_PREDICTION
+    alphas_cumprod: torch.Tensor  # (T,) float32, on the CPU
+    embedding_dims: Mapping[str, int]  # encoder key -> token-embedding width
+    latent_channels: int
+    vae_scale: int  # pixels per latent cell (8)
+    model_name: str
+    model_hash: str  # short hash of the checkpoint, "" when unknown
+
+    def word_vectors(self, text: str) -> dict[str, torch.Tensor]:
+        """Raw token embeddings of ``text`` (no BOS/EOS), per encoder: (n_tokens, dim), detached."""
+
+    def eos_vector(self) -> dict[str, torch.Tensor]:
+        """The end-of-text token embedding per encoder: (dim,), detached."""
+
+    def encode(self, prompts: list[str], words: WordVectors | None = None, branches: tuple[str, ...] = ()) -> Conditioning:
+        """Encode prompts with ``words`` spliced in; differentiable with respect to those vectors only."""
+
+    def unet(self, latents: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        """One UNet call: latents (B,C,h,w), integer timesteps (B,), B == len(cond). Returns the model
+        output (eps or v, per ``prediction_type``) as float32, differentiable."""
+
+    def vae_encode(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Pixels (B,3,H,W) in [-1,1] -> scaled latents (B,C,H/8,W/8), float32, no gradient."""
+
+    def vae_decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Scaled latents -> pixels in [-1,1] (B,3,H,W), float32, WITH gradient (eq. 6 needs it)."""
+
+    def training(self, gradient_checkpointing: bool = False) -> contextlib.AbstractContextManager:
+        """Context for a training run: every model weight frozen, optional gradient checkpointing; on exit
+        (also on error) the model is exactly as before: weights, requires_grad, modes, hooks."""
+
+
+@contextlib.contextmanager
+def frozen(*modules: torch.nn.Module) -> Iterator[None]:
+    """Freeze every parameter of ``modules`` and restore each flag (and train/eval mode) on exit."""
+    params = [p for m in modules for p in m.parameters()]
+    flags = [p.requires_grad for p in params]
+    modes = [(m, m.training) for root in modules for m in root.modules()]
+    try:
+        for p in params:
+            p.requires_grad_(False)
+        for root in modules:
+            root.eval()
+        yield
+    finally:
+        for p, flag in zip(params, flags):
+            p.requires_grad_(flag)
+        for m, mode in modes:
+            m.train(mode)

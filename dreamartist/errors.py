@@ -1,0 +1,18 @@
+"""User-facing errors: each carries one plain sentence that the CLI, the tab and the API show as is."""
+from __future__ import annotations
+
+
+class DreamArtistError(Exception):
+    """Base class: a problem the user can fix; its message is shown without a traceback."""
+
+
+class InputError(DreamArtistError):
+    """Bad user input: an image, a name, a file, an option value."""
+
+
+class ModelError(DreamArtistError):
+    """The model cannot be used: missing, unreadable, or an unsupported family."""
+
+
+class TrainingStopped(DreamArtistError):
+    """Training ended early for a reason the user must know (non-finite loss, out of memory)."""

@@ -1,0 +1,415 @@
+"""The pair on disk: NAME and NAME-neg as textual-inversion files the webui loads with no extension.
+
+A ``.pt`` holds the webui's own keys (string_to_token, string_to_param, name, step, sd_checkpoint,
+sd_checkpoint_name) plus ``dreamartist``, the pair record as a plain dict, which the webui ignores. A
+``.safetensors`` holds one tensor under kohya's key ``emb_params`` (SDXL: ``clip_l`` and ``clip_g``) and the
+pair record in its metadata. Vectors in the core are dicts keyed by text encoder: "clip_l" (SD1, 768 wide),
+"clip_h" (SD2, 1024 wide), "clip_l" + "clip_g" (SDXL).
+"""
+from __future__ import annotations
+
+import dataclasses
+import io
+import os
+import pickle
+import re
+import secrets
+import shutil
+import zipfile
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save as safetensors_bytes
+
+from .errors import InputError
+from .names import negative_name, validate_name
+
+FORMAT_VERSION = 1
+FILE_FORMATS = {"pt": ".pt", "safetensors": ".safetensors"}
+LOADABLE_EXTS = (".pt", ".bin", ".safetensors")
+EMBEDDING_EXTS = LOADABLE_EXTS + (".png", ".webp", ".jxl", ".avif")  # everything the webui reads as an embedding
+STATE_SUFFIX = ".dreamartist-state"  # an extension the webui's embedding loader skips
+ENCODER_BY_WIDTH = {768: "clip_l", 1024: "clip_h"}
+FAMILIES = {("clip_l",): "sd1", ("clip_h",): "sd2", ("clip_g", "clip_l"): "sdxl"}
+_FAMILY_LABEL = {"sd1": "SD1", "sd2": "SD2", "sdxl": "SDXL"}
+_SDXL_WIDTHS = {"clip_l": 768, "clip_g": 1280}
+_RECORD_KEY = "dreamartist"
+_WEBUI_TOKEN = {"*": 265}  # the token id the webui writes in every embedding file
+# The webui's safe loader (modules/safe.py) rejects a .pt whose zip holds other records than these; newer torch
+# adds byteorder, .data/serialization_id, .format_version and .storage_alignment, all optional when loading.
+_WEBUI_ZIP_RECORDS = re.compile(r"^[^/]+/(data\.pkl|version|data/\d+)$")
+
+
+@dataclass
+class PairMeta:
+    """What one file of a pair records about the pair."""
+
+    role: str  # "positive" | "negative"
+    partner: str  # the other file's name
+    gamma: str = ""
+    pos_len: int = 0
+    neg_len: int = 0
+    step: int = 0
+    total_steps: int = 0
+    base_model_hash: str = ""
+    base_model_name: str = ""
+    encoders: str = ""  # the vectors' encoder keys, comma-separated: keeps the key of any width
+    version: int = FORMAT_VERSION
+
+    def to_record(self) -> dict[str, str | int]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_record(cls, record: Mapping[str, Any]) -> PairMeta | None:
+        """Read a record written by ``to_record`` (values may be strings, as in safetensors metadata)."""
+        try:
+            values = {}
+            for f in dataclasses.fields(cls):
+                if f.name in record:
+                    values[f.name] = int(record[f.name]) if f.type == "int" else str(record[f.name])
+            meta = cls(**values)
+        except (TypeError, ValueError):
+            return None
+        return meta if meta.role in ("positive", "negative") else None
+
+
+@dataclass
+class EmbeddingFile:
+    """One embedding read from disk."""
+
+    path: Path
+    name: str  # the file stem: the word the webui registers
+    vectors: dict[str, torch.Tensor]  # encoder key -> (n, dim) float32, CPU
+    step: int | None
+    pair: PairMeta | None  # the DreamArtist record; None for other files
+    layout: str  # "string_to_param" (webui/DreamArtist), "single" (kohya/diffusers), "sdxl"
+
+
+def family_of(vectors: Mapping[str, Any]) -> str:
+    """"sd1", "sd2" or "sdxl" from the encoder keys of ``vectors`` (or of an embedding_dims mapping)."""
+    family = FAMILIES.get(tuple(sorted(vectors)))
+    if family is None:
+        raise InputError(f"Unknown text-encoder set {sorted(vectors)}; expected clip_l, clip_h or clip_l+clip_g.")
+    return family
+
+
+def describe(dims: Mapping[str, int]) -> str:
+    """'SD1 (768-wide)', 'SDXL (768+1280-wide)' for a mapping encoder key -> width."""
+    widths = "+".join(str(dims[k]) for k in sorted(dims, key=lambda k: k != "clip_l"))
+    family = FAMILIES.get(tuple(sorted(dims)))
+    return f"{_FAMILY_LABEL[family]} ({widths}-wide)" if family else f"{'+'.join(sorted(dims))} ({widths}-wide)"
+
+
+def check_compatible(vectors: Mapping[str, torch.Tensor], embedding_dims: Mapping[str, int],
+                     path: str | Path) -> None:
+    """InputError when ``vectors`` do not fit the loaded model's text encoders."""
+    have = {k: int(v.shape[-1]) for k, v in vectors.items()}
+    if have != dict(embedding_dims):
+        raise InputError(f"{Path(path).name} was trained for {describe(have)}, "
+                         f"the loaded model is {describe(embedding_dims)}.")
+
+
+def walk_files(folder: Path) -> Iterator[Path]:
+    """Every file under ``folder``, following links as the webui does, each directory once."""
+    seen: set[tuple[int, int]] = set()
+    for root, dirs, files in os.walk(folder, followlinks=True):
+        st = os.stat(root)
+        if (st.st_dev, st.st_ino) in seen:
+            dirs[:] = []  # a link loop
+            continue
+        seen.add((st.st_dev, st.st_ino))
+        dirs.sort()
+        yield from (Path(root) / f for f in sorted(files))
+
+
+def find_clashes(folder: str | Path, names: list[str] | tuple[str, ...]) -> list[Path]:
+    """Files under ``folder`` (subfolders too, as the webui walks them) that the webui would load under
+    one of ``names``: same stem, compared case-insensitively, with an embedding extension."""
+    wanted = {n.lower() for n in names}
+    return [p for p in walk_files(Path(folder))
+            if p.suffix.lower() in EMBEDDING_EXTS and p.stem.lower() in wanted]
+
+
+def save_pair(folder: str | Path, name: str, pos: Mapping[str, torch.Tensor], neg: Mapping[str, torch.Tensor], *,
+              gamma: str = "", step: int = 0, total_steps: int = 0, checkpoint_hash: str = "",
+              checkpoint_name: str = "", fmt: str = "pt", overwrite: bool = False) -> list[Path]:
+    """Write NAME and NAME-neg atomically: both files appear, or neither changes.
+
+    Refuses when any embedding file named NAME or NAME-neg exists under ``folder`` unless ``overwrite``;
+    with ``overwrite`` those files are replaced (removed when their extension differs), also atomically.
+    SDXL ``.pt`` files hold only the two tensors (the webui's SDXL reader accepts nothing else), so their
+    pair record lives in ``.safetensors`` files only. Returns [NAME file, NAME-neg file].
+    """
+    validate_name(name)
+    if fmt not in FILE_FORMATS:
+        raise InputError(f"The file format must be one of {', '.join(FILE_FORMATS)}; got {fmt!r}.")
+    folder = Path(folder)
+    neg_name = negative_name(name)
+    pos, neg = _plain(pos, name), _plain(neg, neg_name)
+    if family_of(pos) != family_of(neg):
+        raise InputError(f"{name} and {neg_name} were made for different text encoders.")
+    clashes = find_clashes(folder, [name, neg_name])
+    if clashes and not overwrite:
+        shown = ", ".join(map(str, clashes))
+        raise InputError(f"The webui already has an embedding named {name} or {neg_name}: {shown}. "
+                         "Choose another name, or allow overwriting to replace it.")
+    common = dict(gamma=gamma, pos_len=_length(pos), neg_len=_length(neg), step=step, total_steps=total_steps,
+                  base_model_hash=checkpoint_hash, base_model_name=checkpoint_name, encoders=",".join(sorted(pos)))
+    files = [(name, pos, PairMeta(role="positive", partner=neg_name, **common)),
+             (neg_name, neg, PairMeta(role="negative", partner=name, **common))]
+    folder.mkdir(parents=True, exist_ok=True)
+    targets = [folder / f"{n}{FILE_FORMATS[fmt]}" for n, _, _ in files]
+    temps: list[Path] = []
+    try:
+        for file_name, vectors, meta in files:
+            payload = _serialize(fmt, file_name, vectors, meta, checkpoint_hash, checkpoint_name)
+            temps.append(_write_temp(folder, payload))
+    except BaseException:
+        for tmp in temps:
+            _remove_quietly(tmp)
+        raise
+    same = [c for c in clashes for t in targets if t.exists() and os.path.samefile(c, t)]
+    _commit(list(zip(temps, targets)), replaced=[c for c in clashes if c not in same])
+    return targets
+
+
+def load_embedding(path: str | Path) -> EmbeddingFile:
+    """Read a .pt/.bin (plain tensors only: pickled code is refused) or .safetensors embedding."""
+    path = Path(path)
+    if path.suffix.lower() not in LOADABLE_EXTS:
+        raise InputError(f"{path.name} is not an embedding file ({', '.join(LOADABLE_EXTS)}).")
+    if not path.is_file():
+        raise InputError(f"{path} does not exist.")
+    if path.suffix.lower() == ".safetensors":
+        data, metadata = _read_safetensors(path)
+        record = {k[len(_RECORD_KEY) + 1:]: v for k, v in metadata.items() if k.startswith(_RECORD_KEY + ".")}
+    else:
+        data = _torch_load(path)
+        record = data.get(_RECORD_KEY) if isinstance(data, dict) else None
+    pair = PairMeta.from_record(record) if isinstance(record, Mapping) else None
+    vectors, layout = _vectors_of(data, path, pair.encoders if pair else "")
+    step = data.get("step") if layout == "string_to_param" else None
+    step = step if isinstance(step, int) else (pair.step if pair else None)
+    return EmbeddingFile(path=path, name=path.stem, vectors=vectors, step=step, pair=pair, layout=layout)
+
+
+def load_pair(folder: str | Path, name: str) -> tuple[EmbeddingFile, EmbeddingFile]:
+    """Load NAME and NAME-neg from ``folder`` or its subfolders (our pairs or original DreamArtist files)."""
+    return _find_one(Path(folder), name), _find_one(Path(folder), negative_name(name))
+
+
+def list_pairs(folder: str | Path) -> dict[str, str]:
+    """Positive name -> partner name for every NAME with a NAME-neg under ``folder`` (names as on disk)."""
+    stems: dict[str, str] = {}
+    for p in walk_files(Path(folder)):
+        if p.suffix.lower() in LOADABLE_EXTS:
+            stems.setdefault(p.stem.lower(), p.stem)
+    return {stem: stems[key + "-neg"] for key, stem in sorted(stems.items())
+            if not key.endswith("-neg") and key + "-neg" in stems}
+
+
+def save_state(folder: str | Path, name: str, state: Mapping[str, Any]) -> Path:
+    """Write the resume state (plain tensors, dicts, lists, numbers, strings) to NAME.dreamartist-state.
+
+    Raises TypeError when the state holds anything ``load_state`` could not read back with weights_only.
+    """
+    buffer = io.BytesIO()
+    torch.save(dict(state), buffer)
+    try:
+        torch.load(io.BytesIO(buffer.getvalue()), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise TypeError("The resume state holds objects other than tensors, numbers, strings, lists and dicts "
+                        f"({e}).") from None
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    target = folder / f"{name}{STATE_SUFFIX}"
+    _commit([(_write_temp(folder, buffer.getvalue()), target)])
+    return target
+
+
+def load_state(folder: str | Path, name: str) -> dict | None:
+    """The resume state saved for NAME, or None when there is none."""
+    path = Path(folder) / f"{name}{STATE_SUFFIX}"
+    if not path.is_file():
+        return None
+    state = _torch_load(path)
+    if not isinstance(state, dict):
+        raise InputError(f"{path.name} is not a DreamArtist resume state.")
+    return state
+
+
+def _find_one(folder: Path, name: str) -> EmbeddingFile:
+    found = [p for p in find_clashes(folder, [name]) if p.suffix.lower() in LOADABLE_EXTS]
+    if not found:
+        raise InputError(f"No embedding file named {name} ({', '.join(LOADABLE_EXTS)}) in {folder}.")
+    if len(found) > 1:
+        raise InputError(f"Several files are named {name}: {', '.join(map(str, found))}; keep only one.")
+    return load_embedding(found[0])
+
+
+def _plain(vectors: Mapping[str, torch.Tensor], name: str) -> dict[str, torch.Tensor]:
+    """Detached float32 contiguous CPU copies (a view would otherwise save its whole storage)."""
+    family_of(vectors)
+    out = {}
+    for key, tensor in vectors.items():
+        if tensor.ndim != 2 or tensor.shape[0] < 1:
+            raise InputError(f"The {key} vectors of {name} must have shape (n, dim); got {tuple(tensor.shape)}.")
+        out[key] = tensor.detach().to("cpu", torch.float32).contiguous().clone()
+        if not torch.isfinite(out[key]).all():
+            raise InputError(f"The vectors of {name} contain NaN or infinity; nothing was written.")
+    return out
+
+
+def _length(vectors: Mapping[str, torch.Tensor]) -> int:
+    return int(next(iter(vectors.values())).shape[0])
+
+
+def _serialize(fmt: str, name: str, vectors: dict[str, torch.Tensor], meta: PairMeta,
+               checkpoint_hash: str, checkpoint_name: str) -> bytes:
+    sdxl = family_of(vectors) == "sdxl"
+    if fmt == "safetensors":
+        tensors = vectors if sdxl else {"emb_params": next(iter(vectors.values()))}
+        metadata = {f"{_RECORD_KEY}.{k}": str(v) for k, v in meta.to_record().items()}
+        return safetensors_bytes(tensors, metadata=metadata)
+    if sdxl:
+        data: dict[str, Any] = dict(vectors)
+    else:
+        data = {"string_to_token": dict(_WEBUI_TOKEN), "string_to_param": {"*": next(iter(vectors.values()))},
+                "name": name, "step": meta.step, "sd_checkpoint": checkpoint_hash or None,
+                "sd_checkpoint_name": checkpoint_name or None, _RECORD_KEY: meta.to_record()}
+    buffer = io.BytesIO()
+    torch.save(data, buffer)
+    return _webui_zip(buffer.getvalue())
+
+
+def _webui_zip(payload: bytes) -> bytes:
+    """Repack a torch.save zip with only the records every webui version accepts (little-endian data)."""
+    out = io.BytesIO()
+    with zipfile.ZipFile(io.BytesIO(payload)) as src, zipfile.ZipFile(out, "w", zipfile.ZIP_STORED) as dst:
+        for info in src.infolist():
+            if _WEBUI_ZIP_RECORDS.match(info.filename):
+                dst.writestr(info.filename, src.read(info))
+    return out.getvalue()
+
+
+def _torch_load(path: Path) -> Any:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a damaged file can fail with almost any exception type inside the unpickler
+        if isinstance(e, pickle.UnpicklingError) and "weights only" in str(e).lower():
+            raise InputError(f"{path.name} is not a plain tensor file (refused for safety): it asks to run "
+                             "code while loading, so it was not opened.") from None
+        raise InputError(f"{path.name} is not a readable tensor file ({type(e).__name__}: {e}).") from None
+
+
+def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+    except Exception as e:  # safetensors raises its own SafetensorError for any malformed header
+        raise InputError(f"{path.name} is not a readable safetensors file ({e}).") from None
+
+
+def _vectors_of(data: Any, path: Path, encoder: str) -> tuple[dict[str, torch.Tensor], str]:
+    """The webui's reading rules: string_to_param, then SDXL clip_l+clip_g, then a lone tensor.
+
+    A lone tensor belongs to ``encoder`` when the pair record names one, else to the encoder of its width.
+    """
+    if not isinstance(data, dict):
+        raise InputError(f"{path.name} is not an embedding file (it holds a {type(data).__name__}).")
+    if "string_to_param" in data:
+        params = data["string_to_param"]
+        if not isinstance(params, dict) or len(params) != 1:
+            raise InputError(f"{path.name} must hold exactly one word in string_to_param.")
+        return _single(next(iter(params.values())), path, encoder), "string_to_param"
+    if "clip_l" in data and "clip_g" in data:
+        vectors = {k: _matrix(data[k], path) for k in ("clip_l", "clip_g")}
+        widths = {k: int(v.shape[1]) for k, v in vectors.items()}
+        if widths != _SDXL_WIDTHS or vectors["clip_l"].shape[0] != vectors["clip_g"].shape[0]:
+            raise InputError(f"{path.name} has SDXL keys but shapes {[tuple(v.shape) for v in vectors.values()]}.")
+        return vectors, "sdxl"
+    if len(data) == 1 and isinstance(next(iter(data.values())), torch.Tensor):
+        return _single(next(iter(data.values())), path, encoder), "single"
+    keys = ", ".join(map(str, list(data)[:5]))
+    raise InputError(f"{path.name} is not a textual-inversion embedding (keys: {keys}).")
+
+
+def _single(tensor: Any, path: Path, encoder: str) -> dict[str, torch.Tensor]:
+    vec = _matrix(tensor, path)
+    key = encoder if encoder in ENCODER_BY_WIDTH.values() else ENCODER_BY_WIDTH.get(int(vec.shape[1]))
+    if key is None:
+        raise InputError(f"{path.name} holds {vec.shape[1]}-wide vectors; SD1 embeddings are 768 wide "
+                         "and SD2 embeddings 1024 wide.")
+    return {key: vec}
+
+
+def _matrix(tensor: Any, path: Path) -> torch.Tensor:
+    if not isinstance(tensor, torch.Tensor) or not tensor.is_floating_point() or tensor.ndim not in (1, 2):
+        raise InputError(f"{path.name} does not hold a 1-D or 2-D floating-point tensor.")
+    return (tensor.unsqueeze(0) if tensor.ndim == 1 else tensor).detach().to(torch.float32).contiguous()
+
+
+def _write_temp(folder: Path, payload: bytes) -> Path:
+    """Write ``payload`` to a new hidden .tmp file in ``folder`` (an extension the webui skips)."""
+    tmp = folder / f".dreamartist-{secrets.token_hex(8)}.tmp"
+    try:
+        with open(tmp, "xb") as f:
+            f.write(payload)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:
+        _remove_quietly(tmp)
+        raise
+    return tmp
+
+
+def _commit(moves: list[tuple[Path, Path]], replaced: list[Path] = ()) -> None:
+    """Move each temp file onto its target and take ``replaced`` away; on any failure restore every file."""
+    copies: dict[Path, Path] = {}  # target -> backup copy; the target itself stays in place until replaced
+    moved: list[tuple[Path, Path]] = []  # (backup, original place) of files taken away
+    placed: list[Path] = []
+    try:
+        for _, target in moves:
+            if target.exists():
+                copies[target] = _backup_copy(target)
+        for old in replaced:
+            backup = old.with_name(f".dreamartist-{secrets.token_hex(8)}.tmp")
+            os.replace(old, backup)
+            moved.append((backup, old))
+        for tmp, target in moves:
+            os.replace(tmp, target)
+            placed.append(target)
+    except BaseException:
+        for target in placed:
+            if target in copies:
+                os.replace(copies.pop(target), target)
+            else:
+                _remove_quietly(target)
+        for backup, original in reversed(moved):
+            os.replace(backup, original)
+        for path in [*copies.values(), *(tmp for tmp, _ in moves)]:
+            _remove_quietly(path)
+        raise
+    for backup in [*copies.values(), *(b for b, _ in moved)]:
+        _remove_quietly(backup)
+
+
+def _backup_copy(path: Path) -> Path:
+    """A hard link to ``path`` (a copy where links are not supported), so the file stays in place."""
+    backup = path.with_name(f".dreamartist-{secrets.token_hex(8)}.tmp")
+    try:
+        os.link(path, backup)
+    except OSError:
+        shutil.copy2(path, backup)
+    return backup
+
+
+def _remove_quietly(path: Path) -> None:
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        pass

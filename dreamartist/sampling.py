@@ -1,0 +1,68 @@
+"""Deterministic DDIM sampling with classifier-free guidance over any Backend (previews, `generate`).
+
+The uncond rows carry the negative prompt (with S^n), the cond rows the prompt (with S^p); the guidance
+scale may be a gamma schedule, so a preview samples with exactly the gamma the pair was trained with.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .backend import Backend, WordVectors
+from .gamma import GammaSchedule, parse_gamma
+from .losses import guide, predict_eps, predict_z0
+
+
+def ddim_timesteps(num_timesteps: int, steps: int) -> list[int]:
+    """The webui's DDIM timesteps, high to low: range(0, T, T // steps) + 1."""
+    stride = max(num_timesteps // steps, 1)
+    return [t + 1 for t in range(0, num_timesteps, stride)][::-1][:steps]
+
+
+@torch.no_grad()
+def sample(backend: Backend, prompt: str, negative_prompt: str = "", words: WordVectors | None = None,
+           guidance: GammaSchedule | float | str = 7.0, steps: int = 20, width: int = 512, height: int = 512,
+           seed: int = 0, batch: int = 1, on_step: Callable[[int, int], None] | None = None) -> list[Image.Image]:
+    """Sample ``batch`` images for one prompt; the same seed gives the same images."""
+    schedule = guidance if isinstance(guidance, GammaSchedule) else parse_gamma(guidance)
+    abar_all = backend.alphas_cumprod.to(torch.float32)
+    T = abar_all.shape[0]
+    generator = torch.Generator().manual_seed(seed)
+    shape = (batch, backend.latent_channels, height // backend.vae_scale, width // backend.vae_scale)
+    x = torch.randn(shape, generator=generator).to(backend.device)
+    cond = backend.encode([negative_prompt] * batch + [prompt] * batch, words, ("neg",) * batch + ("pos",) * batch)
+    timesteps = ddim_timesteps(T, steps)
+    for i, t in enumerate(timesteps):
+        t_prev = timesteps[i + 1] if i + 1 < len(timesteps) else 0
+        abar = abar_all[t].to(backend.device).view(1, 1, 1, 1)
+        abar_prev = abar_all[t_prev].to(backend.device).view(1, 1, 1, 1)
+        t_batch = torch.full((2 * batch,), t, dtype=torch.long, device=backend.device)
+        out_neg, out_pos = backend.unet(torch.cat([x, x]), t_batch, cond).chunk(2)
+        gamma = schedule(torch.full((batch,), t), T).to(backend.device)
+        out = guide(out_neg, out_pos, gamma)
+        eps = predict_eps(backend.prediction_type, out, x, abar)
+        z0 = predict_z0(backend.prediction_type, out, x, abar)
+        x = abar_prev.sqrt() * z0 + (1 - abar_prev).sqrt() * eps
+        if on_step:
+            on_step(i + 1, len(timesteps))
+    return to_images(backend.vae_decode(x))
+
+
+def to_images(pixels: torch.Tensor) -> list[Image.Image]:
+    """Pixels (B,3,H,W) in [-1,1] -> PIL images."""
+    array = ((pixels.detach().float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+    return [Image.fromarray(np.ascontiguousarray(a)) for a in array]
+
+
+def grid(images: list[Image.Image], columns: int | None = None) -> Image.Image:
+    """Tile images in rows of ``columns`` (default: as square as possible)."""
+    columns = columns or int(np.ceil(np.sqrt(len(images))))
+    rows = int(np.ceil(len(images) / columns))
+    w, h = images[0].size
+    sheet = Image.new("RGB", (columns * w, rows * h), "white")
+    for i, image in enumerate(images):
+        sheet.paste(image, ((i % columns) * w, (i // columns) * h))
+    return sheet

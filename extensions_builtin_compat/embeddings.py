@@ -1,0 +1,68 @@
+"""The webui's embeddings folder and database(s): where pairs are written, which names exist, which pairs
+the webui knows (trained here or dropped into the folder by hand)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from modules import sd_hijack, shared
+
+from dreamartist.names import negative_name
+from dreamartist.pairfiles import EMBEDDING_EXTS, walk_files
+
+from . import host
+
+FORGE_ENGINES = ("text_processing_engine", "text_processing_engine_l", "text_processing_engine_g")
+
+
+def embeddings_dir() -> Path:
+    return Path(shared.cmd_opts.embeddings_dir)
+
+
+def databases() -> list:
+    """A1111: model_hijack.embedding_db. Forge: one database per text engine of the loaded model (none before
+    the first generation loads it)."""
+    db = getattr(sd_hijack.model_hijack, "embedding_db", None)
+    if db is not None:
+        return [db]
+    model = host.loaded_model()
+    return [getattr(model, name).embeddings for name in FORGE_ENGINES if hasattr(model, name)]
+
+
+def refresh() -> None:
+    """Reload from disk. A1111 is forced: it only notices the folder's own mtime changing (§6.2)."""
+    for db in databases():
+        if getattr(db, "embedding_dirs", None) is not None:
+            db.load_textual_inversion_embeddings(force_reload=True)
+        else:
+            db.load_textual_inversion_embeddings()
+
+
+def known_names() -> list[str]:
+    """Names usable in prompts now, in the database's order."""
+    names: dict[str, None] = {}
+    for db in databases():
+        names.update(dict.fromkeys(db.word_embeddings))
+    return list(names)
+
+
+def existing_names() -> set[str]:
+    """Every name a new pair could clash with: loaded, skipped (other model family), or a file not yet loaded."""
+    names = set(known_names())
+    for db in databases():
+        names.update(getattr(db, "skipped_embeddings", {}))
+    folder = embeddings_dir()
+    if folder.is_dir():
+        names.update(p.stem for p in walk_files(folder) if p.suffix.lower() in EMBEDDING_EXTS)
+    return names
+
+
+def partners() -> dict[str, str]:
+    """NAME -> NAME-neg for every loaded NAME whose NAME-neg is loaded too."""
+    known = set(known_names())
+    return {name: negative_name(name) for name in known_names()
+            if negative_name(name) in known and not name.lower().endswith("-neg")}
+
+
+def pairs() -> list[str]:
+    """The positive names of the pairs the webui knows, sorted case-insensitively."""
+    return sorted(partners(), key=str.lower)

@@ -1,0 +1,69 @@
+"""What the running webui can do, found by probing attributes and modules, never by version strings."""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+from types import ModuleType
+
+from modules import scripts, sd_hijack, shared
+
+
+def is_forge() -> bool:
+    """Forge (any generation) ships the modules_forge package; A1111 does not."""
+    return importlib.util.find_spec("modules_forge") is not None
+
+
+def has_embedding_db() -> bool:
+    """A1111 keeps textual-inversion embeddings in model_hijack.embedding_db; Forge's stub has none."""
+    return hasattr(sd_hijack.model_hijack, "embedding_db")
+
+
+def has_process_before_every_sampling() -> bool:
+    return hasattr(scripts.Script, "process_before_every_sampling")
+
+
+def infotext_module() -> ModuleType:
+    """modules.infotext_utils (1.8+), else its old name modules.generation_parameters_copypaste."""
+    try:
+        return importlib.import_module("modules.infotext_utils")
+    except ImportError:
+        return importlib.import_module("modules.generation_parameters_copypaste")
+
+
+def loaded_model():
+    """The loaded model, or None; unlike shared.sd_model this never starts loading one."""
+    sd_models = importlib.import_module("modules.sd_models")
+    model_data = getattr(sd_models, "model_data", None)
+    return getattr(model_data, "sd_model", None) if model_data is not None else shared.sd_model
+
+
+def host_unsupported_reason() -> str | None:
+    """Why this webui cannot train at all, in one sentence; None when it can."""
+    if is_forge() or not has_embedding_db():
+        return ("Training needs the AUTOMATIC1111 webui (1.6 to 1.10): Forge has no textual-inversion hook to "
+                "train through. Train with the command line (python -m dreamartist train) and copy the pair "
+                "into Forge's embeddings folder; using pairs in prompts works in Forge.")
+    return None
+
+
+def model_unsupported_reason(model) -> str | None:
+    """Why ``model`` cannot be trained on, in one sentence; None when it can."""
+    if model is None:
+        return "No Stable Diffusion model is loaded; choose a checkpoint at the top of the page first."
+    if getattr(model, "forge_objects", None) is not None:
+        return host_unsupported_reason() or "This model was loaded by Forge's backend, which cannot be trained through."
+    if getattr(model, "is_sdxl", False) or hasattr(model, "conditioner"):
+        return "SDXL checkpoints are not supported yet; load an SD1.x or SD2.x checkpoint to train a pair."
+    if not (getattr(model, "is_sd1", False) or getattr(model, "is_sd2", False)):
+        return "Only SD1.x and SD2.x checkpoints can be trained on; load one of those."
+    if getattr(model, "lowvram", False):
+        return ("Training needs the whole model on the GPU; restart the webui without --lowvram/--medvram "
+                "to train.")
+    if not hasattr(getattr(model, "cond_stage_model", None), "encode_embedding_init_text"):
+        return "The loaded model's text encoder is not the webui's prompt encoder; reload the checkpoint."
+    return None
+
+
+def training_unavailable_reason() -> str | None:
+    """Why training cannot start now (host, or the model already loaded), or None. Never loads a model."""
+    return host_unsupported_reason() or (None if loaded_model() is None else model_unsupported_reason(loaded_model()))

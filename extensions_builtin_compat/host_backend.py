@@ -1,0 +1,172 @@
+"""The Backend protocol over the webui's loaded SD1/SD2 model (ldm LatentDiffusion behind the webui's hijack).
+
+Learned words go through the webui's own path: each is registered for the duration of one encode call as a
+textual-inversion Embedding whose ``vec`` IS the learned tensor, so the webui's chunking, emphasis and
+EmbeddingsWithFixes splice it in exactly as at generation time and gradients reach that tensor.
+"""
+from __future__ import annotations
+
+import contextlib
+import sys
+from typing import Iterator, Mapping
+
+import torch
+from modules import devices, extra_networks, processing, sd_hijack, shared
+from modules.textual_inversion.textual_inversion import Embedding
+
+from dreamartist.backend import EPSILON, V_PREDICTION, Conditioning, WordVectors, frozen
+from dreamartist.errors import InputError, ModelError
+
+from . import host
+
+ENCODER_KEYS = {"sd1": "clip_l", "sd2": "clip_h"}
+MAX_INIT_TOKENS = 75  # one prompt chunk
+
+
+def _token_embedding(clip: torch.nn.Module) -> torch.nn.Embedding:
+    """The text encoder's token table: the ``wrapped`` of the hijack's EmbeddingsWithFixes."""
+    for module in clip.modules():
+        if isinstance(module, sd_hijack.EmbeddingsWithFixes):
+            return module.wrapped
+    raise ModelError("The text encoder is not hijacked by the webui; reload the checkpoint and try again.")
+
+
+class HostBackend:
+    """Training and sampling operations on ``shared.sd_model``; see dreamartist.backend.Backend."""
+
+    def __init__(self, sd_model=None):
+        model = shared.sd_model if sd_model is None else sd_model
+        reason = host.host_unsupported_reason() or host.model_unsupported_reason(model)
+        if reason:
+            raise ModelError(reason)
+        self.sd_model = model
+        self.clip = model.cond_stage_model
+        self.db = sd_hijack.model_hijack.embedding_db
+        self.family = "sd2" if model.is_sd2 else "sd1"
+        self.encoder_key = ENCODER_KEYS[self.family]
+        self.device = devices.device
+        self.prediction_type = V_PREDICTION if getattr(model, "parameterization", "eps") == "v" else EPSILON
+        alphas = getattr(model, "alphas_cumprod_original", None)  # 1.8+ keeps an fp32 copy beside overrides
+        alphas = model.alphas_cumprod if alphas is None else alphas
+        self.alphas_cumprod = alphas.detach().to("cpu", torch.float32).clone()  # (T,)
+        self.token_table = _token_embedding(self.clip)
+        self.embedding_dims = {self.encoder_key: self.token_table.weight.shape[1]}
+        self.latent_channels = int(getattr(model, "latent_channels", 4))
+        self.vae_scale = 8
+        info = getattr(model, "sd_checkpoint_info", None)
+        self.model_name = getattr(info, "name_for_extra", None) or getattr(info, "model_name", None) or ""
+        self.model_hash = getattr(model, "sd_model_hash", None) or getattr(info, "shorthash", None) or ""
+
+    # -- text ----------------------------------------------------------------------------------------
+    def word_vectors(self, text: str) -> dict[str, torch.Tensor]:
+        """Raw token embeddings of ``text`` (no BOS/EOS) as the webui computes them: (n_tokens, dim), CPU."""
+        with torch.no_grad():
+            rows = self.clip.encode_embedding_init_text(text, MAX_INIT_TOKENS)
+        return {self.encoder_key: rows.detach().float().cpu().reshape(-1, self.token_table.weight.shape[1])}
+
+    def eos_vector(self) -> dict[str, torch.Tensor]:
+        return {self.encoder_key: self.token_table.weight.detach()[self.clip.id_end].float().cpu().clone()}
+
+    def _vectors_of(self, words: WordVectors) -> dict[str, torch.Tensor]:
+        width = self.embedding_dims[self.encoder_key]
+        vectors = {}
+        for word, per_encoder in words.items():
+            vector = per_encoder.get(self.encoder_key)
+            if vector is None:
+                raise InputError(f"The embedding '{word}' has no vectors for this model's text encoder "
+                                 f"({self.encoder_key}).")
+            if vector.ndim != 2 or vector.shape[1] != width:
+                raise InputError(f"The embedding '{word}' has vectors of shape {tuple(vector.shape)}, "
+                                 f"but this model needs (n, {width}).")
+            vectors[word] = vector
+        return vectors
+
+    @contextlib.contextmanager
+    def _registered(self, vectors: Mapping[str, torch.Tensor]) -> Iterator[None]:
+        """Register each word as an Embedding over its live tensor; put the database back exactly after."""
+        saved_words = dict(self.db.word_embeddings)
+        saved_lookup: dict[int, list | None] = {}
+        try:
+            for name, vector in vectors.items():
+                first_id = self.clip.tokenize([name])[0][0]
+                if first_id not in saved_lookup:
+                    entries = self.db.ids_lookup.get(first_id)
+                    saved_lookup[first_id] = None if entries is None else list(entries)
+                embedding = Embedding(vector, name)
+                embedding.vectors, embedding.shape = vector.shape[0], vector.shape[1]
+                self.db.register_embedding_by_name(embedding, self.sd_model, name)
+            yield
+        finally:
+            self.db.word_embeddings.clear()
+            self.db.word_embeddings.update(saved_words)
+            for first_id, entries in saved_lookup.items():
+                if entries is None:
+                    self.db.ids_lookup.pop(first_id, None)
+                else:
+                    self.db.ids_lookup[first_id] = entries
+
+    def encode(self, prompts: list[str], words: WordVectors | None = None,
+               branches: tuple[str, ...] = ()) -> Conditioning:
+        """The webui's prompt encoding with ``words`` as temporary embeddings; differentiable in those only."""
+        if branches and len(branches) != len(prompts):
+            raise ValueError(f"{len(branches)} branches for {len(prompts)} prompts")
+        with self._registered(self._vectors_of(words or {})), devices.autocast():
+            context = self.clip(list(prompts))  # (B, 77k, dim)
+        return Conditioning(context=context, branches=tuple(branches))
+
+    # -- UNet and VAE --------------------------------------------------------------------------------
+    def unet(self, latents: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        if latents.shape[0] != len(cond):
+            raise ValueError(f"{latents.shape[0]} latents for {len(cond)} conditioning rows")
+        x = latents.to(self.device, devices.dtype_unet)
+        context = cond.context.to(self.device, devices.dtype_unet)
+        with devices.autocast():
+            out = self.sd_model.apply_model(x, timesteps.to(self.device), {"c_crossattn": [context]})
+        return out.float()
+
+    def vae_encode(self, pixels: torch.Tensor) -> torch.Tensor:
+        """The posterior mode (its mean) times scale_factor: deterministic, no gradient."""
+        with torch.no_grad(), devices.autocast():
+            posterior = self.sd_model.encode_first_stage(pixels.to(self.device, devices.dtype_vae))
+            mode = posterior.mode() if hasattr(posterior, "mode") else posterior
+            return self.sd_model.get_first_stage_encoding(mode).float()
+
+    def vae_decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """first_stage_model.decode directly: decode_first_stage is no_grad, eq. 6 needs the gradient."""
+        z = (latents.to(self.device) / self.sd_model.scale_factor).to(devices.dtype_vae)
+        with devices.autocast():
+            return self.sd_model.first_stage_model.decode(z).float()
+
+    # -- the training context ------------------------------------------------------------------------
+    def _unload_networks(self) -> None:
+        """Deactivate every extra network as sd_models.get_empty_cond does, so LoRA weights merged in by an
+        earlier generation are restored to the checkpoint's on each layer's next forward."""
+        extra_networks.activate(processing.StableDiffusionProcessingTxt2Img(), {})
+        networks = sys.modules.get("networks")  # the built-in Lora extension's module, when present
+        if networks is not None and getattr(networks, "loaded_networks", None):
+            raise ModelError("A LoRA is still active on the model; generate once without <lora:...> tags, "
+                             "then train.")
+
+    @contextlib.contextmanager
+    def training(self, gradient_checkpointing: bool = False) -> Iterator[None]:
+        """Freeze every weight (the webui leaves the UNet trainable), optionally checkpoint ldm blocks, and
+        follow the webui's "Use cross attention optimizations while training" setting; undo all on exit."""
+        from modules import sd_hijack_checkpoint
+
+        undo_attention = (not getattr(shared.opts, "training_xattention_optimizations", False)
+                          and getattr(sd_hijack.model_hijack, "optimization_method", None) is not None)
+        self._unload_networks()
+        with frozen(self.sd_model):
+            if undo_attention:
+                sd_hijack.undo_optimizations()
+            try:
+                if gradient_checkpointing:
+                    sd_hijack_checkpoint.add()
+                try:
+                    yield
+                finally:
+                    if gradient_checkpointing:
+                        sd_hijack_checkpoint.remove()
+            finally:
+                if undo_attention:
+                    sd_hijack.apply_optimizations()

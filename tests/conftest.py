@@ -1,0 +1,18 @@
+"""Shared fixtures: the stand-in webui hosts (tests/fakehost) and the tiny seeded demo model."""
+from __future__ import annotations
+
+import pytest
+import torch
+from fakehost.fixtures import host, host_forge, host_v160, host_v1101  # noqa: F401  (registered as fixtures)
+
+# Toy-sized models gain nothing from intra-op threads, and on a busy 2-core runner the thread pool's
+# spin-waiting makes each tiny UNet call about 100 times slower.
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def demo_backend():
+    """The standalone demo backend (toy-size SD1, seed 0, on the CPU). Tests must leave it as they found it."""
+    from dreamartist.standalone import build_demo_backend
+
+    return build_demo_backend(seed=0, device="cpu")

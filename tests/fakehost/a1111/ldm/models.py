@@ -1,0 +1,140 @@
+"""ldm-shaped model classes around tiny diffusers modules: LatentDiffusion, DiffusionWrapper, UNetModel, VAE."""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from diffusers import AutoencoderKL, UNet2DConditionModel
+from diffusers.models.attention import BasicTransformerBlock as _DiffusersTransformerBlock
+from diffusers.models.attention_processor import Attention, AttnProcessor
+from diffusers.models.resnet import ResnetBlock2D
+
+
+class CrossAttention(Attention):
+    """ldm.modules.attention.CrossAttention: the class whose forward the webui's optimisations replace."""
+
+
+class BasicTransformerBlock(_DiffusersTransformerBlock):
+    """ldm.modules.attention.BasicTransformerBlock: patched by sd_hijack_checkpoint."""
+
+
+class ResBlock(ResnetBlock2D):
+    """ldm.modules.diffusionmodules.openaimodel.ResBlock: patched by sd_hijack_checkpoint."""
+
+
+def _reclass(root: torch.nn.Module, base: type, cls: type) -> None:
+    for module in root.modules():
+        if type(module) is base:
+            module.__class__ = cls
+
+
+class UNetModel(torch.nn.Module):
+    """ldm's UNetModel call signature over a tiny diffusers UNet2DConditionModel."""
+
+    def __init__(self, context_dim: int, in_channels: int = 4):
+        super().__init__()
+        self.unet = UNet2DConditionModel(
+            sample_size=8, in_channels=in_channels, out_channels=4, block_out_channels=(8, 16), layers_per_block=1,
+            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+            cross_attention_dim=context_dim, attention_head_dim=4, norm_num_groups=4)
+        self.unet.set_attn_processor(AttnProcessor())  # the plain attention; optimisations swap the class forward
+        _reclass(self, Attention, CrossAttention)
+        _reclass(self, _DiffusersTransformerBlock, BasicTransformerBlock)
+        _reclass(self, ResnetBlock2D, ResBlock)
+
+    def forward(self, x, timesteps=None, context=None, y=None, **kwargs):
+        return self.unet(x, timesteps, encoder_hidden_states=context).sample
+
+
+class DiffusionWrapper(torch.nn.Module):
+    """ldm DiffusionWrapper with conditioning_key 'crossattn'."""
+
+    def __init__(self, diffusion_model: torch.nn.Module):
+        super().__init__()
+        self.diffusion_model = diffusion_model
+
+    def forward(self, x, t, c_concat=None, c_crossattn=None):
+        return self.diffusion_model(x, t, context=torch.cat(c_crossattn, 1))
+
+
+class FirstStageModel(torch.nn.Module):
+    """ldm AutoencoderKL: encode() returns the latent distribution, decode() is not decorated."""
+
+    def __init__(self):
+        super().__init__()
+        self.vae = AutoencoderKL(
+            in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 8, 16, 16),
+            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+            layers_per_block=1, norm_num_groups=4, sample_size=64)
+
+    def encode(self, x):
+        return self.vae.encode(x).latent_dist
+
+    def decode(self, z):
+        return self.vae.decode(z).sample
+
+
+def scaled_linear_alphas_cumprod(steps: int = 1000) -> torch.Tensor:
+    betas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, steps, dtype=torch.float64) ** 2
+    return torch.cumprod(1.0 - betas, dim=0).to(torch.float32)
+
+
+def _freeze(module: torch.nn.Module) -> None:
+    module.eval()
+    module.requires_grad_(False)
+
+
+class LatentDiffusion(torch.nn.Module):
+    """ldm LatentDiffusion: first stage and text encoder frozen, UNet parameters left trainable."""
+
+    def __init__(self, unet: UNetModel, cond_stage_model: torch.nn.Module, parameterization: str = "eps"):
+        super().__init__()
+        self.model = DiffusionWrapper(unet)
+        self.first_stage_model = FirstStageModel()
+        self.cond_stage_model = cond_stage_model
+        _freeze(self.first_stage_model)
+        _freeze(self.cond_stage_model)
+        self.parameterization = parameterization
+        self.scale_factor = 0.18215
+        self.num_timesteps = 1000
+        self.register_buffer("alphas_cumprod", scaled_linear_alphas_cumprod())
+
+    @torch.no_grad()
+    def encode_first_stage(self, x):
+        return self.first_stage_model.encode(x)
+
+    @torch.no_grad()
+    def decode_first_stage(self, z):
+        return self.first_stage_model.decode(z / self.scale_factor)
+
+    def get_first_stage_encoding(self, encoder_posterior):
+        z = encoder_posterior.sample() if hasattr(encoder_posterior, "sample") else encoder_posterior
+        return self.scale_factor * z
+
+    def get_learned_conditioning(self, c):
+        return self.cond_stage_model(c)
+
+    def apply_model(self, x_noisy, t, cond, return_ids=False):
+        if not isinstance(cond, dict):
+            cond = {"c_crossattn": cond if isinstance(cond, list) else [cond]}
+        return self.model(x_noisy, t, **cond)
+
+    @contextlib.contextmanager
+    def ema_scope(self, context=None):
+        yield
+
+
+class DiffusionEngine(torch.nn.Module):
+    """sgm DiffusionEngine, shaped just enough for SDXL detection: a conditioner, no ldm helpers."""
+
+    def __init__(self, conditioner: torch.nn.Module):
+        super().__init__()
+        self.conditioner = conditioner
+        self.model = DiffusionWrapper(UNetModel(context_dim=40))
+        self.first_stage_model = FirstStageModel()
+        self.scale_factor = 0.13025
+        self.parameterization = "eps"
+        self.register_buffer("alphas_cumprod", scaled_linear_alphas_cumprod())
+
+    def apply_model(self, x, t, cond):
+        return self.model(x, t, c_crossattn=[cond["crossattn"]])

@@ -1,0 +1,22 @@
+"""Builds the tiny seeded models a test host loads: "sd1", "sd2" (v-prediction) and "sdxl" (for refusals)."""
+from __future__ import annotations
+
+import torch
+
+from .encoders import FrozenCLIPEmbedder, FrozenOpenCLIPEmbedder, GeneralConditioner
+from .models import DiffusionEngine, LatentDiffusion, UNetModel
+
+SEEDS = {"sd1": 1, "sd2": 2, "sdxl": 3}
+
+
+def build(kind: str) -> torch.nn.Module:
+    """A fresh model of ``kind`` with the same seeded weights every time, leaving the global RNG untouched."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(SEEDS[kind])
+        if kind == "sd1":
+            return LatentDiffusion(UNetModel(context_dim=32), FrozenCLIPEmbedder(32), parameterization="eps")
+        if kind == "sd2":
+            return LatentDiffusion(UNetModel(context_dim=48), FrozenOpenCLIPEmbedder(48), parameterization="v")
+        if kind == "sdxl":
+            return DiffusionEngine(GeneralConditioner())
+    raise ValueError(f"unknown model kind {kind!r}")

@@ -1,0 +1,112 @@
+"""modules.sd_hijack: model_hijack (embedding_db, fixes), EmbeddingsWithFixes, attention optimisations."""
+from __future__ import annotations
+
+import torch
+
+from modules import devices, errors, script_callbacks, sd_hijack_optimizations, shared
+from modules._variant import FLAGS
+from modules.textual_inversion import textual_inversion
+
+
+class EmbeddingsWithFixes(torch.nn.Module):
+    """The token embedding with textual-inversion vectors spliced in after BOS at each fix's offset."""
+
+    def __init__(self, wrapped: torch.nn.Embedding, embeddings, textual_inversion_key: str = "clip_l"):
+        super().__init__()
+        self.wrapped = wrapped
+        self.embeddings = embeddings
+        self.textual_inversion_key = textual_inversion_key
+
+    def forward(self, input_ids):
+        batch_fixes = self.embeddings.fixes
+        self.embeddings.fixes = None
+        inputs_embeds = self.wrapped(input_ids)
+        if not batch_fixes or max(len(fixes) for fixes in batch_fixes) == 0:
+            return inputs_embeds
+        rows = []
+        for fixes, row in zip(batch_fixes, inputs_embeds):
+            for offset, embedding in fixes:
+                vec = embedding.vec[self.textual_inversion_key] if isinstance(embedding.vec, dict) else embedding.vec
+                emb = devices.cond_cast_unet(vec)
+                if FLAGS.embeddings_cast_to_input:
+                    emb = emb.to(inputs_embeds.dtype)
+                n = min(row.shape[0] - offset - 1, emb.shape[0])
+                row = torch.cat([row[0:offset + 1], emb[0:n], row[offset + 1 + n:]])
+            rows.append(row)
+        return torch.stack(rows)
+
+
+def list_optimizers() -> list:
+    found = [sd_hijack_optimizations.SdOptimizationSdp()] + script_callbacks.list_optimizers_callback()
+    return sorted((o for o in found if o.is_available()), key=lambda o: o.priority, reverse=True)
+
+
+class StableDiffusionModelHijack:
+    fixes = None
+    layers = None
+    circular_enabled = False
+    clip = None
+    optimization_method = None
+
+    def __init__(self):
+        self.extra_generation_params: dict = {}
+        self.comments: list = []
+        self.embedding_db = textual_inversion.EmbeddingDatabase()
+        self.embedding_db.add_embedding_dir(shared.cmd_opts.embeddings_dir)
+
+    def apply_optimizations(self, option=None):
+        undo_optimizations()
+        optimizers = list_optimizers()
+        if not optimizers:
+            return None
+        choice = next((o for o in optimizers if o.title() == option or o.name == option), optimizers[0])
+        try:
+            choice.apply()
+            self.optimization_method = choice.name
+        except Exception:
+            errors.report(f"Error applying optimization {choice.name}", exc_info=True)
+        return self.optimization_method
+
+    def hijack(self, m) -> None:
+        from modules import sd_hijack_clip, sd_hijack_open_clip
+        from ldm.encoders import FrozenCLIPEmbedder, FrozenOpenCLIPEmbedder
+
+        if hasattr(m, "conditioner"):
+            m.cond_stage_model = m.conditioner  # SDXL: the stand-in does not splice into its two encoders
+        elif isinstance(m.cond_stage_model, FrozenCLIPEmbedder):
+            encoder = m.cond_stage_model.transformer
+            encoder.set_input_embeddings(EmbeddingsWithFixes(encoder.get_input_embeddings(), self))
+            m.cond_stage_model = sd_hijack_clip.FrozenCLIPEmbedderWithCustomWords(m.cond_stage_model, self)
+        elif isinstance(m.cond_stage_model, FrozenOpenCLIPEmbedder):
+            clip_model = m.cond_stage_model.model
+            clip_model.token_embedding = EmbeddingsWithFixes(clip_model.token_embedding, self)
+            m.cond_stage_model = sd_hijack_open_clip.FrozenOpenCLIPEmbedderWithCustomWords(m.cond_stage_model, self)
+        self.apply_optimizations()
+        self.clip = m.cond_stage_model
+
+    def undo_hijack(self, m) -> None:
+        wrapped = getattr(m.cond_stage_model, "wrapped", None)
+        if hasattr(wrapped, "transformer"):
+            wrapped.transformer.set_input_embeddings(wrapped.transformer.get_input_embeddings().wrapped)
+            m.cond_stage_model = wrapped
+        elif hasattr(wrapped, "model"):
+            wrapped.model.token_embedding = wrapped.model.token_embedding.wrapped
+            m.cond_stage_model = wrapped
+        undo_optimizations()
+        self.clip = None
+
+    def clear_comments(self) -> None:
+        self.comments = []
+        self.extra_generation_params = {}
+
+
+model_hijack = StableDiffusionModelHijack()
+
+
+def apply_optimizations(option=None):
+    return model_hijack.apply_optimizations(option)
+
+
+def undo_optimizations() -> None:
+    sd_hijack_optimizations.SdOptimization().undo()
+    model_hijack.optimization_method = None

@@ -1,0 +1,31 @@
+"""modules.sd_hijack_open_clip: the SD2 prompt encoder around ldm's FrozenOpenCLIPEmbedder."""
+from __future__ import annotations
+
+import torch
+
+from dreamartist.standalone.tokenizer import clip_tokenizer
+from modules import sd_hijack_clip
+
+_tokenizer = None  # open_clip keeps one module-level tokenizer; its ids equal CLIP's
+
+
+class FrozenOpenCLIPEmbedderWithCustomWords(sd_hijack_clip.FrozenCLIPEmbedderWithCustomWordsBase):
+    def __init__(self, wrapped, hijack):
+        global _tokenizer
+        super().__init__(wrapped, hijack)
+        _tokenizer = _tokenizer or clip_tokenizer()
+        self.comma_token = _tokenizer.get_vocab().get(",</w>")
+        self.id_start = _tokenizer.bos_token_id
+        self.id_end = _tokenizer.eos_token_id
+        self.id_pad = 0
+
+    def tokenize(self, texts: list[str]) -> list[list[int]]:
+        return [_tokenizer(text, add_special_tokens=False)["input_ids"] for text in texts]
+
+    def encode_with_transformers(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.wrapped.encode_with_transformer(tokens)
+
+    def encode_embedding_init_text(self, init_text: str, nvpt: int) -> torch.Tensor:
+        weight = self.wrapped.model.token_embedding.wrapped.weight
+        ids = torch.tensor([self.tokenize([init_text])[0]], dtype=torch.long, device=weight.device)
+        return self.wrapped.model.token_embedding.wrapped(ids).squeeze(0)

@@ -1,0 +1,78 @@
+"""modules.sd_models: CheckpointInfo, model_data (lazy shared.sd_model) and the load sequence of a model."""
+from __future__ import annotations
+
+import hashlib
+
+import torch
+
+from modules import extra_networks, script_callbacks, sd_hijack
+from modules._variant import FLAGS
+
+
+class CheckpointInfo:
+    def __init__(self, filename: str):
+        self.filename = filename
+        self.name = self.name_for_extra = self.model_name = filename.rsplit("/", 1)[-1].rsplit(".", 1)[0]
+        self.sha256 = hashlib.sha256(filename.encode()).hexdigest()
+        self.hash = self.sha256[:8]
+        self.shorthash = self.sha256[:10]
+        self.title = f"{self.name} [{self.shorthash}]"
+        self.short_title = self.title
+        self.metadata = {}
+
+    def calculate_shorthash(self) -> str:
+        return self.shorthash
+
+
+class SdModelData:
+    def __init__(self):
+        self.sd_model = None
+        self.loaded_sd_models: list = []
+        self.loader = None  # the test host sets how a model is built on first access
+
+    def get_sd_model(self):
+        if self.sd_model is None and self.loader is not None:
+            load_model(self.loader())
+        return self.sd_model
+
+    def set_sd_model(self, v) -> None:
+        self.sd_model = v
+        if v is not None and v not in self.loaded_sd_models:
+            self.loaded_sd_models.insert(0, v)
+
+
+model_data = SdModelData()
+
+
+def get_empty_cond(sd_model):
+    """Encode "" with every extra network deactivated, as the webui does after each load."""
+    from modules import processing
+
+    p = processing.StableDiffusionProcessingTxt2Img()
+    extra_networks.activate(p, {})
+    with torch.no_grad():
+        return sd_model.cond_stage_model([""])
+
+
+def load_model(model, half: bool = False, checkpoint: str = "models/Stable-diffusion/tiny-test.safetensors"):
+    """Flags, checkpoint info, optional half precision, hijack, embedding reload, on_model_loaded."""
+    model.is_sdxl = hasattr(model, "conditioner")
+    model.is_sd2 = not model.is_sdxl and hasattr(model.cond_stage_model, "model")
+    model.is_sd1 = not model.is_sdxl and not model.is_sd2
+    model.sd_checkpoint_info = CheckpointInfo(checkpoint)
+    model.sd_model_checkpoint = checkpoint
+    model.sd_model_hash = model.sd_checkpoint_info.calculate_shorthash()
+    model.lowvram = False
+    if half:
+        alphas = model.alphas_cumprod
+        model.half()  # 1.6/1.7: halves alphas_cumprod too
+        if not FLAGS.alphas_follow_half:
+            model.alphas_cumprod_original = alphas
+            model.alphas_cumprod = alphas.float()
+    sd_hijack.model_hijack.hijack(model)
+    model_data.set_sd_model(model)
+    sd_hijack.model_hijack.embedding_db.load_textual_inversion_embeddings(force_reload=True)
+    if not model.is_sdxl:
+        model.cond_stage_model_empty_prompt = get_empty_cond(model)
+    script_callbacks.model_loaded_callback(model)
+    return model

@@ -1,0 +1,42 @@
+"""modules.shared_options: the built-in settings the stand-in host reads (a small subset, real defaults)."""
+from __future__ import annotations
+
+from modules._variant import FLAGS
+from modules.options import OptionInfo, options_section
+
+restricted_opts = {"samples_filename_pattern", "directories_filename_pattern", "outdir_samples"}
+
+options_templates: dict[str, OptionInfo] = {}
+options_templates.update(options_section(("sd", "Stable Diffusion"), {
+    "sd_model_checkpoint": OptionInfo(None, "Stable Diffusion checkpoint"),
+    "sd_checkpoints_limit": OptionInfo(1, "Maximum number of checkpoints loaded at the same time"),
+    "CLIP_stop_at_last_layers": OptionInfo(1, "Clip skip"),
+    "enable_emphasis": OptionInfo(True, "Enable emphasis"),
+}))
+if FLAGS.infotext_utils:
+    options_templates.update(options_section(("sd", "Stable Diffusion"), {
+        "emphasis": OptionInfo("Original", "Emphasis mode"),
+    }))
+options_templates.update(options_section(("optimizations", "Optimizations"), {
+    "cross_attention_optimization": OptionInfo("Automatic", "Cross attention optimization"),
+    "s_min_uncond": OptionInfo(0.0, "Negative Guidance minimum sigma"),
+    "persistent_cond_cache": OptionInfo(True, "Persistent cond cache"),
+    "batch_cond_uncond": OptionInfo(True, "Batch cond/uncond"),
+}))
+options_templates.update(options_section(("training", "Training"), {
+    "unload_models_when_training": OptionInfo(False, "Move VAE and CLIP to RAM when training if possible"),
+    "save_optimizer_state": OptionInfo(False, "Saves Optimizer state as separate *.optim file"),
+    "training_xattention_optimizations": OptionInfo(False, "Use cross attention optimizations while training"),
+}))
+options_templates.update(options_section(("ui", "Live previews"), {
+    "live_previews_enable": OptionInfo(True, "Show live previews of the created image"),
+    "show_progress_every_n_steps": OptionInfo(10, "Live preview display period"),
+    "live_preview_refresh_period": OptionInfo(1000, "Progressbar and preview update period"),
+}))
+options_templates.update(options_section(("infotext", "Infotext"), {
+    "textual_inversion_add_hashes_to_infotext": OptionInfo(True, "Add Textual Inversion hashes to infotext"),
+    "disabled_extensions": OptionInfo([], "Disable these extensions"),
+    "disable_all_extensions": OptionInfo("none", "Disable all extensions"),
+    "lora_functional": OptionInfo(False, "Lora/Networks: use old method"),
+    "sd_lora": OptionInfo("None", "Add network to prompt"),
+}))

@@ -1,0 +1,64 @@
+"""backend.text_processing.textual_inversion: one embedding database per text engine, loaded once."""
+from __future__ import annotations
+
+import os
+
+import safetensors.torch
+import torch
+
+
+class Embedding:
+    def __init__(self, vec, name, step=None):
+        self.vec, self.name, self.step = vec, name, step
+        self.shape = None
+        self.vectors = 0
+        self.filename = None
+
+
+class EmbeddingDatabase:
+    def __init__(self, tokenizer, expected_shape: int = -1):
+        self.tokenizer = tokenizer
+        self.expected_shape = expected_shape
+        self.ids_lookup: dict[int, list] = {}
+        self.word_embeddings: dict[str, Embedding] = {}
+        self.skipped_embeddings: dict[str, Embedding] = {}
+        self.embedding_dir = None
+
+    def register_embedding(self, embedding: Embedding) -> Embedding:
+        ids = self.tokenizer([embedding.name], truncation=False, add_special_tokens=False)["input_ids"][0]
+        lookup = [e for e in self.ids_lookup.get(ids[0], []) if e[1].name != embedding.name] + [(ids, embedding)]
+        self.ids_lookup[ids[0]] = sorted(lookup, key=lambda e: len(e[0]), reverse=True)
+        self.word_embeddings[embedding.name] = embedding
+        return embedding
+
+    def load_textual_inversion_embeddings(self) -> None:
+        """Reads the folder completely, whatever its mtime (Forge calls this once, at model load)."""
+        self.ids_lookup.clear()
+        self.word_embeddings.clear()
+        self.skipped_embeddings.clear()
+        if not self.embedding_dir or not os.path.isdir(self.embedding_dir):
+            return
+        for root, _, files in os.walk(self.embedding_dir, followlinks=True):
+            for filename in sorted(files):
+                name, ext = os.path.splitext(filename)
+                path = os.path.join(root, filename)
+                if ext.lower() in (".pt", ".bin"):
+                    data = torch.load(path, map_location="cpu", weights_only=True)
+                elif ext.lower() == ".safetensors":
+                    data = safetensors.torch.load_file(path)
+                else:
+                    continue
+                vec = next(iter(data["string_to_param"].values())) if "string_to_param" in data else next(
+                    v for v in data.values() if isinstance(v, torch.Tensor))
+                embedding = Embedding(vec.float(), name)
+                embedding.shape, embedding.vectors, embedding.filename = vec.shape[-1], vec.shape[0], path
+                if self.expected_shape in (-1, embedding.shape):
+                    self.register_embedding(embedding)
+                else:
+                    self.skipped_embeddings[name] = embedding
+
+    def find_embedding_at_position(self, tokens, offset):
+        for ids, embedding in self.ids_lookup.get(tokens[offset], ()):
+            if tokens[offset:offset + len(ids)] == ids:
+                return embedding, len(ids)
+        return None, None

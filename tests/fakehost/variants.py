@@ -1,0 +1,32 @@
+"""Feature flags of each stand-in host variant, taken from the version table of webui-host-surface.md."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Flags:
+    variant: str
+    version: str  # what modules.launch_utils / git would report
+    forge: bool = False
+    callback_name_kw: bool = False  # on_*(cb, *, name=None), 1.9+
+    infotext_utils: bool = False  # modules.infotext_utils, 1.8+ (old name kept as alias)
+    before_every_sampling: bool = False  # Script.process_before_every_sampling, 1.10+
+    cfg_params_denoiser: bool = False  # CFGDenoiserParams.denoiser, 1.8+
+    alphas_follow_half: bool = False  # model.half() halves alphas_cumprod, 1.6/1.7
+    embeddings_cast_to_input: bool = False  # EmbeddingsWithFixes casts to the input dtype, 1.10+
+    extra_params_callables: bool = False  # extra_generation_params values may be lists/callables, 1.9+
+    stopping_generation: bool = False  # State.stopping_generation / stop_generating, 1.8+
+    apply_model_always_cast: bool = False  # apply_model cast + autocast always (1.10), else only with upcast
+    train_tab: bool = True
+
+
+VARIANTS = {
+    "v1.6.0": Flags("v1.6.0", "v1.6.0", alphas_follow_half=True),
+    "v1.10.1": Flags("v1.10.1", "v1.10.1", callback_name_kw=True, infotext_utils=True, before_every_sampling=True,
+                     cfg_params_denoiser=True, embeddings_cast_to_input=True, extra_params_callables=True,
+                     stopping_generation=True, apply_model_always_cast=True),
+    "forge": Flags("forge", "f2.0.1v1.10.1-previous", forge=True, callback_name_kw=True, infotext_utils=True,
+                   before_every_sampling=True, cfg_params_denoiser=True, extra_params_callables=True,
+                   stopping_generation=True, train_tab=False),
+}
