@@ -83,10 +83,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     backend = _load_backend(args.ckpt)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    bar = tqdm(total=config.steps, desc=config.name, unit="step")
-    trainer = Trainer(backend, config, references, out, on_progress=lambda p: _advance(bar, p),
-                      existing_names=())
-    bar.update(trainer.step)
+    trainer = Trainer(backend, config, references, out, on_progress=lambda p: _advance(bar, p))
+    bar = tqdm(total=config.steps, initial=trainer.step, desc=config.name, unit="step")
     result = trainer.run()
     bar.close()
     if not result.files:

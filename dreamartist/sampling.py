@@ -17,9 +17,9 @@ from .losses import guide, predict_eps, predict_z0
 
 
 def ddim_timesteps(num_timesteps: int, steps: int) -> list[int]:
-    """The webui's DDIM timesteps, high to low: range(0, T, T // steps) + 1."""
+    """The webui's DDIM timesteps, high to low: 1, 1 + T // steps, ... (``steps`` of them, all below T)."""
     stride = max(num_timesteps // steps, 1)
-    return [t + 1 for t in range(0, num_timesteps, stride)][::-1][:steps]
+    return [min(i * stride + 1, num_timesteps - 1) for i in range(min(steps, num_timesteps))][::-1]
 
 
 @torch.no_grad()

@@ -51,7 +51,7 @@ def _clash(config: TrainConfig) -> str | None:
     return None
 
 
-def train(body: dict = Body(...)) -> dict:
+def train(body: Any = Body(...)) -> dict:
     """Train a pair from one reference image; returns the files written and the final loss."""
     if not isinstance(body, dict):
         raise HTTPException(status_code=422, detail="The body must be a JSON object.")
@@ -64,7 +64,7 @@ def train(body: dict = Body(...)) -> dict:
         references = [prepare_reference(image, config.width, config.height, mask=mask)]
     except InputError as e:
         raise HTTPException(status_code=422, detail=str(e)) from None
-    unavailable = host.training_unavailable_reason()
+    unavailable = host.host_unsupported_reason()
     if unavailable:
         raise HTTPException(status_code=501, detail=unavailable)
     clash = _clash(config)
@@ -76,9 +76,9 @@ def train(body: dict = Body(...)) -> dict:
             result = jobs.run_training(config, references)
     except InputError as e:
         raise HTTPException(status_code=422, detail=str(e)) from None
-    except ModelError as e:
+    except ModelError as e:  # the loaded model cannot be trained on (none, SDXL, lowvram): not the request's fault
         raise HTTPException(status_code=503, detail=str(e)) from None
-    except DreamArtistError as e:
+    except DreamArtistError as e:  # TrainingStopped: non-finite loss, out of memory; the message says what was kept
         raise HTTPException(status_code=500, detail=str(e)) from None
     except Exception as e:
         log.exception("DreamArtist training failed")
@@ -89,7 +89,7 @@ def train(body: dict = Body(...)) -> dict:
 
 def pairs() -> dict:
     """The DreamArtist pairs the webui knows (positive names; each has NAME-neg beside it)."""
-    return {"pairs": sorted(embeddings.pairs())}
+    return {"pairs": embeddings.pairs()}
 
 
 def _auth_dependencies() -> list:
@@ -101,7 +101,7 @@ def _auth_dependencies() -> list:
 
     def check(given: HTTPBasicCredentials = Depends(HTTPBasic())) -> None:
         expected = credentials.get(given.username)
-        if expected is None or not secrets.compare_digest(given.password, expected):
+        if expected is None or not secrets.compare_digest(given.password.encode(), expected.encode()):
             raise HTTPException(status_code=401, detail="Incorrect username or password",
                                 headers={"WWW-Authenticate": "Basic"})
     return [Depends(check)]

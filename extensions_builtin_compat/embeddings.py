@@ -29,7 +29,7 @@ def databases() -> list:
 
 
 def refresh() -> None:
-    """Reload from disk. A1111 is forced: it only notices the folder's own mtime changing (§6.2)."""
+    """Reload from disk. A1111 is forced: it only notices the folder's own mtime changing."""
     for db in databases():
         if getattr(db, "embedding_dirs", None) is not None:
             db.load_textual_inversion_embeddings(force_reload=True)

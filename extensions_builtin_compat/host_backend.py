@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
-from typing import Iterator, Mapping
+from collections.abc import Iterator, Mapping
 
 import torch
 from modules import devices, extra_networks, processing, sd_hijack, shared
@@ -94,7 +94,7 @@ class HostBackend:
                     saved_lookup[first_id] = None if entries is None else list(entries)
                 embedding = Embedding(vector, name)
                 embedding.vectors, embedding.shape = vector.shape[0], vector.shape[1]
-                self.db.register_embedding_by_name(embedding, self.sd_model, name)
+                self.db.register_embedding(embedding, self.sd_model)
             yield
         finally:
             self.db.word_embeddings.clear()

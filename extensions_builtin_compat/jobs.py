@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import threading
-from typing import Callable
+from collections.abc import Callable
 
 from modules import processing, shared
 
@@ -22,7 +22,7 @@ _COND_CACHES = ((processing.StableDiffusionProcessing, "cached_c"), (processing.
 
 
 def reset_cond_caches() -> None:
-    """Forget cached prompt conds: their key holds the prompt text, not the embedding values (§6.6)."""
+    """Forget cached prompt conds: their key holds the prompt text, not the embedding values."""
     for cls, name in _COND_CACHES:
         cache = getattr(cls, name, None)
         if isinstance(cache, list):

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import html
 import math
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 CURVE_POINTS = 200  # an SVG polyline stays light however many steps ran
 _WIDTH, _HEIGHT = 300, 100

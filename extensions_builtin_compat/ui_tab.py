@@ -8,6 +8,7 @@ handler wrapped in ``wrap_gradio_gpu_call`` so the run holds the GPU queue and r
 from __future__ import annotations
 
 import dataclasses
+from collections import deque
 from typing import Any
 
 import gradio as gr
@@ -22,8 +23,8 @@ from . import embeddings, host, jobs, settings, ui_compat, ui_render
 
 TAB_TITLE = "DreamArtist"
 TAB_ID = "dreamartist"
-SLIDER_MAX_STOPS = 2048  # integer ranges with more stops than this get a number box, not a slider
-REFRESH_SYMBOL = "\U0001f504"  # 🔄
+SLIDER_MAX_STOPS = 256  # integer ranges with more stops than this get a number box, not a slider
+GALLERY_PREVIEWS = 16  # the latest previews of a run shown at its end (each is a full image in memory)
 
 
 def elem_id(item: str) -> str:
@@ -60,10 +61,12 @@ def _controls_in_rows(fields: list[dataclasses.Field], per_row: int = 2) -> dict
 
 def config_from_values(values: dict[str, Any]) -> train_config.TrainConfig:
     """A validated TrainConfig from the controls' values, matched by field name."""
-    data = {name: value for name, value in values.items() if value is not None}
-    for name in ("name", "init_words", "gamma", "template"):
-        if isinstance(data.get(name), str):
-            data[name] = data[name].strip()
+    labels = {field.name: field.metadata["label"] for field in train_config.fields()}
+    data = {}
+    for name, value in values.items():
+        if value is None:  # a cleared number box
+            raise InputError(f"{labels.get(name, name)} is empty.")
+        data[name] = value.strip() if isinstance(value, str) else value
     return train_config.TrainConfig.from_dict(data)
 
 
@@ -83,31 +86,28 @@ def collect_references(config: train_config.TrainConfig, image, folder: str, mas
 
 
 def train_handler(names: list[str]):
-    """The Train click handler: (task id, image, folder, mask, *field values) -> (gallery, loss, result)."""
+    """The Train click handler: (task id, image, folder, mask, *field values) ->
+    (gallery, loss curve, resume choices, result line)."""
     def train(id_task, image, folder, mask, *values):
-        previews = []
+        previews: deque = deque(maxlen=GALLERY_PREVIEWS)
 
-        def on_progress(progress) -> None:
-            if progress.preview is not None and (not previews or progress.preview is not previews[-1]):
-                previews.append(progress.preview)
+        def keep_preview(preview) -> None:
+            if preview is not None and (not previews or preview is not previews[-1]):
+                previews.append(preview)
 
         try:
-            config = config_from_values(dict(zip(names, values)))
+            config = config_from_values(dict(zip(names, values, strict=True)))
             references = collect_references(config, image, folder, mask)
-            result = jobs.run_training(config, references, on_progress=on_progress)
+            result = jobs.run_training(config, references, on_progress=lambda progress: keep_preview(progress.preview))
         except DreamArtistError as e:
-            return gr.update(), "", ui_render.error_html(str(e))
-        if result.preview is not None and (not previews or result.preview is not previews[-1]):
-            previews.append(result.preview)
+            return gr.update(), "", gr.update(), ui_render.error_html(str(e))
+        keep_preview(result.preview)
         result_line = ui_render.result_html(
             config.name, negative_name(config.name), result.files, result.step, config.steps,
             result.final_loss, result.stopped, settings.auto_negative_default())
-        return previews or gr.update(), ui_render.loss_curve_html(result.losses), result_line
+        return (list(previews), ui_render.loss_curve_html(result.losses), gr.update(choices=embeddings.pairs()),
+                result_line)
     return train
-
-
-def _pair_choices() -> list[str]:
-    return sorted(embeddings.pairs())
 
 
 def _resume_picked(name: str | None):
@@ -120,7 +120,7 @@ def _resume_picked(name: str | None):
 def create_tab() -> gr.Blocks:
     """Build the tab's Blocks (call inside on_ui_tabs)."""
     fields = list(train_config.fields())
-    unavailable = host.training_unavailable_reason()
+    unavailable = host.host_unsupported_reason()
     with gr.Blocks(analytics_enabled=False) as tab:
         with gr.Row(equal_height=False):
             with gr.Column(variant="panel"):
@@ -128,14 +128,14 @@ def create_tab() -> gr.Blocks:
                     gr.HTML(ui_render.error_html(unavailable), elem_id=elem_id("notice"))
                 with gr.Row():
                     image = gr.Image(label="Reference image", type="pil", elem_id=elem_id("reference"))
-                    mask = gr.Image(label="Loss-weight mask (optional; white = more weight)", type="pil",
+                    mask = gr.Image(label="Loss-weight mask (optional): black 0x, mid-grey 1x, white 5x", type="pil",
                                     image_mode="L", elem_id=elem_id("mask"))
                 folder = gr.Textbox(label="Or a path: one image, or a folder of images of the same concept",
                                     lines=1, max_lines=1, elem_id=elem_id("folder"))
                 with gr.Row():
-                    resume = gr.Dropdown(label="Resume from an existing pair", choices=_pair_choices(),
+                    resume = gr.Dropdown(label="Resume from an existing pair", choices=embeddings.pairs(),
                                          elem_id=elem_id("resume_pair"))
-                    ui_compat.refresh_button(resume, _pair_choices, elem_id("resume_refresh"))
+                    ui_compat.refresh_button(resume, embeddings.refresh, embeddings.pairs, elem_id("resume_refresh"))
                 controls = _controls_in_rows([f for f in fields if not f.metadata["advanced"]])
                 with gr.Accordion("Advanced", open=False, elem_id=elem_id("advanced")):
                     controls.update(_controls_in_rows([f for f in fields if f.metadata["advanced"]]))
@@ -151,10 +151,10 @@ def create_tab() -> gr.Blocks:
         resume.change(fn=_resume_picked, inputs=[resume], outputs=[controls["name"], controls["resume"]])
         names = list(controls)
         ui_compat.click(
-            train, fn=call_queue.wrap_gradio_gpu_call(train_handler(names), extra_outputs=[gr.update(), ""]),
+            train, fn=call_queue.wrap_gradio_gpu_call(train_handler(names), extra_outputs=[gr.update()] * 3),
             js="dreamartist_start_training",
-            inputs=[ui_compat.task_id_input(), image, folder, mask, *controls.values()],
-            outputs=[gallery, loss, result])
+            inputs=[ui_compat.task_id_input(elem_id("task_id")), image, folder, mask, *controls.values()],
+            outputs=[gallery, loss, resume, result])  # the last output takes the webui's timing HTML
         interrupt.click(fn=jobs.interrupt, inputs=[], outputs=[])
     return tab
 

@@ -41,7 +41,7 @@ class FakeHost:
 
     # ---- lifecycle -------------------------------------------------------------------------------
     def install(self) -> None:
-        self._saved_path = list(sys.path)
+        self._saved_path = (sys.path, list(sys.path))  # script loading rebinds sys.path, as the webui does
         _purge()
         self.embeddings_dir.mkdir(parents=True, exist_ok=True)
         (self.root / "extensions").mkdir(exist_ok=True)
@@ -76,7 +76,9 @@ class FakeHost:
                 checkpoint.remove()
         finally:
             _purge()
-            sys.path[:] = self._saved_path
+            original, entries = self._saved_path
+            original[:] = entries
+            sys.path = original
 
     def _load_lora(self) -> types.ModuleType:
         """Import the built-in Lora extension's `networks` module as its script does: top-level, patched in."""

@@ -1,4 +1,4 @@
-"""Feature flags of each stand-in host variant, taken from the version table of webui-host-surface.md."""
+"""Feature flags of each stand-in host variant, per webui version."""
 from __future__ import annotations
 
 from dataclasses import dataclass

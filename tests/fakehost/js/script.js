@@ -1,8 +1,12 @@
 // Stand-in for the webui's script.js, written from its documented behaviour: the globals extensions use.
 
+// The root extensions query; like the webui's, it also answers getElementById when it is an element.
 function gradioApp() {
     var apps = document.getElementsByTagName("gradio-app");
     var app = apps.length ? apps[0] : document;
+    if (app !== document) {
+        app.getElementById = function(id) { return document.getElementById(id); };
+    }
     return app.shadowRoot ? app.shadowRoot : app;
 }
 

@@ -35,7 +35,8 @@ class UNetModel(torch.nn.Module):
         super().__init__()
         self.unet = UNet2DConditionModel(
             sample_size=8, in_channels=in_channels, out_channels=4, block_out_channels=(8, 16), layers_per_block=1,
-            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
             cross_attention_dim=context_dim, attention_head_dim=4, norm_num_groups=4)
         self.unet.set_attn_processor(AttnProcessor())  # the plain attention; optimisations swap the class forward
         _reclass(self, Attention, CrossAttention)

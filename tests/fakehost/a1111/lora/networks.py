@@ -1,4 +1,4 @@
-"""The built-in Lora extension's `networks` module, reduced to its default merged-weights mode (§8).
+"""The built-in Lora extension's `networks` module, reduced to its default merged-weights mode.
 
 Loaded networks stay loaded between generations; every patched Linear/Conv2d forward first brings its
 weight in line with ``loaded_networks``: back up the clean weight once, restore it, add each network's delta.
@@ -6,11 +6,10 @@ weight in line with ``loaded_networks``: back up the clean weight once, restore 
 from __future__ import annotations
 
 import torch
-
 from modules import extra_networks, script_callbacks
 
 available_networks: dict[str, dict[str, torch.Tensor]] = {}  # name -> {network_layer_name: weight delta}
-loaded_networks: list["LoadedNetwork"] = []
+loaded_networks: list[LoadedNetwork] = []
 
 
 class LoadedNetwork:

@@ -69,6 +69,7 @@ def wrap_gradio_call(func, extra_outputs=None, add_stats=False):
         finally:
             _reset_state()
         if add_stats:
-            res[-1] += f"<div class='performance'><p class='time'>Time taken: {time.perf_counter() - started:.1f} sec.</p></div>"
+            elapsed = time.perf_counter() - started
+            res[-1] += f"<div class='performance'><p class='time'>Time taken: {elapsed:.1f} sec.</p></div>"
         return tuple(res)
     return gradio_call

@@ -4,7 +4,6 @@ from __future__ import annotations
 import contextlib
 
 import torch
-
 from modules._variant import FLAGS
 
 cpu = torch.device("cpu")
@@ -30,7 +29,9 @@ def autocast(disable: bool = False):
 
 
 def without_autocast(disable: bool = False):
-    return torch.autocast("cuda", enabled=False) if torch.is_autocast_enabled() and not disable else contextlib.nullcontext()
+    if torch.is_autocast_enabled() and not disable:
+        return torch.autocast("cuda", enabled=False)
+    return contextlib.nullcontext()
 
 
 def cond_cast_unet(tensor: torch.Tensor) -> torch.Tensor:

@@ -1,7 +1,8 @@
 """modules.options: OptionInfo, options_section and Options with the default fallback in __getattr__."""
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 
 class OptionInfo:

@@ -1,4 +1,4 @@
-"""modules.processing: txt2img processing objects and process_images in the webui's order (§3.2)."""
+"""modules.processing: txt2img processing objects and process_images in the webui's order."""
 from __future__ import annotations
 
 import contextlib
@@ -6,11 +6,10 @@ import random
 
 import numpy as np
 import torch
-from PIL import Image
-
 from modules import devices, extra_networks, sd_samplers, shared
 from modules._variant import FLAGS
 from modules.generation_parameters_copypaste import quote
+from PIL import Image
 
 _EMPTY_CACHE = 3 if FLAGS.forge else 2
 

@@ -8,13 +8,12 @@ import string
 import time
 from collections import OrderedDict
 
-from pydantic import BaseModel, Field
-
 from modules import shared
 from modules._variant import FLAGS
+from pydantic import BaseModel, Field
 
 current_task: str | None = None
-pending_tasks: "OrderedDict[str, float]" = OrderedDict()
+pending_tasks: OrderedDict[str, float] = OrderedDict()
 finished_tasks: list[str] = []
 recorded_results: list[tuple[str, object]] = []
 recorded_results_limit = 2
@@ -45,7 +44,7 @@ def add_task_to_queue(id_job):
     pending_tasks[id_job] = time.time()
 
 
-if FLAGS.callback_name_kw:  # create_task_id exists from 1.8.0 on
+if FLAGS.stopping_generation:  # create_task_id arrived in 1.8.0, with stop_generating
     def create_task_id(task_type):
         suffix = "".join(random.choices(string.ascii_uppercase + string.digits, k=7))
         return f"task({task_type}-{suffix})"

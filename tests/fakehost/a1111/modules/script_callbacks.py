@@ -69,7 +69,8 @@ def _callback_name(script: str, category: str, name: str | None) -> str:
 
 def add_callback(callbacks: list, fun, *, name=None, category="unknown", script=None) -> None:
     script = script or _caller_file(1)
-    callbacks.append(ScriptCallback(script, fun, _callback_name(script, category, name) if FLAGS.callback_name_kw else None))
+    unique_name = _callback_name(script, category, name) if FLAGS.callback_name_kw else None
+    callbacks.append(ScriptCallback(script, fun, unique_name))
 
 
 def _registrar(category: str):

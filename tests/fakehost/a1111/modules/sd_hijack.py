@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import torch
-
 from modules import devices, errors, script_callbacks, sd_hijack_optimizations, shared
 from modules._variant import FLAGS
 from modules.textual_inversion import textual_inversion
@@ -24,7 +23,7 @@ class EmbeddingsWithFixes(torch.nn.Module):
         if not batch_fixes or max(len(fixes) for fixes in batch_fixes) == 0:
             return inputs_embeds
         rows = []
-        for fixes, row in zip(batch_fixes, inputs_embeds):
+        for fixes, row in zip(batch_fixes, inputs_embeds, strict=True):
             for offset, embedding in fixes:
                 vec = embedding.vec[self.textual_inversion_key] if isinstance(embedding.vec, dict) else embedding.vec
                 emb = devices.cond_cast_unet(vec)
@@ -68,8 +67,8 @@ class StableDiffusionModelHijack:
         return self.optimization_method
 
     def hijack(self, m) -> None:
-        from modules import sd_hijack_clip, sd_hijack_open_clip
         from ldm.encoders import FrozenCLIPEmbedder, FrozenOpenCLIPEmbedder
+        from modules import sd_hijack_clip, sd_hijack_open_clip
 
         if hasattr(m, "conditioner"):
             m.cond_stage_model = m.conditioner  # SDXL: the stand-in does not splice into its two encoders

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import torch.utils.checkpoint
-
 from ldm.models import BasicTransformerBlock, ResBlock
 
 _originals: dict[type, object] = {}

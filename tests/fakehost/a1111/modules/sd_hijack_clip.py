@@ -5,7 +5,6 @@ import math
 from collections import namedtuple
 
 import torch
-
 from modules import devices, prompt_parser, shared
 
 PromptChunkFix = namedtuple("PromptChunkFix", ["offset", "embedding"])
@@ -64,7 +63,7 @@ class FrozenCLIPEmbedderWithCustomWordsBase(torch.nn.Module):
             chunks.append(chunk)
             chunk = PromptChunk()
 
-        for tokens, (_text, weight) in zip(tokenized, parsed):
+        for tokens, (_text, weight) in zip(tokenized, parsed, strict=True):
             position = 0
             while position < len(tokens):
                 embedding, length_in_tokens = self.hijack.embedding_db.find_embedding_at_position(tokens, position)

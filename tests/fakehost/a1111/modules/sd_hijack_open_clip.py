@@ -2,9 +2,9 @@
 from __future__ import annotations
 
 import torch
+from modules import sd_hijack_clip
 
 from dreamartist.standalone.tokenizer import clip_tokenizer
-from modules import sd_hijack_clip
 
 _tokenizer = None  # open_clip keeps one module-level tokenizer; its ids equal CLIP's
 

@@ -2,13 +2,13 @@
 from __future__ import annotations
 
 from diffusers.models.attention_processor import AttnProcessor2_0
-
 from ldm.models import CrossAttention
 
 _sdp = AttnProcessor2_0()
 
 
-def scaled_dot_product_attention_forward(self, hidden_states, encoder_hidden_states=None, attention_mask=None, **kwargs):
+def scaled_dot_product_attention_forward(self, hidden_states, encoder_hidden_states=None, attention_mask=None,
+                                         **kwargs):
     return _sdp(self, hidden_states, encoder_hidden_states, attention_mask)
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 import hashlib
 
 import torch
-
 from modules import extra_networks, script_callbacks, sd_hijack
 from modules._variant import FLAGS
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 import html
 
 import gradio as gr
-
 from modules.ui_components import ToolButton
 
 refresh_symbol = "\U0001f504"  # 🔄

@@ -8,7 +8,6 @@ from __future__ import annotations
 import itertools
 
 import gradio as gr
-
 from modules._variant import FLAGS
 
 

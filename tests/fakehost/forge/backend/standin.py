@@ -3,8 +3,9 @@ from __future__ import annotations
 
 from backend.diffusion_engine.base import ForgeDiffusionEngine
 from backend.text_processing.classic_engine import ClassicTextProcessingEngine
-from dreamartist.standalone.tokenizer import clip_tokenizer
 from modules import shared
+
+from dreamartist.standalone.tokenizer import clip_tokenizer
 
 
 def build(kind: str) -> ForgeDiffusionEngine:

@@ -4,7 +4,6 @@ from __future__ import annotations
 import hashlib
 
 import torch
-
 from modules import script_callbacks
 
 

@@ -4,8 +4,14 @@ from __future__ import annotations
 from collections import namedtuple
 
 from modules.generation_parameters_copypaste import (  # noqa: F401
-    add_paste_fields, paste_fields, parse_generation_parameters, quote, register_paste_params_button,
-    registered_param_bindings, unquote)
+    add_paste_fields,
+    parse_generation_parameters,
+    paste_fields,
+    quote,
+    register_paste_params_button,
+    registered_param_bindings,
+    unquote,
+)
 
 
 class PasteField(namedtuple("PasteField", ["component", "target", "api"])):

@@ -1,4 +1,4 @@
-"""modules.textual_inversion.textual_inversion: Embedding and the EmbeddingDatabase loader (§6.1, §6.2)."""
+"""modules.textual_inversion.textual_inversion: Embedding and the EmbeddingDatabase loader."""
 from __future__ import annotations
 
 import hashlib
@@ -6,7 +6,6 @@ import os
 
 import safetensors.torch
 import torch
-
 from modules import devices, errors, shared
 
 
@@ -31,7 +30,8 @@ class Embedding:
                           "sd_checkpoint_name": self.sd_checkpoint_name}
         torch.save(embedding_data, filename)
         if shared.opts.save_optimizer_state and self.optimizer_state_dict is not None:
-            torch.save({"hash": self.checksum(), "optimizer_state_dict": self.optimizer_state_dict}, filename + ".optim")
+            optim = {"hash": self.checksum(), "optimizer_state_dict": self.optimizer_state_dict}
+            torch.save(optim, filename + ".optim")
 
     def checksum(self) -> str:
         """Four hex digits that change with the vector values."""

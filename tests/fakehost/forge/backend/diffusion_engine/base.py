@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import torch
-
 from backend.patcher.unet import UnetPatcher
 
 
@@ -10,7 +9,7 @@ class ForgeObjects:
     def __init__(self, unet, clip, vae, clipvision):
         self.unet, self.clip, self.vae, self.clipvision = unet, clip, vae, clipvision
 
-    def shallow_copy(self) -> "ForgeObjects":
+    def shallow_copy(self) -> ForgeObjects:
         return ForgeObjects(self.unet, self.clip, self.vae, self.clipvision)
 
 

@@ -9,7 +9,7 @@ class UnetPatcher:
         self.model = model
         self.model_options: dict = {"transformer_options": {}}
 
-    def clone(self) -> "UnetPatcher":
+    def clone(self) -> UnetPatcher:
         clone = UnetPatcher(self.model)
         clone.model_options = copy.deepcopy(self.model_options)
         return clone

@@ -1,0 +1,145 @@
+"""POST /dreamartist/v1/train and GET /dreamartist/v1/pairs on the stand-in webui: status codes and results."""
+from __future__ import annotations
+
+import base64
+
+import pytest
+from fastapi import FastAPI
+from fastapi.testclient import TestClient
+from tabhelpers import load_extension, png_bytes, reference_image
+
+B64_PNG = base64.b64encode(png_bytes(reference_image())).decode()
+TINY = {"steps": 2, "width": 64, "height": 64, "reconstruction": False}
+
+
+def api_client(host, api=True, **cmd_opts) -> TestClient:
+    """The extension loaded and on_app_started fired on a fresh app, as webui.py does with --api."""
+    load_extension(host)
+    host.shared.cmd_opts.api = api
+    for key, value in cmd_opts.items():
+        setattr(host.shared.cmd_opts, key, value)
+    app = FastAPI()
+    host.module("modules.script_callbacks").app_started_callback(None, app)
+    assert host.module("modules.errors").reported == []
+    return TestClient(app)
+
+
+@pytest.fixture
+def client(host_v1101):
+    return api_client(host_v1101)
+
+
+def test_trains_a_pair_and_returns_its_files(client, host_v1101):
+    response = client.post("/dreamartist/v1/train", json={"image": "data:image/png;base64," + B64_PNG,
+                                                           "name": "walle", **TINY})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert (body["name"], body["negative_name"], body["steps"], body["stopped"]) == ("walle", "walle-neg", 2, "")
+    assert isinstance(body["final_loss"], float)
+    files = [host_v1101.embeddings_dir / "walle.pt", host_v1101.embeddings_dir / "walle-neg.pt"]
+    assert body["files"] == [str(f) for f in files] and all(f.is_file() for f in files)
+    assert client.get("/dreamartist/v1/pairs").json() == {"pairs": ["walle"]}
+    assert host_v1101.shared.state.job == ""
+
+
+def test_mask_is_accepted(client):
+    mask = base64.b64encode(png_bytes(reference_image().convert("L"))).decode()
+    response = client.post("/dreamartist/v1/train", json={"image": B64_PNG, "mask": mask, "name": "masked", **TINY})
+    assert response.status_code == 200, response.text
+
+
+@pytest.mark.parametrize("body, status, words", [
+    ({"image": "not base64 at all!", "name": "walle"}, 422, "'image' is not valid base64"),
+    ({"image": base64.b64encode(b"GIF89a garbage").decode(), "name": "walle"}, 422, "not an image"),
+    ({"name": "walle"}, 422, "'image' must be a base64-encoded image"),
+    ({"image": B64_PNG, "name": "walle", "mask": "@@"}, 422, "'mask' is not valid base64"),
+    ({"image": B64_PNG, "name": "../evil"}, 422, "path separators"),
+    ({"image": B64_PNG, "name": "walle-neg"}, 422, "reserved for the negative partner"),
+    ({"image": B64_PNG, "name": ""}, 422, "The name is empty"),
+    ({"image": B64_PNG, "name": "walle", "steps": 0}, 422, "Steps must be between 1 and 100000"),
+    ({"image": B64_PNG, "name": "walle", "width": 4096}, 422, "Width must be between 64 and 2048"),
+    ({"image": B64_PNG, "name": "walle", "lr": "fast"}, 422, "Learning rate must be a finite number"),
+    ({"image": B64_PNG, "name": "walle", "stepz": 10}, 422, "Unknown parameter(s): stepz"),
+    ({"image": B64_PNG, "name": "walle", "gamma": "__import__('os')"}, 422, "amma"),
+])
+def test_bad_requests_are_4xx_with_one_clear_detail(client, host_v1101, body, status, words):
+    response = client.post("/dreamartist/v1/train", json=body)
+    assert response.status_code == status, response.text
+    assert words in response.json()["detail"]
+    assert list(host_v1101.embeddings_dir.iterdir()) == []
+
+
+def test_a_body_that_is_not_an_object_is_4xx(client):
+    response = client.post("/dreamartist/v1/train", json=["walle"])
+    assert response.status_code == 422
+    assert response.json() == {"detail": "The body must be a JSON object."}
+
+
+def test_existing_name_is_409_and_untouched(client, host_v1101):
+    existing = host_v1101.embeddings_dir / "walle-neg.safetensors"
+    existing.write_bytes(b"someone else's file")
+    response = client.post("/dreamartist/v1/train", json={"image": B64_PNG, "name": "WALLE", **TINY})
+    assert response.status_code == 409
+    assert "'WALLE-neg' already exists" in response.json()["detail"]
+    assert existing.read_bytes() == b"someone else's file"
+    assert sorted(p.name for p in host_v1101.embeddings_dir.iterdir()) == ["walle-neg.safetensors"]
+
+
+def test_overwrite_replaces_an_existing_pair(client, host_v1101):
+    first = client.post("/dreamartist/v1/train", json={"image": B64_PNG, "name": "walle", **TINY})
+    again = client.post("/dreamartist/v1/train", json={"image": B64_PNG, "name": "walle", **TINY})
+    replaced = client.post("/dreamartist/v1/train", json={"image": B64_PNG, "name": "walle", "overwrite": True, **TINY})
+    assert (first.status_code, again.status_code, replaced.status_code) == (200, 409, 200)
+
+
+def test_unexpected_failure_is_500_never_200(client, monkeypatch):
+    from extensions_builtin_compat import jobs
+
+    def broken(config, references, on_progress=None):
+        raise RuntimeError("CUDA error: device-side assert triggered")
+
+    monkeypatch.setattr(jobs, "run_training", broken)
+    response = client.post("/dreamartist/v1/train", json={"image": B64_PNG, "name": "walle", **TINY})
+    assert response.status_code == 500
+    assert response.json() == {"detail": "Training failed: RuntimeError: CUDA error: device-side assert triggered"}
+
+
+def test_training_holds_the_webui_queue_lock(client, host_v1101, monkeypatch):
+    from extensions_builtin_compat import jobs
+
+    queue_lock = host_v1101.module("modules.call_queue").queue_lock
+    original, seen = jobs.run_training, []
+
+    def spy(config, references, on_progress=None):
+        seen.append(queue_lock.locked())
+        return original(config, references, on_progress)
+
+    monkeypatch.setattr(jobs, "run_training", spy)
+    assert client.post("/dreamartist/v1/train", json={"image": B64_PNG, "name": "walle", **TINY}).status_code == 200
+    assert seen == [True] and not queue_lock.locked()
+
+
+def test_an_unusable_model_is_503(client, host_v1101):
+    host_v1101.load_model("sdxl")
+    response = client.post("/dreamartist/v1/train", json={"image": B64_PNG, "name": "walle", **TINY})
+    assert response.status_code == 503 and "SDXL" in response.json()["detail"]
+
+
+def test_forge_answers_501_with_the_reason(host_forge):
+    client = api_client(host_forge)
+    response = client.post("/dreamartist/v1/train", json={"image": B64_PNG, "name": "walle", **TINY})
+    assert response.status_code == 501 and "Forge" in response.json()["detail"]
+    assert client.get("/dreamartist/v1/pairs").status_code == 200
+
+
+def test_routes_exist_only_with_the_api_enabled(host_v160):
+    client = api_client(host_v160, api=False)
+    assert client.get("/dreamartist/v1/pairs").status_code == 404
+
+
+def test_api_auth_protects_the_routes(host_v160):
+    client = api_client(host_v160, api_auth="alice:secret,bob:pw")
+    assert client.get("/dreamartist/v1/pairs").status_code == 401
+    assert client.get("/dreamartist/v1/pairs", auth=("alice", "wrong")).status_code == 401
+    assert client.get("/dreamartist/v1/pairs", auth=("bob", "pw")).status_code == 200
+    assert client.get("/dreamartist/v1/pairs", auth=("alice", "sécret")).status_code == 401

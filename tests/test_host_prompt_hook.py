@@ -1,0 +1,103 @@
+"""The prompt hook through the webui's own processing order: each NAME brings NAME-neg to its image's
+negative prompt, the conds and the infotext follow, and pasting the infotext restores the checkbox."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from fakehost.checks import write_pair
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def hooked(host):
+    write_pair(host.embeddings_dir, "walle", seed=1)
+    write_pair(host.embeddings_dir, "robo", seed=2)
+    host.load_extension(REPO)
+    return host
+
+
+def generate(host, enabled=True, **fields):
+    p = host.txt2img(script_args={"dreamartist": [enabled]}, **fields)
+    return p, host.process_images(p)
+
+
+def uncond_prompts(cache_name="cached_uc"):
+    from modules import processing
+
+    return list(getattr(processing.StableDiffusionProcessingTxt2Img, cache_name)[0][0])
+
+
+def test_plain_prompt_gets_its_partner_in_conds_and_infotext(hooked):
+    p, processed = generate(hooked, prompt="a photo of walle", negative_prompt="")
+    assert p.all_negative_prompts == ["walle-neg"]
+    assert uncond_prompts() == ["walle-neg"]
+    assert "\nNegative prompt: walle-neg\n" in processed.infotexts[0]
+    assert "DreamArtist: walle" in processed.infotexts[0]
+
+
+def test_weight_is_carried_to_the_partner(hooked):
+    p, _ = generate(hooked, prompt="a photo of (walle:1.2)", negative_prompt="blurry")
+    assert p.all_negative_prompts == ["blurry, (walle-neg:1.2)"]
+
+
+def test_several_concepts_all_bring_their_partners(hooked):
+    p, processed = generate(hooked, prompt="robo and walle", negative_prompt="blurry")
+    assert p.all_negative_prompts == ["blurry, robo-neg, walle-neg"]
+    assert 'DreamArtist: "robo, walle"' in processed.infotexts[0]
+
+
+def test_an_already_paired_prompt_is_left_alone(hooked):
+    p, processed = generate(hooked, prompt="walle", negative_prompt="walle-neg, blurry")
+    assert p.all_negative_prompts == ["walle-neg, blurry"]
+    assert "DreamArtist" not in processed.infotexts[0]
+
+
+def test_every_image_of_every_batch_gets_its_own_partners(hooked):
+    prompts = ["walle", "robo", "walle with robo", "an empty room"]
+    p, processed = generate(hooked, prompt=prompts, negative_prompt="blurry", batch_size=2, n_iter=2)
+    expected = ["blurry, walle-neg", "blurry, robo-neg", "blurry, walle-neg, robo-neg", "blurry"]
+    assert p.all_negative_prompts == expected
+    assert uncond_prompts() == expected[2:]  # the last batch's conds
+    assert [text.split("\n")[1] for text in processed.infotexts] == [f"Negative prompt: {n}" for n in expected]
+
+
+def test_hires_prompts_get_partners_of_their_own(hooked):
+    p, _ = generate(hooked, prompt="an empty room", negative_prompt="", enable_hr=True, hr_prompt="walle in space")
+    assert p.all_negative_prompts == [""]
+    assert p.all_hr_negative_prompts == ["walle-neg"]
+    assert uncond_prompts("cached_hr_uc") == ["walle-neg"]
+
+
+def test_unticked_leaves_prompts_and_says_so(hooked):
+    p, processed = generate(hooked, enabled=False, prompt="walle", negative_prompt="blurry")
+    assert p.all_negative_prompts == ["blurry"]
+    assert "DreamArtist: off" in processed.infotexts[0]
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_pasting_the_infotext_restores_the_checkbox(hooked, enabled):
+    from extensions_builtin_compat import host as probes
+    from extensions_builtin_compat.prompt_hook import TOGGLE_FIELD
+
+    _, processed = generate(hooked, enabled=enabled, prompt="walle")
+    params = probes.infotext_module().parse_generation_parameters(processed.infotexts[0])
+    assert params[TOGGLE_FIELD] is enabled
+    assert TOGGLE_FIELD not in probes.infotext_module().parse_generation_parameters("a\nSteps: 3, Seed: 1, Size: 64x64")
+
+
+def test_words_without_a_partner_are_ignored(hooked):
+    from modules.textual_inversion.textual_inversion import Embedding
+
+    Embedding(torch.ones(1, 32), "lonely").save(str(hooked.embeddings_dir / "lonely.pt"))
+    p, processed = generate(hooked, prompt="lonely", negative_prompt="")
+    assert p.all_negative_prompts == [""] and "DreamArtist" not in processed.infotexts[0]
+
+
+def test_forge_pairs_come_from_its_text_engine(host_forge):
+    write_pair(host_forge.embeddings_dir, "walle", width=768)
+    host_forge.load_extension(REPO)
+    p, processed = generate(host_forge, prompt="walle at dusk", negative_prompt="")
+    assert p.all_negative_prompts == ["walle-neg"] and "DreamArtist: walle" in processed.infotexts[0]
