@@ -16,7 +16,6 @@ import time
 from pathlib import Path
 
 import torch
-from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -103,7 +102,8 @@ def main() -> None:
             with torch.no_grad():
                 trainer.latents = [backend.vae_encode(reference.pixels.unsqueeze(0).to(backend.device))]
             label = "DreamArtist step" + (" + reconstruction" if rec else "")
-            rows.append((label, timed(trainer._optimizer_step, backend.device, args.steps), peak_memory(backend.device)))
+            seconds = timed(trainer._optimizer_step, backend.device, args.steps)
+            rows.append((label, seconds, peak_memory(backend.device)))
             if not rec:
                 rows.append(("textual-inversion step (S^p only)", timed(textual_inversion_step(trainer),
                              backend.device, args.steps), peak_memory(backend.device)))

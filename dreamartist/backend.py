@@ -11,8 +11,9 @@ for textual-inversion embeddings, so gradients reach those tensors and nothing e
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Iterator, Mapping, Protocol, runtime_checkable
+from typing import Protocol, runtime_checkable
 
 import torch
 
@@ -58,7 +59,8 @@ class Backend(Protocol):
     def eos_vector(self) -> dict[str, torch.Tensor]:
         """The end-of-text token embedding per encoder: (dim,), detached."""
 
-    def encode(self, prompts: list[str], words: WordVectors | None = None, branches: tuple[str, ...] = ()) -> Conditioning:
+    def encode(self, prompts: list[str], words: WordVectors | None = None,
+               branches: tuple[str, ...] = ()) -> Conditioning:
         """Encode prompts with ``words`` spliced in; differentiable with respect to those vectors only."""
 
     def unet(self, latents: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning) -> torch.Tensor:

@@ -7,7 +7,7 @@ matches embedding names: whole words, with attention syntax such as (walle:1.2) 
 from __future__ import annotations
 
 import re
-from typing import Mapping
+from collections.abc import Mapping
 
 
 def _word_pattern(word: str) -> re.Pattern:

@@ -5,7 +5,7 @@ scale may be a gamma schedule, so a preview samples with exactly the gamma the p
 """
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import torch

@@ -6,11 +6,10 @@ are optimised; the backend keeps every model weight frozen and restores the mode
 """
 from __future__ import annotations
 
-import math
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable
 
 import torch
 from PIL import Image
@@ -53,6 +52,24 @@ class _NonFinite(Exception):
     pass
 
 
+def _grad_scaler(device: torch.device):
+    """Loss scaling for fp16 on CUDA (the webui's own textual-inversion trainer scales too); off elsewhere."""
+    enabled = device.type == "cuda"
+    if hasattr(torch.amp, "GradScaler"):
+        return torch.amp.GradScaler(device.type, enabled=enabled)
+    return torch.cuda.amp.GradScaler(enabled=enabled)  # torch < 2.3, as in webui 1.6-1.10
+
+
+def _cpu_copy(vectors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.detach().float().cpu().clone() for k, v in vectors.items()}
+
+
+def _trainable(vectors: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    """Leaf float32 copies on ``device`` that the optimiser owns."""
+    return {k: v.detach().to(device, torch.float32).clone().contiguous().requires_grad_(True)
+            for k, v in vectors.items()}
+
+
 class Trainer:
     """One training run; ``run()`` returns a TrainResult or raises a DreamArtistError."""
 
@@ -80,6 +97,7 @@ class Trainer:
             [{"params": list(self.pos.values()), "lr": config.lr},
              {"params": list(self.neg.values()), "lr": config.lr * config.neg_lr_mult}],
             betas=(config.beta1, config.beta2), weight_decay=config.weight_decay)
+        self.scaler = _grad_scaler(backend.device)
         if config.resume:
             self._resume()
 
@@ -110,9 +128,7 @@ class Trainer:
             pos[key] = init[rows].float().clone()
             noise = torch.randn((self.config.neg_len, end.shape[-1]), generator=self.generator)
             neg[key] = end.float().expand(self.config.neg_len, -1) + self.config.neg_noise * noise.to(end.device)
-        device = self.backend.device
-        make = lambda v: v.detach().to(device, torch.float32).contiguous().requires_grad_(True)
-        return {k: make(v) for k, v in pos.items()}, {k: make(v) for k, v in neg.items()}
+        return _trainable(pos, self.backend.device), _trainable(neg, self.backend.device)
 
     def _resume(self) -> None:
         pos_file, neg_file = pairfiles.load_pair(self.out_dir, self.name)
@@ -123,14 +139,14 @@ class Trainer:
         if state.get("step") != self.step:
             state = {}  # the state belongs to another save of this name: continue from the files alone
         pos, neg = state.get("live_pos", pos_file.vectors), state.get("live_neg", neg_file.vectors)
-        trainable = lambda d: {k: v.to(self.backend.device, torch.float32).clone().requires_grad_(True)
-                               for k, v in d.items()}
-        self.pos, self.neg = trainable(pos), trainable(neg)
+        self.pos, self.neg = _trainable(pos, self.backend.device), _trainable(neg, self.backend.device)
         groups = self.optimizer.param_groups
         groups[0]["params"], groups[1]["params"] = list(self.pos.values()), list(self.neg.values())
         if state:
             self.optimizer.load_state_dict(state["optimizer"])
             self.generator.set_state(state["generator"])
+            if state.get("scaler"):
+                self.scaler.load_state_dict(state["scaler"])
             self.losses = list(state.get("losses", []))
             self.seed = int(state.get("seed", self.seed))
         if self.ema_pos is not None:
@@ -165,19 +181,15 @@ class Trainer:
         out_neg, out_pos = backend.unet(torch.cat([z_t, z_t]), t_rows, cond).chunk(2)  # one call, 2B rows
         guided = losses.guide(out_neg, out_pos, self.gamma(t, T).to(device))
         weight = None
-        if any(r.weight is not None for r in refs):
-            weight = torch.stack([r.weight if r.weight is not None else torch.ones_like(self._any_weight(refs))
-                                  for r in refs]).to(device)
+        if any(r.weight is not None for r in refs):  # references without a mask weigh 1 everywhere
+            ones = torch.ones_like(next(r.weight for r in refs if r.weight is not None))
+            weight = torch.stack([ones if r.weight is None else r.weight for r in refs]).to(device)
         loss = losses.da_loss(guided, losses.target(backend.prediction_type, z0, noise, abar), weight)
         if self.config.reconstruction and self.config.rec_weight > 0:
             z0_hat = losses.predict_z0(backend.prediction_type, guided, z_t, abar)
             pixels = torch.stack([r.pixels for r in refs]).to(device)  # reference pixels live on the CPU
             loss = loss + self.config.rec_weight * losses.reconstruction_loss(backend.vae_decode(z0_hat), pixels)
         return loss
-
-    @staticmethod
-    def _any_weight(refs: list[Reference]) -> torch.Tensor:
-        return next(r.weight for r in refs if r.weight is not None)
 
     def _optimizer_step(self) -> float:
         """Accumulate ``grad_accum`` micro-batches, then one AdamW step; returns the mean loss."""
@@ -186,14 +198,17 @@ class Trainer:
             loss = self._micro_batch_loss()
             if not torch.isfinite(loss):
                 raise _NonFinite(loss.item())
-            (loss / self.config.grad_accum).backward()
+            self.scaler.scale(loss / self.config.grad_accum).backward()
             total += loss.item() / self.config.grad_accum
         params = [*self.pos.values(), *self.neg.values()]
+        self.scaler.unscale_(self.optimizer)
         if self.config.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(params, self.config.grad_clip)
-        if not all(torch.isfinite(p.grad).all() for p in params if p.grad is not None):
+        if not self.scaler.is_enabled() and not all(torch.isfinite(p.grad).all() for p in params
+                                                     if p.grad is not None):
             raise _NonFinite(total)
-        self.optimizer.step()
+        self.scaler.step(self.optimizer)  # with fp16 loss scaling, a step whose gradients overflowed is skipped
+        self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         with torch.no_grad():
             for ema, live, decay in ((self.ema_pos, self.pos, self.config.ema_pos),
@@ -207,8 +222,7 @@ class Trainer:
     def _saved_vectors(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         pos = self.ema_pos if self.ema_pos is not None else self.pos
         neg = self.ema_neg if self.ema_neg is not None else self.neg
-        detach = lambda d: {k: v.detach().float().cpu().clone() for k, v in d.items()}
-        return detach(pos), detach(neg)
+        return _cpu_copy(pos), _cpu_copy(neg)
 
     def save(self) -> list[Path]:
         """Write the pair and the resume state atomically; the files always hold a finished step."""
@@ -217,14 +231,13 @@ class Trainer:
             self.out_dir, self.name, pos, neg, fmt=self.config.file_format, overwrite=True, step=self.step,
             total_steps=self.config.steps, gamma=str(self.gamma), checkpoint_hash=self.backend.model_hash,
             checkpoint_name=self.backend.model_name)
-        live = lambda d: {k: v.detach().float().cpu().clone() for k, v in d.items()}
         state = {"optimizer": self.optimizer.state_dict(), "generator": self.generator.get_state(),
-                 "losses": list(self.losses), "step": self.step, "seed": self.seed,
-                 "live_pos": live(self.pos), "live_neg": live(self.neg)}  # the files may hold EMA vectors
+                 "scaler": self.scaler.state_dict(), "losses": list(self.losses), "step": self.step, "seed": self.seed,
+                 "live_pos": _cpu_copy(self.pos), "live_neg": _cpu_copy(self.neg)}  # the files may hold EMA vectors
         if self.ema_pos is not None:
-            state["ema_pos"] = live(self.ema_pos)
+            state["ema_pos"] = _cpu_copy(self.ema_pos)
         if self.ema_neg is not None:
-            state["ema_neg"] = live(self.ema_neg)
+            state["ema_neg"] = _cpu_copy(self.ema_neg)
         pairfiles.save_state(self.out_dir, self.name, state)
         return files
 

@@ -2,8 +2,8 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Callable, Iterable
 
 PLACEHOLDER_ID = 0  # the id the webui puts where an embedding's vectors go; the rows are overwritten anyway
 
