@@ -13,6 +13,7 @@ demo: $(VENV)/.installed
 		--steps 40 --width 64 --height 64 --preview-every 20 --overwrite
 
 test: $(VENV)/.installed
+	$(PY) -m ruff check .
 	$(PY) -m pytest -q
 
 .PHONY: demo test

@@ -25,6 +25,23 @@ from dreamartist.images import load_image, prepare_reference  # noqa: E402
 from dreamartist.trainer import Trainer  # noqa: E402
 
 
+def full_size_backend(family: str):
+    """The real SD 1.x / 2.x architecture (shipped configs) with random weights: realistic cost, no download."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from dreamartist.standalone import StandaloneBackend, clip_tokenizer
+    from dreamartist.standalone.backend import scaled_linear_alphas_cumprod
+    from dreamartist.standalone.checkpoint import CONFIG_ROOT, read_config
+
+    folder = CONFIG_ROOT / family
+    return StandaloneBackend(
+        family=family, unet=UNet2DConditionModel.from_config(read_config(folder, "unet")),
+        vae=AutoencoderKL.from_config(read_config(folder, "vae")),
+        text_encoder=CLIPTextModel(CLIPTextConfig.from_dict(read_config(folder, "text_encoder"))),
+        tokenizer=clip_tokenizer(), alphas_cumprod=scaled_linear_alphas_cumprod(), model_name=f"{family} (random)")
+
+
 def peak_memory(device: torch.device) -> str:
     if device.type == "cuda":
         return f"{torch.cuda.max_memory_allocated(device) / 2**20:8.0f} MiB (CUDA peak)"
@@ -82,6 +99,7 @@ def unet_floor_step(trainer: Trainer):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ckpt", help="checkpoint; default: the demo model")
+    parser.add_argument("--full-size", choices=("sd1", "sd2"), help="the real architecture with random weights")
     parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--image", default=str(Path(__file__).resolve().parents[1] / "examples" / "reference.png"))
@@ -90,7 +108,10 @@ def main() -> None:
 
     from dreamartist.standalone import build_demo_backend, load_checkpoint
 
-    backend = load_checkpoint(args.ckpt) if args.ckpt else build_demo_backend()
+    if args.ckpt:
+        backend = load_checkpoint(args.ckpt)
+    else:
+        backend = full_size_backend(args.full_size) if args.full_size else build_demo_backend()
     reference = prepare_reference(load_image(args.image), args.size, args.size)
     print(f"model {backend.model_name} ({backend.family}), device {backend.device}, {args.size}x{args.size}, "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads, mean of {args.steps} steps")

@@ -3,7 +3,8 @@
 The train call blocks until training ends, like /sdapi/v1/train/embedding, holding the webui's GPU queue
 lock. Bodies are plain JSON dicts validated by TrainConfig.from_dict, so the module works with the
 pydantic 1 / fastapi 0.94 of A1111 and the pydantic 2 / fastapi 0.104 of Forge alike. Every problem is an
-HTTP error with {"detail": one sentence}: 4xx for a bad request, 5xx for a failure; never a 200 with an error.
+HTTP error whose JSON "detail" is one sentence (the webui's API error handlers, which serve every route of the
+app, add "error", "body" and "errors" beside it): 4xx for a bad request, 5xx for a failure; never a 200.
 """
 from __future__ import annotations
 
@@ -93,11 +94,12 @@ def pairs() -> dict:
 
 
 def _auth_dependencies() -> list:
-    """With --api-auth user:password[,user:password...] the routes ask for those credentials, like /sdapi."""
+    """With --api-auth user:password[,user:password...] the routes ask for those credentials, split exactly as
+    the webui splits them for /sdapi (no trimming), so the same logins work on both."""
     logins = getattr(shared.cmd_opts, "api_auth", None)
     if not logins:
         return []
-    credentials = dict(login.strip().split(":", 1) for login in logins.split(",") if ":" in login)
+    credentials = dict(login.split(":", 1) for login in logins.split(",") if ":" in login)
 
     def check(given: HTTPBasicCredentials = Depends(HTTPBasic())) -> None:
         expected = credentials.get(given.username)

@@ -29,12 +29,14 @@ def databases() -> list:
 
 
 def refresh() -> None:
-    """Reload from disk. A1111 is forced: it only notices the folder's own mtime changing."""
-    for db in databases():
-        if getattr(db, "embedding_dirs", None) is not None:
-            db.load_textual_inversion_embeddings(force_reload=True)
-        else:
-            db.load_textual_inversion_embeddings()
+    """Reload from disk. A1111 is forced: it only notices the folder's own mtime changing. Forge's engine
+    databases always reread, and their reload takes no arguments."""
+    db = getattr(sd_hijack.model_hijack, "embedding_db", None)
+    if db is not None:
+        db.load_textual_inversion_embeddings(force_reload=True)
+        return
+    for engine_db in databases():
+        engine_db.load_textual_inversion_embeddings()
 
 
 def known_names() -> list[str]:

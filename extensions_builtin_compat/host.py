@@ -3,9 +3,8 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-from types import ModuleType
 
-from modules import scripts, sd_hijack, shared
+from modules import sd_hijack, shared
 
 
 def is_forge() -> bool:
@@ -16,18 +15,6 @@ def is_forge() -> bool:
 def has_embedding_db() -> bool:
     """A1111 keeps textual-inversion embeddings in model_hijack.embedding_db; Forge's stub has none."""
     return hasattr(sd_hijack.model_hijack, "embedding_db")
-
-
-def has_process_before_every_sampling() -> bool:
-    return hasattr(scripts.Script, "process_before_every_sampling")
-
-
-def infotext_module() -> ModuleType:
-    """modules.infotext_utils (1.8+), else its old name modules.generation_parameters_copypaste."""
-    try:
-        return importlib.import_module("modules.infotext_utils")
-    except ImportError:
-        return importlib.import_module("modules.generation_parameters_copypaste")
 
 
 def loaded_model():
@@ -51,11 +38,14 @@ def model_unsupported_reason(model) -> str | None:
     if model is None:
         return "No Stable Diffusion model is loaded; choose a checkpoint at the top of the page first."
     if getattr(model, "forge_objects", None) is not None:
-        return host_unsupported_reason() or "This model was loaded by Forge's backend, which cannot be trained through."
+        return host_unsupported_reason() or "This model was loaded by Forge's backend, which cannot be trained."
     if getattr(model, "is_sdxl", False) or hasattr(model, "conditioner"):
         return "SDXL checkpoints are not supported yet; load an SD1.x or SD2.x checkpoint to train a pair."
     if not (getattr(model, "is_sd1", False) or getattr(model, "is_sd2", False)):
         return "Only SD1.x and SD2.x checkpoints can be trained on; load one of those."
+    if getattr(getattr(model, "model", None), "conditioning_key", "crossattn") != "crossattn":  # wants c_concat/c_adm
+        return ("This checkpoint is an inpainting, depth, instruct-pix2pix or unCLIP model, which cannot be "
+                "trained on; load a plain SD1.x or SD2.x checkpoint.")
     if getattr(model, "lowvram", False):
         return ("Training needs the whole model on the GPU; restart the webui without --lowvram/--medvram "
                 "to train.")

@@ -144,8 +144,8 @@ class HostBackend:
         extra_networks.activate(processing.StableDiffusionProcessingTxt2Img(), {})
         networks = sys.modules.get("networks")  # the built-in Lora extension's module, when present
         if networks is not None and getattr(networks, "loaded_networks", None):
-            raise ModelError("A LoRA is still active on the model; generate once without <lora:...> tags, "
-                             "then train.")
+            raise ModelError("A LoRA is still active on the model; set Settings > Extra Networks > \"Add network "
+                             "to prompt\" to None and generate once without <lora:...> tags, then train.")
 
     @contextlib.contextmanager
     def training(self, gradient_checkpointing: bool = False) -> Iterator[None]:
@@ -153,8 +153,7 @@ class HostBackend:
         follow the webui's "Use cross attention optimizations while training" setting; undo all on exit."""
         from modules import sd_hijack_checkpoint
 
-        undo_attention = (not getattr(shared.opts, "training_xattention_optimizations", False)
-                          and getattr(sd_hijack.model_hijack, "optimization_method", None) is not None)
+        undo_attention = not shared.opts.training_xattention_optimizations  # as the webui's own Train tab does
         self._unload_networks()
         with frozen(self.sd_model):
             if undo_attention:

@@ -44,6 +44,8 @@ def process(p, enabled: bool = True, *_args) -> None:
                 added += names
         if enabled:
             setattr(p, negatives_name, edited)  # a new list: the hires list may be the same object
+            if negatives_name == "all_negative_prompts" and edited:
+                p.main_negative_prompt = edited[0]  # setup_prompts copied it already; the grid's infotext reads it
     if enabled and added:
         p.extra_generation_params[INFOTEXT_KEY] = ", ".join(dict.fromkeys(added))
     elif not enabled and used:

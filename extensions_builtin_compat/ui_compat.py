@@ -10,7 +10,7 @@ from modules import ui_common
 
 def click(button, fn: Callable, inputs: Sequence, outputs: Sequence, js: str | None = None, **kwargs):
     """``button.click`` with an optional JS function run first in the browser (its return replaces inputs)."""
-    if js is not None:  # '_js' on gradio 3 events, 'js' on gradio 4 (Forge's shim converts only some calls)
+    if js is not None:  # '_js' on gradio 3, 'js' on gradio 4 (Forge's event wrappers turn '_js' into 'js')
         kwargs["js" if "js" in inspect.signature(button.click).parameters else "_js"] = js
     return button.click(fn=fn, inputs=list(inputs), outputs=list(outputs), **kwargs)
 

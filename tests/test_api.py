@@ -13,12 +13,15 @@ TINY = {"steps": 2, "width": 64, "height": 64, "reconstruction": False}
 
 
 def api_client(host, api=True, **cmd_opts) -> TestClient:
-    """The extension loaded and on_app_started fired on a fresh app, as webui.py does with --api."""
+    """The extension loaded, then as webui.py does: with --api the webui's own Api on the app (its error
+    handlers answer for our routes too), then on_app_started."""
     load_extension(host)
     host.shared.cmd_opts.api = api
     for key, value in cmd_opts.items():
         setattr(host.shared.cmd_opts, key, value)
     app = FastAPI()
+    if api:
+        host.module("modules.api.api").Api(app, host.module("modules.call_queue").queue_lock)
     host.module("modules.script_callbacks").app_started_callback(None, app)
     assert host.module("modules.errors").reported == []
     return TestClient(app)
@@ -72,7 +75,7 @@ def test_bad_requests_are_4xx_with_one_clear_detail(client, host_v1101, body, st
 def test_a_body_that_is_not_an_object_is_4xx(client):
     response = client.post("/dreamartist/v1/train", json=["walle"])
     assert response.status_code == 422
-    assert response.json() == {"detail": "The body must be a JSON object."}
+    assert response.json()["detail"] == "The body must be a JSON object."
 
 
 def test_existing_name_is_409_and_untouched(client, host_v1101):
@@ -101,7 +104,7 @@ def test_unexpected_failure_is_500_never_200(client, monkeypatch):
     monkeypatch.setattr(jobs, "run_training", broken)
     response = client.post("/dreamartist/v1/train", json={"image": B64_PNG, "name": "walle", **TINY})
     assert response.status_code == 500
-    assert response.json() == {"detail": "Training failed: RuntimeError: CUDA error: device-side assert triggered"}
+    assert response.json()["detail"] == "Training failed: RuntimeError: CUDA error: device-side assert triggered"
 
 
 def test_training_holds_the_webui_queue_lock(client, host_v1101, monkeypatch):
@@ -111,12 +114,13 @@ def test_training_holds_the_webui_queue_lock(client, host_v1101, monkeypatch):
     original, seen = jobs.run_training, []
 
     def spy(config, references, on_progress=None):
-        seen.append(queue_lock.locked())
+        seen.append(not queue_lock.acquire(blocking=False))  # held (the webui's FIFOLock has no locked())
         return original(config, references, on_progress)
 
     monkeypatch.setattr(jobs, "run_training", spy)
     assert client.post("/dreamartist/v1/train", json={"image": B64_PNG, "name": "walle", **TINY}).status_code == 200
-    assert seen == [True] and not queue_lock.locked()
+    assert seen == [True] and queue_lock.acquire(blocking=False)
+    queue_lock.release()
 
 
 def test_an_unusable_model_is_503(client, host_v1101):

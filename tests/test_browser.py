@@ -6,6 +6,7 @@ import contextlib
 import os
 import shutil
 import socket
+import time
 from pathlib import Path
 
 import gradio
@@ -66,8 +67,11 @@ def served_tab(host_v1101, monkeypatch):
             yield url
         finally:
             queue_lock = host_v1101.module("modules.call_queue").queue_lock
-            if queue_lock.acquire(timeout=60):  # let a training the test started finish before the host goes
-                queue_lock.release()
+            for _ in range(600):  # let a training the test started finish (up to a minute) before the host goes
+                if queue_lock.acquire(blocking=False):  # the webui's FIFOLock takes no timeout
+                    queue_lock.release()
+                    break
+                time.sleep(0.1)
             demo.close()
 
 

@@ -89,9 +89,11 @@ def test_encode_gradient_reaches_the_learned_tensors_only(host):
 def test_encode_puts_the_database_back_exactly(host):
     backend = backend_for(host)
     saved_embedding(host, "walle", torch.ones(1, 32))
+    saved_embedding(host, "fresh-look", torch.ones(1, 32))  # "fresh" starts with its token: the webui grows that list
     from modules.sd_hijack import model_hijack
 
     db = model_hijack.embedding_db
+    assert host.shared.sd_model.cond_stage_model.tokenize(["fresh"])[0][0] in db.ids_lookup
     words, lookup = list(db.word_embeddings.items()), {k: list(v) for k, v in db.ids_lookup.items()}
     backend.encode(["walle fresh"], {"walle": {"clip_l": torch.zeros(2, 32)}, "fresh": {"clip_l": torch.zeros(1, 32)}})
     assert list(db.word_embeddings.items()) == words
@@ -155,6 +157,27 @@ def test_sdxl_is_refused_with_a_clear_message(host):
     assert "SDXL" in probes.training_unavailable_reason()
 
 
+def test_inpainting_checkpoint_is_refused_with_a_clear_message(host):
+    host.load_model("sd1-inpainting")  # an SD1 model to the webui (is_sd1), but its UNet wants c_concat too
+    from extensions_builtin_compat import host as probes
+    from extensions_builtin_compat.host_backend import HostBackend
+
+    assert host.shared.sd_model.is_sd1
+    with pytest.raises(ModelError, match="inpainting"):
+        HostBackend()
+    assert "inpainting" in probes.training_unavailable_reason()
+
+
+def test_alphas_are_the_float32_original_when_sampling_downcasts_them(host_v1101):
+    host_v1101.shared.opts.use_downcasted_alpha_bar = True
+    model = host_v1101.load_model("sd1")
+    host_v1101.process_images(host_v1101.txt2img(prompt="a photo"))  # applies the per-generation override
+    from extensions_builtin_compat.host_backend import HostBackend
+
+    assert model.alphas_cumprod.dtype == torch.float16
+    assert torch.equal(HostBackend().alphas_cumprod, model.alphas_cumprod_original)
+
+
 def test_lowvram_is_refused(host):
     host.shared.sd_model.lowvram = True
     from extensions_builtin_compat.host_backend import HostBackend
@@ -178,8 +201,5 @@ def test_feature_probes_follow_the_host(host):
     from extensions_builtin_compat import host as probes
 
     assert not probes.is_forge() and probes.has_embedding_db()
-    assert probes.has_process_before_every_sampling() == host.flags.before_every_sampling
-    expected = "modules.infotext_utils" if host.flags.infotext_utils else "modules.generation_parameters_copypaste"
-    assert probes.infotext_module().__name__ == expected
     assert probes.loaded_model() is None  # probing never loads a model
     assert probes.training_unavailable_reason() is None

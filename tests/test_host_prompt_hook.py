@@ -38,6 +38,15 @@ def test_plain_prompt_gets_its_partner_in_conds_and_infotext(hooked):
     assert "DreamArtist: walle" in processed.infotexts[0]
 
 
+def test_grid_infotext_shows_the_first_images_partner_too(hooked):
+    from modules import processing
+
+    p, _ = generate(hooked, prompt=["walle", "an empty room"], negative_prompt="blurry", batch_size=2)
+    grid_text = processing.create_infotext(p, p.all_prompts, p.all_seeds, p.all_subseeds, use_main_prompt=True)
+    assert p.main_negative_prompt == "blurry, walle-neg"
+    assert "\nNegative prompt: blurry, walle-neg\n" in grid_text
+
+
 def test_weight_is_carried_to_the_partner(hooked):
     p, _ = generate(hooked, prompt="a photo of (walle:1.2)", negative_prompt="blurry")
     assert p.all_negative_prompts == ["blurry, (walle-neg:1.2)"]
@@ -79,13 +88,17 @@ def test_unticked_leaves_prompts_and_says_so(hooked):
 
 @pytest.mark.parametrize("enabled", [True, False])
 def test_pasting_the_infotext_restores_the_checkbox(hooked, enabled):
-    from extensions_builtin_compat import host as probes
-    from extensions_builtin_compat.prompt_hook import TOGGLE_FIELD
+    import gradio as gr
+    from modules import generation_parameters_copypaste as paste
+    from modules import scripts
 
     _, processed = generate(hooked, enabled=enabled, prompt="walle")
-    params = probes.infotext_module().parse_generation_parameters(processed.infotexts[0])
-    assert params[TOGGLE_FIELD] is enabled
-    assert TOGGLE_FIELD not in probes.infotext_module().parse_generation_parameters("a\nSteps: 3, Seed: 1, Size: 64x64")
+    (script,) = scripts.scripts_txt2img.alwayson_scripts
+    with gr.Blocks():  # the txt2img tab builds each script's controls; the runner collects infotext_fields
+        (checkbox,) = script.ui(False)
+    assert script.infotext_fields == [(checkbox, "DreamArtist auto-negative")]
+    assert paste.paste_values(processed.infotexts[0], script.infotext_fields) == [gr.update(value=enabled)]
+    assert paste.paste_values("a\nSteps: 3, Seed: 1, Size: 64x64", script.infotext_fields) == [gr.update()]
 
 
 def test_words_without_a_partner_are_ignored(hooked):

@@ -23,10 +23,16 @@ def references():
     return [prepare_reference(image, 64, 64, caption="orange box")]
 
 
+# The webui's reentrant checkpointing warns for the blocks before the first cross-attention (no input there needs
+# a gradient); those blocks have nothing to train, so the warning is expected.
+REENTRANT_WARNING = "ignore:None of the inputs have requires_grad=True:UserWarning"
+
+
 def config(**changes) -> TrainConfig:
     return TrainConfig(**{**dict(name="walle", steps=3, width=64, height=64, init_words="robot"), **changes})
 
 
+@pytest.mark.filterwarnings(REENTRANT_WARNING)
 def test_training_writes_the_pair_and_leaves_the_host_as_it_was(host, references):
     from modules import processing
     from modules.sd_hijack import model_hijack
@@ -90,6 +96,7 @@ def test_attention_optimisation_follows_the_webui_training_setting(host, referen
     assert CrossAttention.__dict__["forward"] is optimised
 
 
+@pytest.mark.filterwarnings(REENTRANT_WARNING)
 def test_gradient_checkpointing_changes_memory_not_results(host, references):
     from ldm.models import BasicTransformerBlock
 
@@ -127,6 +134,18 @@ def test_a_lora_merged_by_an_earlier_generation_does_not_leak_into_training(host
     assert host.lora.loaded_networks == []
     after = host.process_images(host.txt2img(**prompt)).images[0]
     assert after.tobytes() == with_lora.tobytes()
+
+
+def test_a_lora_the_settings_add_to_every_prompt_is_refused_with_the_way_out(host, references):
+    from extensions_builtin_compat import jobs
+
+    host.lora.register_network("style", lora_deltas(host.shared.sd_model))
+    host.shared.opts.sd_lora = "style"  # Settings > "Add network to prompt"
+    host.process_images(host.txt2img(prompt="a photo", seed=5))
+    assert [n.name for n in host.lora.loaded_networks] == ["style"]
+    with pytest.raises(ModelError, match="Add network to prompt"):
+        jobs.run_training(config(), references)
+    assert list(host.embeddings_dir.iterdir()) == []
 
 
 def test_interrupt_stops_after_the_current_step_and_keeps_it(host, references):

@@ -59,6 +59,8 @@ def test_callbacks_work_after_the_load_without_the_root_on_sys_path(any_host, re
     callbacks.ui_settings_callback()
     assert any_host.shared.opts.dreamartist_auto_negative is True
     assert "dreamartist_auto_negative" in any_host.shared.opts.data_labels
+    # 1.6 keeps an unchanged option out of opts.data: reads must fall back to the label's default
+    assert ("dreamartist_auto_negative" in any_host.shared.opts.data) == any_host.flags.option_categories
     (tab, title, tab_id), = callbacks.ui_tabs_callback()
     assert isinstance(tab, gr.Blocks) and (title, tab_id) == ("DreamArtist", "dreamartist")
     any_host.shared.cmd_opts.api = True

@@ -11,8 +11,13 @@ import torch
 from dreamartist.backend import EPSILON, V_PREDICTION, Backend, Conditioning
 from dreamartist.errors import InputError, ModelError
 from dreamartist.standalone import build_demo_backend, clip_tokenizer, load_checkpoint
-from dreamartist.standalone.checkpoint import (CONFIG_ROOT, convert_weights, detect_family, empty_models,
-                                               probe_v_prediction)
+from dreamartist.standalone.checkpoint import (
+    CONFIG_ROOT,
+    convert_weights,
+    detect_family,
+    empty_models,
+    probe_v_prediction,
+)
 from dreamartist.standalone.demo import DEMO_TEXT_ENCODER, DEMO_UNET, DEMO_VAE
 
 PHOTO_OF_A_CAT = [49406, 320, 1125, 539, 320, 2368, 49407]
@@ -160,7 +165,7 @@ def _model_state(backend):
     params = [(n, p.requires_grad) for m in backend.modules for n, p in m.named_parameters()]
     modes = [(n, m.training) for root in backend.modules for n, m in root.named_modules()]
     weights = [t.clone() for m in backend.modules for t in m.state_dict().values()]
-    switches = [getattr(m, "gradient_checkpointing") for m in backend.unet_model.modules()
+    switches = [m.gradient_checkpointing for m in backend.unet_model.modules()
                 if hasattr(m, "gradient_checkpointing")]
     hooks = [len(m._forward_hooks) + len(m._forward_pre_hooks) for root in backend.modules for m in root.modules()]
     return params, modes, weights, switches, hooks

@@ -18,6 +18,7 @@ class Flags:
     extra_params_callables: bool = False  # extra_generation_params values may be lists/callables, 1.9+
     stopping_generation: bool = False  # State.stopping_generation / stop_generating, 1.8+
     apply_model_always_cast: bool = False  # apply_model cast + autocast always (1.10), else only with upcast
+    option_categories: bool = False  # OptionInfo(category_id=) and add_option writing the default to data, 1.7+
     train_tab: bool = True
 
 
@@ -25,8 +26,8 @@ VARIANTS = {
     "v1.6.0": Flags("v1.6.0", "v1.6.0", alphas_follow_half=True),
     "v1.10.1": Flags("v1.10.1", "v1.10.1", callback_name_kw=True, infotext_utils=True, before_every_sampling=True,
                      cfg_params_denoiser=True, embeddings_cast_to_input=True, extra_params_callables=True,
-                     stopping_generation=True, apply_model_always_cast=True),
+                     stopping_generation=True, apply_model_always_cast=True, option_categories=True),
     "forge": Flags("forge", "f2.0.1v1.10.1-previous", forge=True, callback_name_kw=True, infotext_utils=True,
                    before_every_sampling=True, cfg_params_denoiser=True, extra_params_callables=True,
-                   stopping_generation=True, train_tab=False),
+                   stopping_generation=True, option_categories=True, train_tab=False),
 }

@@ -48,13 +48,16 @@ class UNetModel(torch.nn.Module):
 
 
 class DiffusionWrapper(torch.nn.Module):
-    """ldm DiffusionWrapper with conditioning_key 'crossattn'."""
+    """ldm DiffusionWrapper: 'crossattn' (text-to-image) or 'hybrid' (inpainting: c_concat joins the input)."""
 
-    def __init__(self, diffusion_model: torch.nn.Module):
+    def __init__(self, diffusion_model: torch.nn.Module, conditioning_key: str = "crossattn"):
         super().__init__()
         self.diffusion_model = diffusion_model
+        self.conditioning_key = conditioning_key
 
     def forward(self, x, t, c_concat=None, c_crossattn=None):
+        if self.conditioning_key == "hybrid":
+            x = torch.cat([x] + c_concat, dim=1)
         return self.diffusion_model(x, t, context=torch.cat(c_crossattn, 1))
 
 
@@ -88,9 +91,10 @@ def _freeze(module: torch.nn.Module) -> None:
 class LatentDiffusion(torch.nn.Module):
     """ldm LatentDiffusion: first stage and text encoder frozen, UNet parameters left trainable."""
 
-    def __init__(self, unet: UNetModel, cond_stage_model: torch.nn.Module, parameterization: str = "eps"):
+    def __init__(self, unet: UNetModel, cond_stage_model: torch.nn.Module, parameterization: str = "eps",
+                 conditioning_key: str = "crossattn"):
         super().__init__()
-        self.model = DiffusionWrapper(unet)
+        self.model = DiffusionWrapper(unet, conditioning_key)
         self.first_stage_model = FirstStageModel()
         self.cond_stage_model = cond_stage_model
         _freeze(self.first_stage_model)
@@ -117,7 +121,8 @@ class LatentDiffusion(torch.nn.Module):
 
     def apply_model(self, x_noisy, t, cond, return_ids=False):
         if not isinstance(cond, dict):
-            cond = {"c_crossattn": cond if isinstance(cond, list) else [cond]}
+            key = "c_concat" if self.model.conditioning_key == "concat" else "c_crossattn"
+            cond = {key: cond if isinstance(cond, list) else [cond]}
         return self.model(x_noisy, t, **cond)
 
     @contextlib.contextmanager

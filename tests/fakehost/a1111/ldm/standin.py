@@ -1,4 +1,5 @@
-"""Builds the tiny seeded models a test host loads: "sd1", "sd2" (v-prediction) and "sdxl" (for refusals)."""
+"""Builds the tiny seeded models a test host loads: "sd1", "sd2" (v-prediction), and for refusals "sdxl" and
+"sd1-inpainting" (9 input channels, conditioning_key 'hybrid')."""
 from __future__ import annotations
 
 import torch
@@ -6,7 +7,7 @@ import torch
 from .encoders import FrozenCLIPEmbedder, FrozenOpenCLIPEmbedder, GeneralConditioner
 from .models import DiffusionEngine, LatentDiffusion, UNetModel
 
-SEEDS = {"sd1": 1, "sd2": 2, "sdxl": 3}
+SEEDS = {"sd1": 1, "sd2": 2, "sdxl": 3, "sd1-inpainting": 4}
 
 
 def build(kind: str) -> torch.nn.Module:
@@ -17,6 +18,9 @@ def build(kind: str) -> torch.nn.Module:
             return LatentDiffusion(UNetModel(context_dim=32), FrozenCLIPEmbedder(32), parameterization="eps")
         if kind == "sd2":
             return LatentDiffusion(UNetModel(context_dim=48), FrozenOpenCLIPEmbedder(48), parameterization="v")
+        if kind == "sd1-inpainting":
+            return LatentDiffusion(UNetModel(context_dim=32, in_channels=9), FrozenCLIPEmbedder(32),
+                                   conditioning_key="hybrid")
         if kind == "sdxl":
             return DiffusionEngine(GeneralConditioner())
     raise ValueError(f"unknown model kind {kind!r}")

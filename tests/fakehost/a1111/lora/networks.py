@@ -6,7 +6,7 @@ weight in line with ``loaded_networks``: back up the clean weight once, restore 
 from __future__ import annotations
 
 import torch
-from modules import extra_networks, script_callbacks
+from modules import extra_networks, script_callbacks, shared
 
 available_networks: dict[str, dict[str, torch.Tensor]] = {}  # name -> {network_layer_name: weight delta}
 loaded_networks: list[LoadedNetwork] = []
@@ -66,6 +66,11 @@ class ExtraNetworkLora(extra_networks.ExtraNetwork):
         super().__init__("lora")
 
     def activate(self, p, params_list) -> None:
+        additional = shared.opts.sd_lora  # Settings > "Add network to prompt": joins every generation
+        if additional != "None" and additional in available_networks and \
+                not any(params.items[0] == additional for params in params_list):
+            p.all_prompts = [prompt + f"<lora:{additional}:1>" for prompt in p.all_prompts]  # None on a bare p
+            params_list.append(extra_networks.ExtraNetworkParams(items=[additional, "1"]))
         names = [params.positional[0] for params in params_list]
         multipliers = [float(params.positional[1]) if len(params.positional) > 1 else 1.0 for params in params_list]
         load_networks(names, multipliers, multipliers)

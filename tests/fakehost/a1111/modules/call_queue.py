@@ -10,7 +10,27 @@ from functools import wraps
 from modules import progress, shared
 from modules._variant import FLAGS
 
-queue_lock = threading.Lock()  # shared with txt2img/img2img: a job holding it blocks generation
+
+class FIFOLock:
+    """The surface of the webui's modules.fifo_lock.FIFOLock (first come, first served there): acquire(blocking),
+    release() and the context manager; unlike threading.Lock it has no locked()."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+
+    def acquire(self, blocking=True) -> bool:
+        return self._lock.acquire(blocking)
+
+    def release(self) -> None:
+        self._lock.release()
+
+    __enter__ = acquire
+
+    def __exit__(self, *exc_info) -> None:
+        self.release()
+
+
+queue_lock = FIFOLock()  # shared with txt2img/img2img: a job holding it blocks generation
 
 
 def wrap_queued_call(func):

@@ -27,7 +27,8 @@ def unquote(text: str) -> str:
 
 
 def parse_generation_parameters(x: str) -> dict:
-    """Prompt, "Negative prompt" and every "Key: value" of the last line; then on_infotext_pasted callbacks."""
+    """Prompt, "Negative prompt" and every "Key: value" of the last line. No callbacks run here (the PNG info
+    API parses too): on_infotext_pasted runs only when a paste button fills the fields (paste_values)."""
     res: dict = {}
     lines = x.strip().split("\n")
     last = lines.pop() if lines and len(re_param.findall(lines[-1])) >= 3 else ""
@@ -40,8 +41,36 @@ def parse_generation_parameters(x: str) -> dict:
     res["Negative prompt"] = "\n".join(negative).strip()
     for key, value in re_param.findall(last):
         res[key.strip()] = unquote(value.strip())
-    script_callbacks.infotext_pasted_callback(x, res)
     return res
+
+
+def paste_values(prompt: str, paste_fields: list) -> list:
+    """What a paste button's handler returns: parse, run on_infotext_pasted, then one update per (component, key
+    or callable) field, the value converted to the type of the component's current value ("False" is False)."""
+    import gradio as gr
+
+    params = parse_generation_parameters(prompt)
+    script_callbacks.infotext_pasted_callback(prompt, params)
+    updates = []
+    for component, key in paste_fields:
+        value = key(params) if callable(key) else params.get(key, None)
+        if value is None:
+            updates.append(gr.update())
+        elif isinstance(value, dict) and value.get("__type__") == "update":
+            updates.append(value)
+        else:
+            kind = type(component.value)
+            try:
+                updates.append(gr.update(value=False if kind is bool and value == "False" else kind(value)))
+            except Exception:
+                updates.append(gr.update())
+    return updates
+
+
+def connect_paste(button, paste_fields, input_comp, override_settings_component, tabname) -> None:
+    """Wire ``button`` to fill ``paste_fields`` from the infotext in ``input_comp``."""
+    button.click(fn=lambda prompt: paste_values(prompt, paste_fields), inputs=[input_comp],
+                 outputs=[component for component, _ in paste_fields])
 
 
 def register_paste_params_button(binding) -> None:

@@ -4,18 +4,25 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from modules._variant import FLAGS
+
 
 class OptionInfo:
     def __init__(self, default=None, label="", component=None, component_args=None, onchange=None, section=None,
                  refresh=None, comment_before="", comment_after="", infotext=None, restrict_api=False,
-                 category_id=None):
+                 **newer):
+        """``category_id`` exists from 1.7 on; 1.6 refuses it like any unknown keyword."""
+        unknown = set(newer) - ({"category_id"} if FLAGS.option_categories else set())
+        if unknown:
+            raise TypeError(f"OptionInfo.__init__() got an unexpected keyword argument {sorted(unknown)[0]!r}")
+        if FLAGS.option_categories:
+            self.category_id = newer.get("category_id")
         self.default = default
         self.label = label
         self.component = component
         self.component_args = component_args
         self.onchange = onchange
         self.section = section
-        self.category_id = category_id
         self.refresh = refresh
         self.do_not_save = False
         self.comment_before = comment_before
@@ -49,12 +56,14 @@ class OptionInfo:
 
 
 def options_section(section_identifier: tuple, options_dict: dict) -> dict:
-    """Set the section (and, for a 3-tuple, the category) of every option in ``options_dict``."""
+    """Set the section of every option in ``options_dict``; from 1.7 a 3-tuple's last item is the category."""
+    section, category = section_identifier, None
+    if FLAGS.option_categories and len(section_identifier) == 3:
+        section, category = section_identifier[:2], section_identifier[2]
     for value in options_dict.values():
-        if len(section_identifier) == 3:
-            value.category_id = section_identifier[2]
-            section_identifier = section_identifier[:2]
-        value.section = section_identifier
+        value.section = section
+        if category is not None:
+            value.category_id = category
     return options_dict
 
 
@@ -95,8 +104,9 @@ class Options:
         return None if info is None else info.default
 
     def add_option(self, key: str, info: OptionInfo) -> None:
+        """1.6 only labels the option (reads fall back to its default); 1.7+ also writes the default to data."""
         self.data_labels[key] = info
-        if key not in self.data and not info.do_not_save:
+        if FLAGS.option_categories and key not in self.data and not info.do_not_save:
             self.data[key] = info.default
 
     def onchange(self, key: str, func: Callable, call: bool = True) -> None:

@@ -36,6 +36,7 @@ class StableDiffusionProcessing:
         self.scripts = None
         self._script_args = None
         self.all_prompts = self.all_negative_prompts = self.all_seeds = self.all_subseeds = None
+        self.main_prompt = self.main_negative_prompt = None
         self.prompts = self.negative_prompts = self.seeds = self.subseeds = None
         self.extra_network_data: dict = {}
         self.iteration = 0
@@ -66,6 +67,7 @@ class StableDiffusionProcessing:
         self.all_prompts = list(self.prompt) if isinstance(self.prompt, list) else count * [self.prompt]
         negative = self.negative_prompt
         self.all_negative_prompts = list(negative) if isinstance(negative, list) else count * [negative]
+        self.main_prompt, self.main_negative_prompt = self.all_prompts[0], self.all_negative_prompts[0]
 
     def parse_extra_network_prompts(self) -> None:
         self.prompts, self.extra_network_data = extra_networks.parse_prompts(self.prompts)
@@ -159,8 +161,12 @@ def get_fixed_seed(seed) -> int:
 
 def create_infotext(p, all_prompts, all_seeds, all_subseeds, comments=None, iteration=0, position_in_batch=0,
                     use_main_prompt=False, index=None, all_negative_prompts=None) -> str:
-    """Prompt, "Negative prompt: ..." and one line of "Key: value" pairs including extra_generation_params."""
-    index = position_in_batch + iteration * p.batch_size if index is None else index
+    """Prompt, "Negative prompt: ..." and one line of "Key: value" pairs including extra_generation_params;
+    with use_main_prompt (the grid's infotext) the first image's, from p.main_prompt / p.main_negative_prompt."""
+    if use_main_prompt:
+        index = 0
+    elif index is None:
+        index = position_in_batch + iteration * p.batch_size
     all_negative_prompts = p.all_negative_prompts if all_negative_prompts is None else all_negative_prompts
     params = {"Steps": p.steps, "Sampler": p.sampler_name, "CFG scale": p.cfg_scale, "Seed": all_seeds[index],
               "Size": f"{p.width}x{p.height}", "Model hash": getattr(p.sd_model, "sd_model_hash", None),
@@ -172,8 +178,9 @@ def create_infotext(p, all_prompts, all_seeds, all_subseeds, comments=None, iter
             elif isinstance(value, list):
                 params[key] = value[index] if index < len(value) else None
     text = ", ".join(k if k == v else f"{k}: {quote(v)}" for k, v in params.items() if v is not None)
-    negative = all_negative_prompts[index]
-    return f"{all_prompts[index]}" + (f"\nNegative prompt: {negative}" if negative else "") + f"\n{text}"
+    prompt = p.main_prompt if use_main_prompt else all_prompts[index]
+    negative = p.main_negative_prompt if use_main_prompt else all_negative_prompts[index]
+    return f"{prompt}" + (f"\nNegative prompt: {negative}" if negative else "") + f"\n{text}"
 
 
 def process_images(p) -> Processed:
@@ -205,6 +212,7 @@ def process_images_inner(p) -> Processed:
 
         sd_models.forge_model_reload()
     seed = get_fixed_seed(p.seed)
+    model_hijack.clear_comments()
     p.setup_prompts()
     p.all_seeds = [seed + i for i in range(len(p.all_prompts))]
     p.all_subseeds = list(p.all_seeds)
@@ -213,14 +221,13 @@ def process_images_inner(p) -> Processed:
     if p.scripts is not None:
         p.scripts.process(p)
     infotexts, output_images = [], []
-    model_hijack.clear_comments()
     if shared.state.job_count == -1:
         shared.state.job_count = p.n_iter
     grad_mode = torch.inference_mode() if FLAGS.forge else torch.no_grad()
     with grad_mode, getattr(p.sd_model, "ema_scope", contextlib.nullcontext)():
         for n in range(p.n_iter):
             p.iteration = n
-            if shared.state.interrupted:
+            if shared.state.interrupted or (FLAGS.stopping_generation and shared.state.stopping_generation):
                 break
             batch = slice(n * p.batch_size, (n + 1) * p.batch_size)
             p.prompts, p.negative_prompts = p.all_prompts[batch], p.all_negative_prompts[batch]
@@ -237,7 +244,12 @@ def process_images_inner(p) -> Processed:
                 p.scripts.after_extra_networks_activate(p, **batch_kwargs, extra_network_data=p.extra_network_data)
                 p.scripts.process_batch(p, **batch_kwargs)
             p.setup_conds()
-            p.extra_generation_params.update(model_hijack.extra_generation_params)
+            if not FLAGS.forge:  # Forge's hijack stub keeps no generation params
+                p.extra_generation_params.update(model_hijack.extra_generation_params)
+            if not (FLAGS.forge or FLAGS.alphas_follow_half):
+                from modules import sd_models
+
+                sd_models.apply_alpha_schedule_override(p.sd_model, p)
             images = _decode(p.sd_model, p.sample(p.c, p.uc, p.seeds))
             if p.scripts is not None:
                 p.scripts.postprocess_batch(p, images, batch_number=n)

@@ -75,6 +75,7 @@ def _live_preview(req: ProgressRequest) -> tuple[str | None, int]:
     state = shared.state
     if not (getattr(shared.opts, "live_previews_enable", True) and req.live_preview):
         return None, req.id_live_preview
+    state.set_current_image()
     if state.id_live_preview == req.id_live_preview or state.current_image is None:
         return None, req.id_live_preview
     buffer = io.BytesIO()
@@ -83,11 +84,14 @@ def _live_preview(req: ProgressRequest) -> tuple[str | None, int]:
 
 
 def progressapi(req: ProgressRequest):
-    active = req.id_task == current_task and current_task is not None
+    active = req.id_task == current_task
     queued = req.id_task in pending_tasks
     completed = req.id_task in finished_tasks
     if not active:
-        textinfo = "In queue..." if queued else "Waiting..."
+        textinfo = "Waiting..."
+        if queued:
+            order = sorted(pending_tasks, key=pending_tasks.get)
+            textinfo = f"In queue: {order.index(req.id_task) + 1}/{len(order)}"
         return ProgressResponse(active=False, queued=queued, completed=completed, id_live_preview=-1, textinfo=textinfo)
     state = shared.state
     done = 0.0

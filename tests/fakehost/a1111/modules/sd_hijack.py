@@ -54,17 +54,11 @@ class StableDiffusionModelHijack:
         self.embedding_db.add_embedding_dir(shared.cmd_opts.embeddings_dir)
 
     def apply_optimizations(self, option=None):
-        undo_optimizations()
-        optimizers = list_optimizers()
-        if not optimizers:
-            return None
-        choice = next((o for o in optimizers if o.title() == option or o.name == option), optimizers[0])
         try:
-            choice.apply()
-            self.optimization_method = choice.name
+            self.optimization_method = apply_optimizations(option)
         except Exception:
-            errors.report(f"Error applying optimization {choice.name}", exc_info=True)
-        return self.optimization_method
+            errors.report("Error applying cross attention optimization", exc_info=True)
+            undo_optimizations()
 
     def hijack(self, m) -> None:
         from ldm.encoders import FrozenCLIPEmbedder, FrozenOpenCLIPEmbedder
@@ -102,10 +96,19 @@ class StableDiffusionModelHijack:
 model_hijack = StableDiffusionModelHijack()
 
 
-def apply_optimizations(option=None):
-    return model_hijack.apply_optimizations(option)
+def apply_optimizations(option=None) -> str:
+    """Swap in the chosen optimisation (``option``, else the setting; "Automatic": the first available) and
+    return its name, "" for none. Only model_hijack.apply_optimizations records the name."""
+    undo_optimizations()
+    optimizers = list_optimizers()
+    selection = option or shared.opts.cross_attention_optimization
+    if not optimizers or selection == "None":
+        return ""
+    choice = next((o for o in optimizers if o.title() == selection), optimizers[0])
+    choice.apply()
+    return choice.name
 
 
 def undo_optimizations() -> None:
+    """Put the plain attention back; model_hijack.optimization_method keeps its value."""
     sd_hijack_optimizations.SdOptimization().undo()
-    model_hijack.optimization_method = None

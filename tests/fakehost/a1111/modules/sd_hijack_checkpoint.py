@@ -9,7 +9,15 @@ _originals: dict[type, object] = {}
 
 def _checkpointed(original):
     def forward(self, *args, **kwargs):
-        return torch.utils.checkpoint.checkpoint(original, self, *args, use_reentrant=False, **kwargs)
+        # The webui passes no use_reentrant: torch 2.0/2.1 then checkpoint reentrantly, which lets gradients
+        # through only to inputs that require them and only through a plain .backward().
+        # Reentrant checkpointing takes no keyword arguments: the diffusers blocks' keywords travel positionally.
+        names = list(kwargs)
+
+        def run(*flat):
+            return original(self, *flat[:len(args)], **dict(zip(names, flat[len(args):], strict=True)))
+
+        return torch.utils.checkpoint.checkpoint(run, *args, *kwargs.values(), use_reentrant=True)
 
     return forward
 

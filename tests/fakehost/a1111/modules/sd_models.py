@@ -53,6 +53,18 @@ def get_empty_cond(sd_model):
         return sd_model.cond_stage_model([""])
 
 
+if not FLAGS.alphas_follow_half:
+    def apply_alpha_schedule_override(sd_model, p=None) -> None:
+        """alphas_cumprod from the fp32 original, downcast to fp16 when the setting asks for it."""
+        from modules import shared
+
+        sd_model.alphas_cumprod = sd_model.alphas_cumprod_original
+        if shared.opts.use_downcasted_alpha_bar:
+            if p is not None:
+                p.extra_generation_params["Downcast alphas_cumprod"] = True
+            sd_model.alphas_cumprod = sd_model.alphas_cumprod.half()
+
+
 def load_model(model, half: bool = False, checkpoint: str = "models/Stable-diffusion/tiny-test.safetensors"):
     """Flags, checkpoint info, optional half precision, hijack, embedding reload, on_model_loaded."""
     model.is_sdxl = hasattr(model, "conditioner")
@@ -62,12 +74,14 @@ def load_model(model, half: bool = False, checkpoint: str = "models/Stable-diffu
     model.sd_model_checkpoint = checkpoint
     model.sd_model_hash = model.sd_checkpoint_info.calculate_shorthash()
     model.lowvram = False
+    alphas = model.alphas_cumprod
     if half:
-        alphas = model.alphas_cumprod
         model.half()  # 1.6/1.7: halves alphas_cumprod too
         if not FLAGS.alphas_follow_half:
-            model.alphas_cumprod_original = alphas
-            model.alphas_cumprod = alphas.float()
+            model.alphas_cumprod = alphas
+    if not FLAGS.alphas_follow_half:  # 1.8+: an fp32 original in both precisions, then the sampling override
+        model.alphas_cumprod_original = alphas
+        apply_alpha_schedule_override(model)
     sd_hijack.model_hijack.hijack(model)
     model_data.set_sd_model(model)
     sd_hijack.model_hijack.embedding_db.load_textual_inversion_embeddings(force_reload=True)

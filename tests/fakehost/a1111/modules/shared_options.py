@@ -23,6 +23,10 @@ options_templates.update(options_section(("optimizations", "Optimizations"), {
     "persistent_cond_cache": OptionInfo(True, "Persistent cond cache"),
     "batch_cond_uncond": OptionInfo(True, "Batch cond/uncond"),
 }))
+if not FLAGS.alphas_follow_half:
+    options_templates.update(options_section(("optimizations", "Optimizations"), {
+        "use_downcasted_alpha_bar": OptionInfo(False, "Downcast model alphas_cumprod to fp16 before sampling."),
+    }))
 options_templates.update(options_section(("training", "Training"), {
     "unload_models_when_training": OptionInfo(False, "Move VAE and CLIP to RAM when training if possible"),
     "save_optimizer_state": OptionInfo(False, "Saves Optimizer state as separate *.optim file"),

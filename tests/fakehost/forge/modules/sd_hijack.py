@@ -1,13 +1,11 @@
-"""Forge's modules.sd_hijack: a stub; no embedding_db, no fixes, no module-level optimisation functions."""
+"""Forge's modules.sd_hijack: a stub whose methods do nothing; no embedding_db, fixes, optimization_method,
+extra_generation_params, nor module-level optimisation functions."""
 from __future__ import annotations
 
 
 class StableDiffusionModelHijack:
-    optimization_method = None
-
-    def __init__(self):
-        self.extra_generation_params: dict = {}
-        self.comments: list = []
+    def apply_optimizations(self, option=None) -> None:
+        pass
 
     def hijack(self, m) -> None:
         pass
@@ -15,12 +13,14 @@ class StableDiffusionModelHijack:
     def undo_hijack(self, m) -> None:
         pass
 
-    def apply_optimizations(self, option=None) -> None:
+    def apply_circular(self, enable) -> None:
         pass
 
     def clear_comments(self) -> None:
-        self.comments = []
-        self.extra_generation_params = {}
+        pass
+
+    def redo_hijack(self, m) -> None:
+        pass
 
 
 model_hijack = StableDiffusionModelHijack()

@@ -38,12 +38,11 @@ model_data = SdModelData()
 
 @torch.inference_mode()
 def load_model(model, half: bool = False, checkpoint: str = "models/Stable-diffusion/tiny-test.safetensors"):
-    """What forge_model_reload does for the stand-in: checkpoint info, embeddings, on_model_loaded."""
+    """What forge_model_reload does for the stand-in: checkpoint info, on_model_loaded (the engines read the
+    embeddings when they were built)."""
     model.sd_checkpoint_info = CheckpointInfo(checkpoint)
     model.sd_model_hash = model.sd_checkpoint_info.calculate_shorthash()
     model.filename = checkpoint
-    for engine in model.text_engines():
-        engine.embeddings.load_textual_inversion_embeddings()
     model_data.set_sd_model(model)
     script_callbacks.model_loaded_callback(model)
     return model

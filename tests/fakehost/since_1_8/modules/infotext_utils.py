@@ -5,8 +5,10 @@ from collections import namedtuple
 
 from modules.generation_parameters_copypaste import (  # noqa: F401
     add_paste_fields,
+    connect_paste,
     parse_generation_parameters,
     paste_fields,
+    paste_values,
     quote,
     register_paste_params_button,
     registered_param_bindings,

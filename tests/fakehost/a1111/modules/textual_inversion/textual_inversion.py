@@ -107,19 +107,23 @@ class EmbeddingDatabase:
         return self.register_embedding_by_name(embedding, model, embedding.name)
 
     def register_embedding_by_name(self, embedding: Embedding | None, model, name: str):
-        """Make ``name`` resolve to ``embedding`` in prompts; ``embedding=None`` unregisters it. No shape check."""
+        """Make ``name`` resolve to ``embedding`` in prompts; ``embedding=None`` unregisters it. No shape check.
+
+        Like the webui, a name not registered yet is appended IN PLACE to the list already under its first
+        token id (then a sorted copy replaces it); a known name gets a filtered copy instead."""
         ids = model.cond_stage_model.tokenize([name])[0]
         first_id = ids[0]
-        lookup = [entry for entry in self.ids_lookup.get(first_id, []) if entry[1].name != name]
+        entries = self.ids_lookup.setdefault(first_id, [])
+        if name in self.word_embeddings:
+            entries = [entry for entry in entries if entry[1].name != name]
+        if embedding is not None:
+            entries += [(ids, embedding)]
+        self.ids_lookup[first_id] = sorted(entries, key=lambda entry: len(entry[0]), reverse=True)
         if embedding is None:
             self.word_embeddings.pop(name, None)
-            if lookup:
-                self.ids_lookup[first_id] = lookup
-            else:
-                self.ids_lookup.pop(first_id, None)
+            if not self.ids_lookup[first_id]:
+                del self.ids_lookup[first_id]
             return None
-        lookup.append((ids, embedding))
-        self.ids_lookup[first_id] = sorted(lookup, key=lambda entry: len(entry[0]), reverse=True)
         self.word_embeddings[name] = embedding
         return embedding
 

@@ -1,4 +1,5 @@
-"""backend.text_processing.textual_inversion: one embedding database per text engine, loaded once."""
+"""backend.text_processing.textual_inversion: one embedding database per text engine, filled when the engine is
+built; its reload takes no arguments and always rereads every folder."""
 from __future__ import annotations
 
 import os
@@ -15,14 +16,31 @@ class Embedding:
         self.filename = None
 
 
+class DirWithTextualInversionEmbeddings:
+    def __init__(self, path: str):
+        self.path = path
+        self.mtime = None
+
+    def update(self) -> None:
+        if os.path.isdir(self.path):
+            self.mtime = os.path.getmtime(self.path)
+
+
 class EmbeddingDatabase:
     def __init__(self, tokenizer, expected_shape: int = -1):
-        self.tokenizer = tokenizer
-        self.expected_shape = expected_shape
         self.ids_lookup: dict[int, list] = {}
         self.word_embeddings: dict[str, Embedding] = {}
+        self.embedding_dirs: dict[str, DirWithTextualInversionEmbeddings] = {}
         self.skipped_embeddings: dict[str, Embedding] = {}
-        self.embedding_dir = None
+        self.expected_shape = expected_shape
+        self.tokenizer = tokenizer
+        self.fixes = []
+
+    def add_embedding_dir(self, path: str) -> None:
+        self.embedding_dirs[path] = DirWithTextualInversionEmbeddings(path)
+
+    def clear_embedding_dirs(self) -> None:
+        self.embedding_dirs.clear()
 
     def register_embedding(self, embedding: Embedding) -> Embedding:
         ids = self.tokenizer([embedding.name], truncation=False, add_special_tokens=False)["input_ids"][0]
@@ -31,31 +49,40 @@ class EmbeddingDatabase:
         self.word_embeddings[embedding.name] = embedding
         return embedding
 
+    def load_from_file(self, path: str, filename: str) -> None:
+        name, ext = os.path.splitext(filename)
+        if ext.lower() in (".pt", ".bin"):
+            data = torch.load(path, map_location="cpu", weights_only=True)
+        elif ext.lower() == ".safetensors":
+            data = safetensors.torch.load_file(path)
+        else:
+            return  # the stand-in reads no image-embedded embeddings
+        vec = next(iter(data["string_to_param"].values())) if "string_to_param" in data else next(
+            v for v in data.values() if isinstance(v, torch.Tensor))
+        embedding = Embedding(vec.float(), name)
+        embedding.shape, embedding.vectors, embedding.filename = vec.shape[-1], vec.shape[0], path
+        if self.expected_shape in (-1, embedding.shape):
+            self.register_embedding(embedding)
+        else:
+            self.skipped_embeddings[name] = embedding
+
+    def load_from_dir(self, embdir: DirWithTextualInversionEmbeddings) -> None:
+        if not os.path.isdir(embdir.path):
+            return
+        for root, _, files in os.walk(embdir.path, followlinks=True):
+            for filename in sorted(files):
+                path = os.path.join(root, filename)
+                if os.stat(path).st_size:
+                    self.load_from_file(path, filename)
+
     def load_textual_inversion_embeddings(self) -> None:
-        """Reads the folder completely, whatever its mtime (Forge calls this once, at model load)."""
+        """Reread every folder, whatever its mtime (Forge calls it when an engine is built)."""
         self.ids_lookup.clear()
         self.word_embeddings.clear()
         self.skipped_embeddings.clear()
-        if not self.embedding_dir or not os.path.isdir(self.embedding_dir):
-            return
-        for root, _, files in os.walk(self.embedding_dir, followlinks=True):
-            for filename in sorted(files):
-                name, ext = os.path.splitext(filename)
-                path = os.path.join(root, filename)
-                if ext.lower() in (".pt", ".bin"):
-                    data = torch.load(path, map_location="cpu", weights_only=True)
-                elif ext.lower() == ".safetensors":
-                    data = safetensors.torch.load_file(path)
-                else:
-                    continue
-                vec = next(iter(data["string_to_param"].values())) if "string_to_param" in data else next(
-                    v for v in data.values() if isinstance(v, torch.Tensor))
-                embedding = Embedding(vec.float(), name)
-                embedding.shape, embedding.vectors, embedding.filename = vec.shape[-1], vec.shape[0], path
-                if self.expected_shape in (-1, embedding.shape):
-                    self.register_embedding(embedding)
-                else:
-                    self.skipped_embeddings[name] = embedding
+        for embdir in self.embedding_dirs.values():
+            self.load_from_dir(embdir)
+            embdir.update()
 
     def find_embedding_at_position(self, tokens, offset):
         for ids, embedding in self.ids_lookup.get(tokens[offset], ()):
