@@ -107,6 +107,7 @@ def _advance(bar, progress) -> None:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from . import pairfiles
+    from .fileops import walk_files
     from .pairing import add_partners, words_in
     from .sampling import grid, sample
 
@@ -116,7 +117,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise InputError("--width and --height must be multiples of 8.")
     backend = _load_backend(args.ckpt)
     folder = Path(args.embeddings)
-    files = {p.stem: p for p in pairfiles.walk_files(folder) if p.suffix.lower() in pairfiles.LOADABLE_EXTS}
+    files = {p.stem: p for p in walk_files(folder) if p.suffix.lower() in pairfiles.LOADABLE_EXTS}
     partners = pairfiles.list_pairs(folder) if folder.is_dir() else {}
     negative, added = add_partners(args.prompt, args.negative, partners)
     wanted = words_in(args.prompt + " , " + negative, {name: name for name in files})

@@ -13,10 +13,8 @@ import io
 import os
 import pickle
 import re
-import secrets
-import shutil
 import zipfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,6 +24,7 @@ from safetensors import safe_open
 from safetensors.torch import save as safetensors_bytes
 
 from .errors import InputError
+from .fileops import commit, remove_quietly, walk_files, write_temp
 from .names import negative_name, validate_name
 
 FORMAT_VERSION = 1
@@ -113,19 +112,6 @@ def check_compatible(vectors: Mapping[str, torch.Tensor], embedding_dims: Mappin
                          f"the loaded model is {describe(embedding_dims)}.")
 
 
-def walk_files(folder: Path) -> Iterator[Path]:
-    """Every file under ``folder``, following links as the webui does, each directory once."""
-    seen: set[tuple[int, int]] = set()
-    for root, dirs, files in os.walk(folder, followlinks=True):
-        st = os.stat(root)
-        if (st.st_dev, st.st_ino) in seen:
-            dirs[:] = []  # a link loop
-            continue
-        seen.add((st.st_dev, st.st_ino))
-        dirs.sort()
-        yield from (Path(root) / f for f in sorted(files))
-
-
 def find_clashes(folder: str | Path, names: list[str] | tuple[str, ...]) -> list[Path]:
     """Files under ``folder`` (subfolders too, as the webui walks them) that the webui would load under
     one of ``names``: same stem, compared case-insensitively, with an embedding extension."""
@@ -167,13 +153,13 @@ def save_pair(folder: str | Path, name: str, pos: Mapping[str, torch.Tensor], ne
     try:
         for file_name, vectors, meta in files:
             payload = _serialize(fmt, file_name, vectors, meta, checkpoint_hash, checkpoint_name)
-            temps.append(_write_temp(folder, payload))
+            temps.append(write_temp(folder, payload))
     except BaseException:
         for tmp in temps:
-            _remove_quietly(tmp)
+            remove_quietly(tmp)
         raise
     same = [c for c in clashes for t in targets if t.exists() and os.path.samefile(c, t)]
-    _commit(list(zip(temps, targets)), replaced=[c for c in clashes if c not in same])
+    commit(list(zip(temps, targets)), replaced=[c for c in clashes if c not in same])
     return targets
 
 
@@ -227,7 +213,7 @@ def save_state(folder: str | Path, name: str, state: Mapping[str, Any]) -> Path:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     target = folder / f"{name}{STATE_SUFFIX}"
-    _commit([(_write_temp(folder, buffer.getvalue()), target)])
+    commit([(write_temp(folder, buffer.getvalue()), target)])
     return target
 
 
@@ -351,65 +337,3 @@ def _matrix(tensor: Any, path: Path) -> torch.Tensor:
     if not isinstance(tensor, torch.Tensor) or not tensor.is_floating_point() or tensor.ndim not in (1, 2):
         raise InputError(f"{path.name} does not hold a 1-D or 2-D floating-point tensor.")
     return (tensor.unsqueeze(0) if tensor.ndim == 1 else tensor).detach().to(torch.float32).contiguous()
-
-
-def _write_temp(folder: Path, payload: bytes) -> Path:
-    """Write ``payload`` to a new hidden .tmp file in ``folder`` (an extension the webui skips)."""
-    tmp = folder / f".dreamartist-{secrets.token_hex(8)}.tmp"
-    try:
-        with open(tmp, "xb") as f:
-            f.write(payload)
-            f.flush()
-            os.fsync(f.fileno())
-    except BaseException:
-        _remove_quietly(tmp)
-        raise
-    return tmp
-
-
-def _commit(moves: list[tuple[Path, Path]], replaced: list[Path] = ()) -> None:
-    """Move each temp file onto its target and take ``replaced`` away; on any failure restore every file."""
-    copies: dict[Path, Path] = {}  # target -> backup copy; the target itself stays in place until replaced
-    moved: list[tuple[Path, Path]] = []  # (backup, original place) of files taken away
-    placed: list[Path] = []
-    try:
-        for _, target in moves:
-            if target.exists():
-                copies[target] = _backup_copy(target)
-        for old in replaced:
-            backup = old.with_name(f".dreamartist-{secrets.token_hex(8)}.tmp")
-            os.replace(old, backup)
-            moved.append((backup, old))
-        for tmp, target in moves:
-            os.replace(tmp, target)
-            placed.append(target)
-    except BaseException:
-        for target in placed:
-            if target in copies:
-                os.replace(copies.pop(target), target)
-            else:
-                _remove_quietly(target)
-        for backup, original in reversed(moved):
-            os.replace(backup, original)
-        for path in [*copies.values(), *(tmp for tmp, _ in moves)]:
-            _remove_quietly(path)
-        raise
-    for backup in [*copies.values(), *(b for b, _ in moved)]:
-        _remove_quietly(backup)
-
-
-def _backup_copy(path: Path) -> Path:
-    """A hard link to ``path`` (a copy where links are not supported), so the file stays in place."""
-    backup = path.with_name(f".dreamartist-{secrets.token_hex(8)}.tmp")
-    try:
-        os.link(path, backup)
-    except OSError:
-        shutil.copy2(path, backup)
-    return backup
-
-
-def _remove_quietly(path: Path) -> None:
-    try:
-        path.unlink()
-    except FileNotFoundError:
-        pass

@@ -263,7 +263,7 @@ def test_overwrite_replaces_every_clashing_file(tmp_path):
 
 
 def test_failed_second_write_leaves_nothing(tmp_path, monkeypatch):
-    real = pairfiles._write_temp
+    real = pairfiles.write_temp
     calls = []
 
     def failing(folder, payload):
@@ -272,7 +272,7 @@ def test_failed_second_write_leaves_nothing(tmp_path, monkeypatch):
             raise OSError("disk full")
         return real(folder, payload)
 
-    monkeypatch.setattr(pairfiles, "_write_temp", failing)
+    monkeypatch.setattr(pairfiles, "write_temp", failing)
     with pytest.raises(OSError, match="disk full"):
         save_pair(tmp_path / "emb", "walle", _vectors(3), _vectors(3))
     assert len(calls) == 2 and _listing(tmp_path / "emb") == []
