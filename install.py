@@ -9,7 +9,7 @@ import importlib.util
 import subprocess
 import sys
 
-# distribution name -> module name (``launch.is_installed`` takes a module name in webui 1.6)
+# distribution name (what pip installs) -> module name (what find_spec looks for)
 REQUIRED = {"torch": "torch", "safetensors": "safetensors", "pillow": "PIL", "numpy": "numpy", "gradio": "gradio"}
 
 
@@ -26,8 +26,7 @@ def install(packages: list[str]) -> None:
         launch = None
     if launch is not None and hasattr(launch, "run_pip"):
         for package in packages:
-            if not launch.is_installed(REQUIRED[package]):
-                launch.run_pip(f"install {package}", f"{package} for DreamArtist")
+            launch.run_pip(f"install {package}", f"{package} for DreamArtist")
         return
     subprocess.check_call([sys.executable, "-m", "pip", "install", *packages])
 

@@ -90,11 +90,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     if not result.files:
         print("Stopped before the first step; nothing was written.")
         return 1
-    preview_path = out / f"{config.name}-preview.png"
-    trainer.preview().save(preview_path)
+    written = [str(f) for f in result.files]
+    if not result.stopped:  # an interrupted run ends at once; sampling a preview can take minutes on a CPU
+        preview_path = out / f"{config.name}-preview.png"
+        trainer.preview().save(preview_path)
+        written.append(str(preview_path))
     state = "stopped early" if result.stopped else "done"
     print(f"{state}: step {result.step}, loss {result.final_loss:.4f}")
-    print(f"wrote {', '.join(str(f) for f in result.files)} and {preview_path}")
+    print(f"wrote {', '.join(written)}")
     print(f"Use it: put {config.name} in the prompt; {config.name}-neg goes to the negative prompt "
           "(the webui extension does this for you).")
     return 130 if result.stopped else 0
@@ -113,17 +116,24 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     if args.steps <= 0 or args.batch <= 0:
         raise InputError("--steps and --batch must be at least 1.")
-    if args.width % 8 or args.height % 8:
-        raise InputError("--width and --height must be multiples of 8.")
+    if args.width % 8 or args.height % 8 or min(args.width, args.height) < 64:
+        raise InputError("--width and --height must be multiples of 8, at least 64.")
+    if not 0 <= args.seed < 2**32:
+        raise InputError("--seed must be between 0 and 4294967295.")
     backend = _load_backend(args.ckpt)
     folder = Path(args.embeddings)
-    files = {p.stem: p for p in walk_files(folder) if p.suffix.lower() in pairfiles.LOADABLE_EXTS}
+    files: dict[str, list[Path]] = {}
+    for path in walk_files(folder):
+        if path.suffix.lower() in pairfiles.LOADABLE_EXTS:
+            files.setdefault(path.stem, []).append(path)
     partners = pairfiles.list_pairs(folder) if folder.is_dir() else {}
     negative, added = add_partners(args.prompt, args.negative, partners)
     wanted = words_in(args.prompt + " , " + negative, {name: name for name in files})
     words = {}
     for name in wanted:
-        embedding = pairfiles.load_embedding(files[name])
+        if len(files[name]) > 1:
+            raise InputError(f"Several files are named {name}: {', '.join(map(str, files[name]))}; keep one.")
+        embedding = pairfiles.load_embedding(files[name][0])
         pairfiles.check_compatible(embedding.vectors, backend.embedding_dims, embedding.path)
         words[name] = {k: v.to(backend.device) for k, v in embedding.vectors.items()}
     if added:

@@ -48,7 +48,7 @@ class TrainConfig:
     rec_weight: float = option(1.0, "Reconstruction weight", minimum=0.0, maximum=100.0)
     template: str = option("object", "Prompt template",
                            "'object', 'style', or a template file with [name] (and [filewords]) per line.")
-    seed: int = option(0, "Seed", "-1 for a random seed.", minimum=-1, step=1)
+    seed: int = option(0, "Seed", "-1 for a random seed.", minimum=-1, maximum=2**32 - 1, step=1)
     preview_every: int = option(0, "Preview every N steps", "0 for none.", minimum=0, step=1)
     save_every: int = option(0, "Save every N steps", "0 saves only at the end.", minimum=0, step=1)
     # Advanced
@@ -98,8 +98,6 @@ class TrainConfig:
                 raise InputError(f"{label} must be {bounds}; got {value}.")
             if f.metadata["choices"] and value not in f.metadata["choices"]:
                 raise InputError(f"{label} must be one of {', '.join(f.metadata['choices'])}; got {value!r}.")
-        if self.steps <= 0:
-            raise InputError(f"Steps must be at least 1; got {self.steps}.")
         if self.width % 8 or self.height % 8:
             raise InputError(f"Width and height must be multiples of 8; got {self.width}x{self.height}.")
         parse_gamma(self.gamma)

@@ -41,8 +41,8 @@ def add_partners(prompt: str, negative_prompt: str, partners: Mapping[str, str])
     added, extra = [], []
     for word in words_in(prompt, partners):
         partner = partners[word]
-        if _word_pattern(partner).search(negative_prompt) or partner in extra:
-            continue
+        if any(_word_pattern(partner).search(text) for text in (negative_prompt, *extra)):
+            continue  # already on the negative side (names differing only in case count as one)
         match = _word_pattern(word).search(prompt)
         weight = _weight_of(prompt, match)
         extra.append(f"({partner}:{weight})" if weight else partner)

@@ -17,7 +17,8 @@ from .losses import guide, predict_eps, predict_z0
 
 
 def ddim_timesteps(num_timesteps: int, steps: int) -> list[int]:
-    """The webui's DDIM timesteps, high to low: 1, 1 + T // steps, ... (``steps`` of them, all below T)."""
+    """DDIM timesteps with the webui's spacing (stride T // steps, offset 1), high to low: exactly ``steps`` of
+    them, all below T (the webui adds one more when ``steps`` does not divide T)."""
     stride = max(num_timesteps // steps, 1)
     return [min(i * stride + 1, num_timesteps - 1) for i in range(min(steps, num_timesteps))][::-1]
 

@@ -220,13 +220,14 @@ class Trainer:
 
     # -- outputs -----------------------------------------------------------------------------------
     def _saved_vectors(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """The vectors the files hold: the EMA ones where EMA is on."""
         pos = self.ema_pos if self.ema_pos is not None else self.pos
         neg = self.ema_neg if self.ema_neg is not None else self.neg
-        return _cpu_copy(pos), _cpu_copy(neg)
+        return pos, neg
 
     def save(self) -> list[Path]:
         """Write the pair and the resume state atomically; the files always hold a finished step."""
-        pos, neg = self._saved_vectors()
+        pos, neg = (_cpu_copy(v) for v in self._saved_vectors())
         files = pairfiles.save_pair(
             self.out_dir, self.name, pos, neg, fmt=self.config.file_format, overwrite=True, step=self.step,
             total_steps=self.config.steps, gamma=str(self.gamma), checkpoint_hash=self.backend.model_hash,
@@ -242,8 +243,9 @@ class Trainer:
         return files
 
     def preview(self) -> Image.Image:
-        """Samples with the pair at the training gamma, one per template line shown (up to 4)."""
-        words = {self.name: self.pos, self.neg_name: self.neg}
+        """Samples with the pair as it is saved (EMA vectors when on), at the training gamma (up to 4)."""
+        pos, neg = self._saved_vectors()
+        words = {self.name: pos, self.neg_name: neg}
         images = []
         for i, line in enumerate(self.templates[:4]):
             images += sample(self.backend, fill(line, self.name), fill(line, self.neg_name), words,

@@ -33,7 +33,7 @@ def decode_image(data: Any, what: str):
     """A base64 image (a data-URL prefix is tolerated) -> RGB PIL image; InputError when it is not one."""
     if not isinstance(data, str) or not data.strip():
         raise InputError(f"'{what}' must be a base64-encoded image.")
-    payload = data.split(",", 1)[1] if data.startswith("data:") else data
+    payload = data.partition(",")[2] if data.startswith("data:") else data
     try:
         raw = base64.b64decode(payload.strip(), validate=True)
     except (binascii.Error, ValueError):
@@ -94,7 +94,7 @@ def pairs() -> dict:
 
 
 def _auth_dependencies() -> list:
-    """With --api-auth user:password[,user:password...] the routes ask for those credentials, split exactly as
+    """With --api-auth user:password[,user:password...] the routes ask for those credentials, split as
     the webui splits them for /sdapi (no trimming), so the same logins work on both."""
     logins = getattr(shared.cmd_opts, "api_auth", None)
     if not logins:

@@ -6,8 +6,9 @@ from pathlib import Path
 
 from modules import sd_hijack, shared
 
+from dreamartist.fileops import walk_files
 from dreamartist.names import negative_name
-from dreamartist.pairfiles import EMBEDDING_EXTS, walk_files
+from dreamartist.pairfiles import EMBEDDING_EXTS
 
 from . import host
 

@@ -56,4 +56,5 @@ def model_unsupported_reason(model) -> str | None:
 
 def training_unavailable_reason() -> str | None:
     """Why training cannot start now (host, or the model already loaded), or None. Never loads a model."""
-    return host_unsupported_reason() or (None if loaded_model() is None else model_unsupported_reason(loaded_model()))
+    model = loaded_model()
+    return host_unsupported_reason() or (None if model is None else model_unsupported_reason(model))

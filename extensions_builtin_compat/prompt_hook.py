@@ -9,7 +9,6 @@ from dreamartist.pairing import add_partners, words_in
 
 from . import embeddings, settings
 
-SETTING_KEY = "dreamartist_auto_negative"
 INFOTEXT_KEY = "DreamArtist"  # "walle, robo": partners added; "off": the pairs were left alone
 TOGGLE_FIELD = "DreamArtist auto-negative"  # set by on_infotext_pasted, read by the checkbox
 OFF = "off"

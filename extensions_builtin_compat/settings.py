@@ -3,13 +3,12 @@ from __future__ import annotations
 
 from modules import shared
 
-from . import prompt_hook
-
 SECTION = ("dreamartist", "DreamArtist")
+SETTING_KEY = "dreamartist_auto_negative"
 
 
 def on_ui_settings() -> None:
-    shared.opts.add_option(prompt_hook.SETTING_KEY, shared.OptionInfo(
+    shared.opts.add_option(SETTING_KEY, shared.OptionInfo(
         True, "Add DreamArtist negative partners to the negative prompt", section=SECTION,
     ).info("the default of the DreamArtist checkbox under txt2img and img2img: "
            "NAME in the prompt brings NAME-neg into the negative prompt"))
@@ -17,4 +16,4 @@ def on_ui_settings() -> None:
 
 def auto_negative_default() -> bool:
     """Whether a NAME in the prompt brings NAME-neg along unless the user unticks it (read at any time)."""
-    return bool(getattr(shared.opts, prompt_hook.SETTING_KEY, True))
+    return bool(getattr(shared.opts, SETTING_KEY, True))

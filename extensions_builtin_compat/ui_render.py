@@ -20,17 +20,13 @@ _USAGE = {
 }
 
 
-def usage_sentence(name: str, negative: str, auto_negative: bool) -> str:
-    """What to type to use the pair, as plain text."""
-    return _USAGE[auto_negative].format(name=name, negative=negative)
-
-
 def result_html(name: str, negative: str, files: Sequence[Path], steps: int, total: int,
                 final_loss: float | None, stopped: str, auto_negative: bool) -> str:
     """The result line: how to use the pair, then what was written."""
     usage = _USAGE[auto_negative].format(name=f"<code>{html.escape(name)}</code>",
                                          negative=f"<code>{html.escape(negative)}</code>")
-    done = f"Trained {steps} of {total} steps ({html.escape(stopped)})" if stopped else f"Trained {steps} steps"
+    unit = "step" if (total if stopped else steps) == 1 else "steps"
+    done = f"Trained {steps} of {total} {unit} ({html.escape(stopped)})" if stopped else f"Trained {steps} {unit}"
     if final_loss is not None and math.isfinite(final_loss):
         done += f", final loss {final_loss:.4f}"
     written = ", ".join(html.escape(Path(f).name) for f in files) or "nothing"

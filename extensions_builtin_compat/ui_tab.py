@@ -129,7 +129,7 @@ def create_tab() -> gr.Blocks:
                 with gr.Row():
                     image = gr.Image(label="Reference image", type="pil", elem_id=elem_id("reference"))
                     mask = gr.Image(label="Loss-weight mask (optional): black 0x, mid-grey 1x, white 5x", type="pil",
-                                    image_mode="L", elem_id=elem_id("mask"))
+                                    image_mode="RGBA", elem_id=elem_id("mask"))  # alpha as in mask files
                 folder = gr.Textbox(label="Or a path: one image, or a folder of images of the same concept",
                                     lines=1, max_lines=1, elem_id=elem_id("folder"))
                 with gr.Row():

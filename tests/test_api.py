@@ -53,6 +53,7 @@ def test_mask_is_accepted(client):
 
 @pytest.mark.parametrize("body, status, words", [
     ({"image": "not base64 at all!", "name": "walle"}, 422, "'image' is not valid base64"),
+    ({"image": "data:image/png;base64", "name": "walle"}, 422, "not an image"),  # no comma, no data
     ({"image": base64.b64encode(b"GIF89a garbage").decode(), "name": "walle"}, 422, "not an image"),
     ({"name": "walle"}, 422, "'image' must be a base64-encoded image"),
     ({"image": B64_PNG, "name": "walle", "mask": "@@"}, 422, "'mask' is not valid base64"),

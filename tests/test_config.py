@@ -24,6 +24,7 @@ def test_defaults_follow_the_paper():
     (dict(name="x", lr=float("nan")), "finite"),
     (dict(name="x", file_format="ckpt"), "one of"),
     (dict(name="x", reconstruction="yes"), "true or false"),
+    (dict(name="x", seed=2**64), "Seed must be between -1 and 4294967295"),
 ])
 def test_bad_values_are_clear_errors(changes, message):
     with pytest.raises(InputError, match=message):

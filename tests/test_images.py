@@ -222,3 +222,19 @@ def test_mask_with_a_folder_is_an_error(tmp_path):
         load_references(tmp_path, 16, 16, mask_path=tmp_path / "a.png")
     with pytest.raises(InputError, match="does not exist"):
         load_references(tmp_path / "missing", 16, 16)
+
+
+def test_exif_rotated_file_and_its_rotated_mask_stay_aligned(tmp_path):
+    exif = Image.Exif()
+    exif[0x0112] = 6  # both stored sideways: upright, the left half is on top
+    image = Image.new("RGB", (48, 24), (255, 0, 0))
+    image.paste((0, 0, 255), (24, 0, 48, 24))
+    image.save(tmp_path / "side.png", exif=exif)
+    mask = Image.new("L", (48, 24), 0)
+    mask.paste(255, (24, 0, 48, 24))
+    mask.save(tmp_path / "side.mask.png", exif=exif)
+    (ref,) = load_references(tmp_path / "side.png", 24, 48)
+    assert ref.pixels.shape == (3, 48, 24)
+    assert ref.pixels[:, 4, 12].tolist() == [1.0, -1.0, -1.0] and ref.pixels[:, 44, 12].tolist() == [-1.0, -1.0, 1.0]
+    torch.testing.assert_close(ref.weight[0, :2], torch.zeros(2, 3))  # red half: weight 0
+    torch.testing.assert_close(ref.weight[0, -2:], torch.full((2, 3), 5.0))  # blue half, white in the mask

@@ -31,7 +31,7 @@ WEBUI_PT_KEYS = {"string_to_token", "string_to_param", "name", "step", "sd_check
 
 
 def webui_read(path: Path):
-    """The webui's embedding reader as the host surface documents it (§6.2): returns (name, vec, step)."""
+    """The webui's embedding reader (EmbeddingDatabase.load_from_file and its rules): returns (name, vec, step)."""
     ext = path.suffix.upper()
     if ext in (".PT", ".BIN"):
         data = torch.load(path, map_location="cpu", weights_only=True)

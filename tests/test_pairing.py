@@ -34,3 +34,9 @@ def test_partial_words_and_the_negative_name_itself_do_not_match():
 
 def test_case_insensitive_like_prompts():
     assert add_partners("WALLE", "", PAIRS)[1] == ["walle"]
+
+
+def test_a_partner_is_added_once_even_when_two_names_differ_only_in_case():
+    partners = {"walle": "walle-neg", "WALLE": "WALLE-neg"}  # e.g. two files in different subfolders
+    negative, added = add_partners("a photo of walle", "", partners)
+    assert negative.lower() == "walle-neg" and len(added) == 1

@@ -4,7 +4,7 @@ import torch
 from dreamartist.sampling import ddim_timesteps, grid, sample
 
 
-def test_ddim_timesteps_are_the_webuis():
+def test_ddim_timesteps_use_the_webuis_spacing():
     assert ddim_timesteps(1000, 50)[:2] == [981, 961] and ddim_timesteps(1000, 50)[-1] == 1
     assert ddim_timesteps(1000, 3) == [667, 334, 1]
     assert all(0 <= t < 1000 for n in (1, 7, 999, 1000, 2000) for t in ddim_timesteps(1000, n))

@@ -110,7 +110,6 @@ def test_install_does_nothing_and_says_nothing_when_the_webui_has_everything(tmp
 def test_install_uses_the_launcher_for_what_is_missing(monkeypatch):
     launch = types.ModuleType("launch")
     launch.calls = []
-    launch.is_installed = lambda package: package != "safetensors"
     launch.run_pip = lambda command, desc=None: launch.calls.append((command, desc))
     monkeypatch.setitem(sys.modules, "launch", launch)
     import importlib.util

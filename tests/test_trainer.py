@@ -205,7 +205,7 @@ def test_previews_are_images_at_the_training_size(backend, references, tmp_path)
     train(backend, config(steps=2, preview_every=2, gamma="1.5-3.0:cos"), references, tmp_path,
           on_progress=seen.append)
     assert seen[0].preview is None and seen[1].preview is not None
-    assert seen[1].preview.size[0] % SIZE == 0
+    assert seen[1].preview.size == (2 * SIZE, 2 * SIZE)  # the first four template lines, in a 2x2 grid
 
 
 def test_existing_embedding_is_never_overwritten(backend, references, tmp_path):

@@ -130,7 +130,7 @@ def test_bad_input_is_one_line_and_writes_nothing(host_v160, values, message):
               "dreamartist_height": 64, "dreamartist_reconstruction": False, **values}
     result = train(*click_args(tab, dep, **values))[3]
     if message is None:
-        assert "Trained 1 steps" in plain_text(result)
+        assert "Trained 1 step, final loss" in plain_text(result)
         return
     assert "dreamartist-error" in result and message in plain_text(result)
     assert "Traceback" not in result and "Error:" not in result
@@ -148,6 +148,8 @@ def test_collect_references_from_a_folder(host_v160, tmp_path):
     assert [tuple(r.pixels.shape) for r in references] == [(3, 64, 64)] * 2
     with pytest.raises(InputError, match="mask"):
         collect_references(config, None, str(tmp_path), reference_image())
+    (uploaded,) = collect_references(config, reference_image(), "", reference_image().convert("L"))
+    assert uploaded.weight is not None and uploaded.weight.shape == (1, 8, 8)
 
 
 def test_resume_dropdown_lists_pairs_and_picking_one_sets_name_and_resume(host_v1101):
@@ -202,12 +204,13 @@ def test_result_line_escapes_and_reports_an_interrupted_run(host_v160):
     load_extension(host_v160)
     from pathlib import Path
 
-    from extensions_builtin_compat.ui_render import result_html, usage_sentence
+    from extensions_builtin_compat.ui_render import result_html
 
     html = result_html("walle", "walle-neg", [Path("/e/walle.pt"), Path("/e/walle-neg.pt")], 40, 100, 0.125,
                        "interrupted", True)
     assert plain_text(html) == ("Type walle in your prompt; walle-neg is added to the negative prompt automatically. "
                                 "Trained 40 of 100 steps (interrupted), final loss 0.1250. "
                                 "Saved: walle.pt, walle-neg.pt.")
-    assert usage_sentence("a&b", "a&b-neg", False) == "Type a&b in your prompt and a&b-neg in your negative prompt."
-    assert "a&amp;b" in result_html("a&b", "a&b-neg", [], 0, 1, None, "", False)
+    one = result_html("a&b", "a&b-neg", [], 1, 1, None, "", False)
+    assert plain_text(one) == ("Type a&amp;b in your prompt and a&amp;b-neg in your negative prompt. "
+                               "Trained 1 step. Saved: nothing.")

@@ -143,7 +143,11 @@ def sidecar_prediction(path: Path, metadata: dict[str, str]) -> str | None:
         return V_PREDICTION if spec.startswith("v") else EPSILON
     yaml = path.with_suffix(".yaml")
     if yaml.is_file():
-        v = re.search(r"^\s*parameterization:\s*[\"']?v[\"']?\s*$", yaml.read_text(errors="replace"), re.MULTILINE)
+        try:
+            text = yaml.read_text(errors="replace")
+        except OSError as error:
+            raise ModelError(f"Cannot read {yaml.name} next to the checkpoint: {error.strerror}.") from None
+        v = re.search(r"^\s*parameterization:\s*[\"']?v[\"']?\s*$", text, re.MULTILINE)
         return V_PREDICTION if v else EPSILON
     return None
 
