@@ -6,6 +6,7 @@ are optimised; the backend keeps every model weight frozen and restores the mode
 """
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -86,9 +87,8 @@ class Trainer:
         self.gamma = parse_gamma(config.gamma)
         self.templates = load_template(config.template)
         self._check_names(existing_names)
-        seed = config.seed if config.seed >= 0 else int(torch.randint(0, 2**31 - 1, ()).item())
-        self.seed = seed
-        self.generator = torch.Generator().manual_seed(seed)
+        self.seed = config.seed if config.seed >= 0 else int(torch.randint(0, 2**31 - 1, ()).item())
+        self.generator = torch.Generator().manual_seed(self.seed)
         self.step, self.losses = 0, []
         self.pos, self.neg = self._initial_vectors()
         self.ema_pos = {k: v.detach().clone() for k, v in self.pos.items()} if config.ema_pos else None
@@ -196,10 +196,11 @@ class Trainer:
         total = 0.0
         for _ in range(self.config.grad_accum):
             loss = self._micro_batch_loss()
-            if not torch.isfinite(loss):
-                raise _NonFinite(loss.item())
+            value = loss.item()  # one device sync per micro-batch
+            if not math.isfinite(value):
+                raise _NonFinite(value)
             self.scaler.scale(loss / self.config.grad_accum).backward()
-            total += loss.item() / self.config.grad_accum
+            total += value / self.config.grad_accum
         params = [*self.pos.values(), *self.neg.values()]
         self.scaler.unscale_(self.optimizer)
         if self.config.grad_clip > 0:
