@@ -1,6 +1,7 @@
 """Run by the webui at every start: install only what the host lacks (normally nothing, silently).
 
-The engine needs torch, safetensors, pillow, numpy and gradio, which every supported webui already ships.
+The engine needs torch, safetensors, pillow, numpy, gradio and filelock (a dependency of torch), which every
+supported webui already ships.
 Nothing here names a version: re-pinning a package the host pins would break the host.
 """
 from __future__ import annotations
@@ -10,7 +11,8 @@ import subprocess
 import sys
 
 # distribution name (what pip installs) -> module name (what find_spec looks for)
-REQUIRED = {"torch": "torch", "safetensors": "safetensors", "pillow": "PIL", "numpy": "numpy", "gradio": "gradio"}
+REQUIRED = {"torch": "torch", "safetensors": "safetensors", "pillow": "PIL", "numpy": "numpy", "gradio": "gradio",
+            "filelock": "filelock"}
 
 
 def missing_packages() -> list[str]:

@@ -16,3 +16,7 @@ class ModelError(DreamArtistError):
 
 class TrainingStopped(DreamArtistError):
     """Training ended early for a reason the user must know (non-finite loss, out of memory)."""
+
+
+class PairBusy(DreamArtistError):
+    """Another run holds the pair's name in that folder (the API answers 409)."""

@@ -1,12 +1,36 @@
-"""File-system mechanics for pair files: atomic replacement of several files at once, and the folder walk
-the webui's embedding loader does."""
+"""File-system mechanics for pair files: a lock per pair name, a journaled commit of several files at once,
+recovery of a commit that a dying process left half done, and the folder walk the webui's embedding loader does.
+
+Every file this module makes in a folder starts with "." and ends in an extension the webui's embedding loader
+skips: ``.NAME.<token>.dreamartist-tmp`` (a file being written), ``.NAME.dreamartist-commit`` (the journal of a
+commit in progress), ``.NAME.dreamartist-lock`` (the lock; empty). NAME is lower-cased: pair names are
+case-insensitive, as the webui's embedding names are, while file systems differ.
+"""
 from __future__ import annotations
 
+import contextlib
+import json
 import os
+import re
 import secrets
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
+
+from filelock import FileLock, Timeout
+
+from .errors import InputError, PairBusy
+
+TEMP_SUFFIX = ".dreamartist-tmp"
+JOURNAL_SUFFIX = ".dreamartist-commit"
+LOCK_SUFFIX = ".dreamartist-lock"
+_TEMP = re.compile(rf"^\.(?P<key>.+)\.[0-9a-f]{{16}}{re.escape(TEMP_SUFFIX)}$")
+_LEGACY_TEMP = re.compile(r"^\.dreamartist-[0-9a-f]{16}\.tmp$")  # written by earlier versions, never journaled
+SPACE_MARGIN = 16 << 20  # bytes kept free beyond what a save needs
+
+
+def _key(name: str) -> str:
+    return name.lower()
 
 
 def walk_files(folder: Path) -> Iterator[Path]:
@@ -22,9 +46,51 @@ def walk_files(folder: Path) -> Iterator[Path]:
         yield from (Path(root) / f for f in sorted(files))
 
 
-def write_temp(folder: Path, payload: bytes) -> Path:
-    """Write ``payload`` to a new hidden .tmp file in ``folder`` (an extension the webui skips)."""
-    tmp = folder / f".dreamartist-{secrets.token_hex(8)}.tmp"
+@contextlib.contextmanager
+def pair_lock(folder: Path, name: str) -> Iterator[None]:
+    """Hold the lock of pair ``name`` in ``folder`` for a whole run; a second holder, in this process or another
+    (the tab, the API and the command line share it), is refused at once with PairBusy."""
+    folder = Path(folder)
+    make_folder(folder)
+    lock = FileLock(str(folder / f".{_key(name)}{LOCK_SUFFIX}"), timeout=0)
+    try:
+        lock.acquire()
+    except Timeout:
+        raise PairBusy(f"Another training of {name} into {folder} is running; wait for it to finish, "
+                       "or choose another name.") from None
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def make_folder(folder: Path) -> None:
+    """Create ``folder`` (and its parents) or say in one sentence why it cannot be."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise InputError(f"The folder {folder} cannot be created ({e.strerror or e}); choose another folder.") from None
+    if not folder.is_dir():
+        raise InputError(f"{folder} is not a folder; choose another output folder.")
+
+
+def check_writable(folder: Path, needed_bytes: int) -> None:
+    """Fail now, before any training step, when ``folder`` cannot take files of ``needed_bytes`` in all."""
+    folder = Path(folder)
+    make_folder(folder)
+    try:
+        remove_quietly(write_temp(folder, "probe", b"\0" * min(needed_bytes, 1 << 20)))
+    except OSError as e:
+        raise InputError(f"Cannot write into {folder} ({e.strerror or e}); choose a folder you can write to.") from None
+    free = shutil.disk_usage(folder).free
+    if free < 2 * needed_bytes + SPACE_MARGIN:  # a save keeps the previous files until the new ones are in place
+        raise InputError(f"{folder} has only {free >> 20} MB free; a save needs about "
+                         f"{(2 * needed_bytes + SPACE_MARGIN) >> 20} MB. Free some space or choose another folder.")
+
+
+def write_temp(folder: Path, name: str, payload: bytes) -> Path:
+    """Write ``payload`` to a new hidden temporary file of pair ``name`` in ``folder``, flushed to disk."""
+    tmp = folder / f".{_key(name)}.{secrets.token_hex(8)}{TEMP_SUFFIX}"
     try:
         with open(tmp, "xb") as f:
             f.write(payload)
@@ -36,45 +102,133 @@ def write_temp(folder: Path, payload: bytes) -> Path:
     return tmp
 
 
-def commit(moves: list[tuple[Path, Path]], replaced: list[Path] = ()) -> None:
-    """Move each temp file onto its target and take ``replaced`` away; on any failure restore every file."""
-    copies: dict[Path, Path] = {}  # target -> backup copy; the target itself stays in place until replaced
-    moved: list[tuple[Path, Path]] = []  # (backup, original place) of files taken away
-    placed: list[Path] = []
+def commit(folder: Path, name: str, moves: list[tuple[Path, Path]], removals: list[Path] = ()) -> None:
+    """Move each temporary file onto its target in ``folder`` and remove ``removals``: all of it or none.
+
+    The steps are journaled before the first is taken, so that ``recover`` finishes a commit cut short by the
+    process dying. Any error here puts every file back as it was. The caller holds ``pair_lock``.
+    """
+    folder = Path(folder)
+    for path in [*(t for _, t in moves), *removals]:
+        if path.parent != folder:
+            raise ValueError(f"{path} is not directly in {folder}")
+    journal = folder / f".{_key(name)}{JOURNAL_SUFFIX}"
+    record = {"moves": [[tmp.name, target.name] for tmp, target in moves], "removals": [p.name for p in removals]}
+    os.replace(write_temp(folder, name, json.dumps(record).encode()), journal)
+    _sync_folder(folder)
+    backups: dict[Path, Path] = {}  # file taken away or replaced -> a hard link (or copy) of it
     try:
-        for _, target in moves:
-            if target.exists():
-                copies[target] = backup_copy(target)
-        for old in replaced:
-            backup = old.with_name(f".dreamartist-{secrets.token_hex(8)}.tmp")
-            os.replace(old, backup)
-            moved.append((backup, old))
-        for tmp, target in moves:
-            os.replace(tmp, target)
-            placed.append(target)
+        for path in [*(t for _, t in moves), *removals]:
+            if path.exists() or path.is_symlink():
+                backups[path] = _backup(folder, name, path)
+        _apply(folder, record)
     except BaseException:
-        for target in placed:
-            if target in copies:
-                os.replace(copies.pop(target), target)
+        for path, backup in backups.items():
+            if path.exists() and os.path.samefile(path, backup):
+                remove_quietly(backup)  # never replaced (renaming a hard link onto its twin does nothing)
             else:
+                os.replace(backup, path)
+        for tmp, target in moves:
+            if target not in backups:
                 remove_quietly(target)
-        for backup, original in reversed(moved):
-            os.replace(backup, original)
-        for path in [*copies.values(), *(tmp for tmp, _ in moves)]:
-            remove_quietly(path)
+            remove_quietly(tmp)
+        remove_quietly(journal)
         raise
-    for backup in [*copies.values(), *(b for b, _ in moved)]:
+    remove_quietly(journal)
+    for backup in backups.values():
         remove_quietly(backup)
+    _sync_folder(folder)
 
 
-def backup_copy(path: Path) -> Path:
-    """A hard link to ``path`` (a copy where links are not supported), so the file stays in place."""
-    backup = path.with_name(f".dreamartist-{secrets.token_hex(8)}.tmp")
+def _apply(folder: Path, record: dict) -> None:
+    """The journaled steps; each may run again after a crash without harm."""
+    for tmp, target in record["moves"]:
+        if (folder / tmp).exists():
+            os.replace(folder / tmp, folder / target)
+    for removal in record["removals"]:
+        remove_quietly(folder / removal)
+
+
+def _backup(folder: Path, name: str, path: Path) -> Path:
+    """A hard link to ``path`` (a copy where links are not supported): the file itself stays in place."""
+    backup = folder / f".{_key(name)}.{secrets.token_hex(8)}{TEMP_SUFFIX}"
     try:
-        os.link(path, backup)
-    except OSError:
-        shutil.copy2(path, backup)
+        os.link(path, backup, follow_symlinks=False)
+    except (OSError, NotImplementedError):
+        shutil.copy2(path, backup, follow_symlinks=False)
     return backup
+
+
+def recover(folder: Path, name: str) -> None:
+    """Finish a commit of pair ``name`` that was cut short and remove its stale temporary files.
+
+    The caller holds ``pair_lock``. A journal that is not ours in shape is removed without acting on it.
+    """
+    folder, key = Path(folder), _key(name)
+    journal = folder / f".{key}{JOURNAL_SUFFIX}"
+    if journal.is_file():
+        try:
+            record = json.loads(journal.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            record = None
+        if _journal_is_sane(record, key):
+            _apply(folder, record)
+        remove_quietly(journal)
+    for path in list(folder.iterdir()) if folder.is_dir() else []:
+        match = _TEMP.match(path.name)
+        if match and match.group("key") == key:
+            remove_quietly(path)
+
+
+def recover_folder(folder: Path) -> None:
+    """``recover`` every pair in ``folder`` that has a journal or temporary files, skipping pairs whose lock is
+    held (their commit is in progress); also removes the unjournaled temporary files of earlier versions."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return
+    keys = set()
+    for path in folder.iterdir():
+        if path.name.endswith(JOURNAL_SUFFIX) and path.name.startswith("."):
+            keys.add(path.name[1:-len(JOURNAL_SUFFIX)])
+        elif _TEMP.match(path.name):
+            keys.add(_TEMP.match(path.name).group("key"))
+        elif _LEGACY_TEMP.match(path.name):
+            remove_quietly(path)
+    for key in sorted(keys):
+        try:
+            with pair_lock(folder, key):
+                recover(folder, key)
+        except PairBusy:
+            continue
+
+
+def _journal_is_sane(record: object, key: str) -> bool:
+    """Only moves from this pair's temporary files to plain names in the same folder, and plain removals."""
+    if not isinstance(record, dict):
+        return False
+    moves, removals = record.get("moves"), record.get("removals")
+    if not isinstance(moves, list) or not isinstance(removals, list):
+        return False
+    names = [n for m in moves if isinstance(m, list) and len(m) == 2 for n in m] + removals
+    if len(names) != 2 * len(moves) + len(removals) or not all(isinstance(n, str) for n in names):
+        return False
+    plain = all(n and n == Path(n).name and n not in (".", "..") for n in names)
+    ours = all((m := _TEMP.match(tmp)) and m.group("key") == key for tmp, _ in moves)
+    return plain and ours
+
+
+def _sync_folder(folder: Path) -> None:
+    """Flush the folder's entries (the renames) to disk where the platform allows it."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return  # Windows cannot open folders; its renames are durable enough
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def remove_quietly(path: Path) -> None:

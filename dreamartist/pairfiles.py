@@ -24,7 +24,7 @@ from safetensors import safe_open
 from safetensors.torch import save as safetensors_bytes
 
 from .errors import InputError
-from .fileops import commit, remove_quietly, walk_files, write_temp
+from .fileops import commit, make_folder, remove_quietly, walk_files, write_temp
 from .names import negative_name, validate_name
 
 FORMAT_VERSION = 1
@@ -37,6 +37,8 @@ FAMILIES = {("clip_l",): "sd1", ("clip_h",): "sd2", ("clip_g", "clip_l"): "sdxl"
 _FAMILY_LABEL = {"sd1": "SD1", "sd2": "SD2", "sdxl": "SDXL"}
 _SDXL_WIDTHS = {"clip_l": 768, "clip_g": 1280}
 _RECORD_KEY = "dreamartist"
+# Tensor types every webui's safe loader accepts (its allowlist of storages), which is all a resume state needs.
+_PLAIN_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int32, torch.int64, torch.uint8)
 _WEBUI_TOKEN = {"*": 265}  # the token id the webui writes in every embedding file
 # The webui's safe loader (modules/safe.py) rejects a .pt whose zip holds other records than these; newer torch
 # adds byteorder, .data/serialization_id, .format_version and .storage_alignment, all optional when loading.
@@ -120,15 +122,46 @@ def find_clashes(folder: str | Path, names: list[str] | tuple[str, ...]) -> list
             if p.suffix.lower() in EMBEDDING_EXTS and p.stem.lower() in wanted]
 
 
+def own_files(folder: str | Path, name: str) -> list[Path]:
+    """The files of pair ``name`` directly in ``folder`` that saving it may replace: NAME and NAME-neg as .pt,
+    .bin or .safetensors, and NAME's resume state (names compared case-insensitively, links not followed)."""
+    wanted = {n.lower() + ext for n in (name, negative_name(name)) for ext in LOADABLE_EXTS}
+    wanted.add(name.lower() + STATE_SUFFIX)
+    folder = Path(folder)
+    return sorted(p for p in folder.iterdir() if p.name.lower() in wanted) if folder.is_dir() else []
+
+
+def check_can_save(folder: str | Path, name: str, overwrite: bool) -> None:
+    """InputError unless pair ``name`` can be written to ``folder``: no file the webui would load under NAME or
+    NAME-neg exists anywhere under it, or (with ``overwrite``) only the pair's own files do."""
+    folder = Path(folder)
+    clashes = find_clashes(folder, [name, negative_name(name)])
+    if not clashes:
+        return
+    if not overwrite:
+        shown = ", ".join(map(str, clashes))
+        raise InputError(f"The webui already has an embedding named {name} or {negative_name(name)}: {shown}. "
+                         "Choose another name, or allow overwriting to replace it.")
+    others = [c for c in clashes if c not in own_files(folder, name)]
+    if others:
+        raise InputError(f"Overwriting replaces only the pair's own .pt/.safetensors files in {folder}, but "
+                         f"{others[0]} also names {name} or {negative_name(name)} for the webui; "
+                         "move or rename it first, or choose another name.")
+
+
 def save_pair(folder: str | Path, name: str, pos: Mapping[str, torch.Tensor], neg: Mapping[str, torch.Tensor], *,
               gamma: str = "", step: int = 0, total_steps: int = 0, checkpoint_hash: str = "",
-              checkpoint_name: str = "", fmt: str = "pt", overwrite: bool = False) -> list[Path]:
-    """Write NAME and NAME-neg atomically: both files appear, or neither changes.
+              checkpoint_name: str = "", fmt: str = "pt", overwrite: bool = False,
+              state: Mapping[str, Any] | None = None) -> list[Path]:
+    """Write NAME and NAME-neg (and the resume ``state``) as one commit: all files appear, or nothing changes.
 
-    Refuses when any embedding file named NAME or NAME-neg exists under ``folder`` unless ``overwrite``;
-    with ``overwrite`` those files are replaced (removed when their extension differs), also atomically.
-    SDXL ``.pt`` files hold only the two tensors (the webui's SDXL reader accepts nothing else), so their
-    pair record lives in ``.safetensors`` files only. Returns [NAME file, NAME-neg file].
+    Refuses as ``check_can_save`` does. With ``overwrite`` the pair's own files are replaced (removed when their
+    extension differs); a resume state left from an earlier save is removed when no ``state`` is given. Each
+    ``.pt`` is read back through ``torch.load`` before it is committed, the route by which the webui (whose
+    safe loader replaces ``torch.load``) and resuming read it later, so a file they would refuse is never
+    written. SDXL ``.pt`` files hold only the two tensors (the webui's SDXL reader accepts nothing else), so
+    their pair record lives in ``.safetensors`` files only. The caller holds ``fileops.pair_lock``.
+    Returns [NAME file, NAME-neg file].
     """
     validate_name(name)
     if fmt not in FILE_FORMATS:
@@ -138,29 +171,31 @@ def save_pair(folder: str | Path, name: str, pos: Mapping[str, torch.Tensor], ne
     pos, neg = _plain(pos, name), _plain(neg, neg_name)
     if family_of(pos) != family_of(neg):
         raise InputError(f"{name} and {neg_name} were made for different text encoders.")
-    clashes = find_clashes(folder, [name, neg_name])
-    if clashes and not overwrite:
-        shown = ", ".join(map(str, clashes))
-        raise InputError(f"The webui already has an embedding named {name} or {neg_name}: {shown}. "
-                         "Choose another name, or allow overwriting to replace it.")
+    check_can_save(folder, name, overwrite)
     common = dict(gamma=gamma, pos_len=_length(pos), neg_len=_length(neg), step=step, total_steps=total_steps,
                   base_model_hash=checkpoint_hash, base_model_name=checkpoint_name, encoders=",".join(sorted(pos)))
-    files = [(name, pos, PairMeta(role="positive", partner=neg_name, **common)),
-             (neg_name, neg, PairMeta(role="negative", partner=name, **common))]
-    folder.mkdir(parents=True, exist_ok=True)
-    targets = [folder / f"{n}{FILE_FORMATS[fmt]}" for n, _, _ in files]
+    payloads = [(folder / f"{name}{FILE_FORMATS[fmt]}",
+                 _serialize(fmt, name, pos, PairMeta(role="positive", partner=neg_name, **common),
+                            checkpoint_hash, checkpoint_name)),
+                (folder / f"{neg_name}{FILE_FORMATS[fmt]}",
+                 _serialize(fmt, neg_name, neg, PairMeta(role="negative", partner=name, **common),
+                            checkpoint_hash, checkpoint_name))]
+    if state is not None:
+        payloads.append((folder / f"{name}{STATE_SUFFIX}", _state_bytes(state)))
+    make_folder(folder)
     temps: list[Path] = []
     try:
-        for file_name, vectors, meta in files:
-            payload = _serialize(fmt, file_name, vectors, meta, checkpoint_hash, checkpoint_name)
-            temps.append(write_temp(folder, payload))
-    except BaseException:
+        for target, payload in payloads:
+            temps.append(write_temp(folder, name, payload))
+            if target.suffix != ".safetensors":
+                _torch_load(temps[-1], target.name)
+        targets = [target for target, _ in payloads]
+        stale = [f for f in own_files(folder, name) if _replaced_by_none_of(f, targets)]
+        commit(folder, name, list(zip(temps, targets)), stale)
+    finally:
         for tmp in temps:
             remove_quietly(tmp)
-        raise
-    same = [c for c in clashes for t in targets if t.exists() and os.path.samefile(c, t)]
-    commit(list(zip(temps, targets)), replaced=[c for c in clashes if c not in same])
-    return targets
+    return [target for target, _ in payloads[:2]]
 
 
 def load_embedding(path: str | Path) -> EmbeddingFile:
@@ -198,23 +233,15 @@ def list_pairs(folder: str | Path) -> dict[str, str]:
             if not key.endswith("-neg") and key + "-neg" in stems}
 
 
-def save_state(folder: str | Path, name: str, state: Mapping[str, Any]) -> Path:
-    """Write the resume state (plain tensors, dicts, lists, numbers, strings) to NAME.dreamartist-state.
-
-    Raises TypeError when the state holds anything ``load_state`` could not read back with weights_only.
-    """
-    buffer = io.BytesIO()
-    torch.save(dict(state), buffer)
-    try:
-        torch.load(io.BytesIO(buffer.getvalue()), map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise TypeError("The resume state holds objects other than tensors, numbers, strings, lists and dicts "
-                        f"({e}).") from None
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    target = folder / f"{name}{STATE_SUFFIX}"
-    commit([(write_temp(folder, buffer.getvalue()), target)])
-    return target
+def _replaced_by_none_of(path: Path, targets: list[Path]) -> bool:
+    """Whether ``path`` stays behind after the targets are written (a differently cased name on a case-sensitive
+    file system stays; on a case-insensitive one it is the target itself)."""
+    for target in targets:
+        if path.name == target.name:
+            return False
+        if path.name.lower() == target.name.lower():
+            return not (target.exists() and os.path.samefile(path, target))
+    return True
 
 
 def load_state(folder: str | Path, name: str) -> dict | None:
@@ -267,6 +294,29 @@ def _serialize(fmt: str, name: str, vectors: dict[str, torch.Tensor], meta: Pair
         data = {"string_to_token": dict(_WEBUI_TOKEN), "string_to_param": {"*": next(iter(vectors.values()))},
                 "name": name, "step": meta.step, "sd_checkpoint": checkpoint_hash or None,
                 "sd_checkpoint_name": checkpoint_name or None, _RECORD_KEY: meta.to_record()}
+    return _torch_bytes(data)
+
+
+def _state_bytes(state: Mapping[str, Any]) -> bytes:
+    """The resume state as a torch file; TypeError naming the problem when it holds more than plain data."""
+    bad = _non_plain(state)
+    if bad:
+        raise TypeError(f"The resume state holds a {bad}, not only tensors, numbers, strings, lists and dicts.")
+    return _torch_bytes(dict(state))
+
+
+def _non_plain(value: Any) -> str:
+    """The type name of the first value in ``value`` that weights-only loading would refuse ("" when none)."""
+    if isinstance(value, torch.Tensor):
+        return "" if value.dtype in _PLAIN_DTYPES else f"{value.dtype} tensor"
+    if isinstance(value, Mapping):
+        return next((bad for item in value.items() for bad in map(_non_plain, item) if bad), "")
+    if isinstance(value, (list, tuple)):
+        return next((bad for bad in map(_non_plain, value) if bad), "")
+    return "" if value is None or isinstance(value, (bool, int, float, str)) else type(value).__name__
+
+
+def _torch_bytes(data: Any) -> bytes:
     buffer = io.BytesIO()
     torch.save(data, buffer)
     return _webui_zip(buffer.getvalue())
@@ -282,14 +332,20 @@ def _webui_zip(payload: bytes) -> bytes:
     return out.getvalue()
 
 
-def _torch_load(path: Path) -> Any:
+def _torch_load(path: Path, label: str = "") -> Any:
+    """``torch.load`` with weights only: inside the webui its safe loader runs first (it may refuse, and then
+    returns None), so this reads a file exactly as the webui reads an embedding."""
+    label = label or path.name
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        data = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # a damaged file can fail with almost any exception type inside the unpickler
         if isinstance(e, pickle.UnpicklingError) and "weights only" in str(e).lower():
-            raise InputError(f"{path.name} is not a plain tensor file (refused for safety): it asks to run "
+            raise InputError(f"{label} is not a plain tensor file (refused for safety): it asks to run "
                              "code while loading, so it was not opened.") from None
-        raise InputError(f"{path.name} is not a readable tensor file ({type(e).__name__}: {e}).") from None
+        raise InputError(f"{label} is not a readable tensor file ({type(e).__name__}: {e}).") from None
+    if data is None:
+        raise InputError(f"{label} was refused by the webui's safe loader (its console says why).")
+    return data
 
 
 def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

@@ -229,10 +229,6 @@ class Trainer:
     def save(self) -> list[Path]:
         """Write the pair and the resume state atomically; the files always hold a finished step."""
         pos, neg = (_cpu_copy(v) for v in self._saved_vectors())
-        files = pairfiles.save_pair(
-            self.out_dir, self.name, pos, neg, fmt=self.config.file_format, overwrite=True, step=self.step,
-            total_steps=self.config.steps, gamma=str(self.gamma), checkpoint_hash=self.backend.model_hash,
-            checkpoint_name=self.backend.model_name)
         state = {"optimizer": self.optimizer.state_dict(), "generator": self.generator.get_state(),
                  "scaler": self.scaler.state_dict(), "losses": list(self.losses), "step": self.step, "seed": self.seed,
                  "live_pos": _cpu_copy(self.pos), "live_neg": _cpu_copy(self.neg)}  # the files may hold EMA vectors
@@ -240,8 +236,10 @@ class Trainer:
             state["ema_pos"] = _cpu_copy(self.ema_pos)
         if self.ema_neg is not None:
             state["ema_neg"] = _cpu_copy(self.ema_neg)
-        pairfiles.save_state(self.out_dir, self.name, state)
-        return files
+        return pairfiles.save_pair(
+            self.out_dir, self.name, pos, neg, fmt=self.config.file_format, overwrite=True, step=self.step,
+            total_steps=self.config.steps, gamma=str(self.gamma), checkpoint_hash=self.backend.model_hash,
+            checkpoint_name=self.backend.model_name, state=state)
 
     def preview(self) -> Image.Image:
         """Samples with the pair as it is saved (EMA vectors when on), at the training gamma (up to 4)."""

@@ -7,10 +7,12 @@ EmbeddingsWithFixes splice it in exactly as at generation time and gradients rea
 from __future__ import annotations
 
 import contextlib
+import functools
 import sys
 from collections.abc import Iterator, Mapping
 
 import torch
+import torch.utils.checkpoint
 from modules import devices, extra_networks, processing, sd_hijack, shared
 from modules.textual_inversion.textual_inversion import Embedding
 
@@ -149,23 +151,55 @@ class HostBackend:
 
     @contextlib.contextmanager
     def training(self, gradient_checkpointing: bool = False) -> Iterator[None]:
-        """Freeze every weight (the webui leaves the UNet trainable), optionally checkpoint ldm blocks, and
-        follow the webui's "Use cross attention optimizations while training" setting; undo all on exit."""
-        from modules import sd_hijack_checkpoint
-
+        """Freeze every weight (the webui leaves the UNet trainable), switch off ldm's own checkpointing (1.6.0
+        loads SD1/SD2 with use_checkpoint: True, and ldm's checkpoint differentiates frozen weights), optionally
+        checkpoint the blocks our way, and follow the webui's "Use cross attention optimizations while training"
+        setting; undo all on exit."""
         undo_attention = not shared.opts.training_xattention_optimizations  # as the webui's own Train tab does
         self._unload_networks()
-        with frozen(self.sd_model):
+        unet = self.sd_model.model.diffusion_model
+        with frozen(self.sd_model), ldm_checkpointing_off(unet), checkpointed_blocks(unet, gradient_checkpointing):
             if undo_attention:
                 sd_hijack.undo_optimizations()
             try:
-                if gradient_checkpointing:
-                    sd_hijack_checkpoint.add()
-                try:
-                    yield
-                finally:
-                    if gradient_checkpointing:
-                        sd_hijack_checkpoint.remove()
+                yield
             finally:
                 if undo_attention:
                     sd_hijack.apply_optimizations()
+
+
+CHECKPOINT_FLAGS = ("use_checkpoint", "checkpoint")  # ldm's and sgm's names for a block's checkpointing switch
+
+
+def _checkpointable(module: torch.nn.Module) -> str | None:
+    """The flag of an ldm/sgm block whose forward runs ``_forward`` through their checkpoint(), else None."""
+    if not callable(getattr(module, "_forward", None)):
+        return None
+    return next((flag for flag in CHECKPOINT_FLAGS if isinstance(module.__dict__.get(flag), bool)), None)
+
+
+@contextlib.contextmanager
+def ldm_checkpointing_off(unet: torch.nn.Module) -> Iterator[None]:
+    """Set every block's checkpointing flag to False for the run and restore each afterwards."""
+    saved = [(m, flag, m.__dict__[flag]) for m in unet.modules() if (flag := _checkpointable(m))]
+    try:
+        for module, flag, _ in saved:
+            setattr(module, flag, False)
+        yield
+    finally:
+        for module, flag, value in saved:
+            setattr(module, flag, value)
+
+
+@contextlib.contextmanager
+def checkpointed_blocks(unet: torch.nn.Module, enabled: bool) -> Iterator[None]:
+    """Gradient checkpointing without touching any class: each block gets an instance ``forward`` that runs its
+    ``_forward`` through torch's non-reentrant checkpoint (fine with frozen weights); removed on exit."""
+    blocks = [m for m in unet.modules() if _checkpointable(m) and "forward" not in m.__dict__] if enabled else []
+    try:
+        for block in blocks:
+            block.forward = functools.partial(torch.utils.checkpoint.checkpoint, block._forward, use_reentrant=False)
+        yield
+    finally:
+        for block in blocks:
+            block.__dict__.pop("forward", None)

@@ -5,6 +5,9 @@ import pytest
 import torch
 from fakehost.checks import write_pair
 
+from dreamartist import pairfiles
+from dreamartist.errors import InputError
+
 
 def save_webui_embedding(folder, name, width=32, value=1.0):
     from modules.textual_inversion.textual_inversion import Embedding
@@ -74,3 +77,42 @@ def test_a_pair_written_for_the_model_is_loaded(host, kind, key, width):
     write_pair(host.embeddings_dir, "walle", width=width, key=key)
     embeddings.refresh()
     assert embeddings.pairs() == ["walle"]
+
+
+def test_the_webuis_safe_loader_reads_a_file_object_from_where_its_check_stopped(host):
+    """The stand-in keeps the real loader's behaviour that broke an in-memory check on 1.10.1: given a file
+    object, the check reads it and the load then starts where the check left off."""
+    import io
+
+    buffer = io.BytesIO()
+    torch.save({"x": torch.ones(2)}, buffer)
+    for payload in (buffer.getvalue(), pairfiles._torch_bytes({"x": torch.ones(2)})):
+        try:
+            loaded = torch.load(io.BytesIO(payload), weights_only=True)
+        except Exception:  # the real one raises from the unpickler ("Unsupported operand ...")
+            loaded = None
+        assert loaded is None
+
+
+@pytest.mark.parametrize("state", [{"step": 3, "generator": torch.Generator().get_state(), "betas": (0.9, 0.99)}])
+def test_every_file_a_save_writes_is_read_back_through_the_webuis_loader(host, tmp_path, state):
+    """The pair and its resume state are checked by the route that reads them later (torch.load, replaced by
+    the webui's safe loader), so nothing the webui would refuse is ever committed."""
+    write_pair(host.embeddings_dir, "walle")
+    pairfiles.save_pair(host.embeddings_dir, "walle", {"clip_l": torch.ones(2, 32)}, {"clip_l": torch.ones(2, 32)},
+                        overwrite=True, state=state)
+    assert pairfiles.load_state(host.embeddings_dir, "walle")["step"] == 3
+
+
+def test_a_file_the_webui_would_refuse_is_never_committed(host, monkeypatch):
+    from modules import errors
+
+    write_pair(host.embeddings_dir, "walle")
+    before = {p.name: p.read_bytes() for p in host.embeddings_dir.iterdir()}
+    monkeypatch.setattr(pairfiles, "_webui_zip", lambda payload: payload)  # newer torch's extra zip records
+    with pytest.raises(InputError, match="refused by the webui's safe loader"):
+        pairfiles.save_pair(host.embeddings_dir, "walle", {"clip_l": torch.ones(2, 32)},
+                            {"clip_l": torch.ones(2, 32)}, overwrite=True, state={"step": 1})
+    after = {p.name: p.read_bytes() for p in host.embeddings_dir.iterdir() if not p.name.endswith("-lock")}
+    if host.variant == "v1.6.0":
+        assert after == before and "bad file inside" in errors.reported[-1]

@@ -69,6 +69,10 @@ def test_training_through_the_webui_equals_standalone_training(host, references,
     host.shared.opts.training_xattention_optimizations = True  # both runs use the same attention kernel
     through_webui = jobs.run_training(config(), references)
     fresh = build("sd1")  # the same seeded weights, never hijacked
+    for block in fresh.modules():  # diffusers' own blocks do not checkpoint unless asked
+        for flag in ("checkpoint", "use_checkpoint"):
+            if flag in block.__dict__:
+                setattr(block, flag, False)
     standalone = StandaloneBackend(
         family="sd1", unet=fresh.model.diffusion_model.unet, vae=fresh.first_stage_model.vae,
         text_encoder=fresh.cond_stage_model.transformer, tokenizer=fresh.cond_stage_model.tokenizer,
@@ -96,18 +100,35 @@ def test_attention_optimisation_follows_the_webui_training_setting(host, referen
     assert CrossAttention.__dict__["forward"] is optimised
 
 
-@pytest.mark.filterwarnings(REENTRANT_WARNING)
 def test_gradient_checkpointing_changes_memory_not_results(host, references):
-    from ldm.models import BasicTransformerBlock
+    from ldm.models import BasicTransformerBlock, ResBlock
 
     from extensions_builtin_compat import jobs
 
-    patched = []
+    blocks = [m for m in host.shared.sd_model.modules() if isinstance(m, (BasicTransformerBlock, ResBlock))]
+    forwards = {cls: cls.__dict__["forward"] for cls in (BasicTransformerBlock, ResBlock)}
+    wrapped = []
     plain = jobs.run_training(config(), references)
     checkpointed = jobs.run_training(config(gradient_checkpointing=True, overwrite=True), references,
-                                     on_progress=lambda p: patched.append("forward" in BasicTransformerBlock.__dict__))
-    assert patched == [True] * 3 and "forward" not in BasicTransformerBlock.__dict__
+                                     on_progress=lambda p: wrapped.append(sum("forward" in b.__dict__ for b in blocks)))
+    assert wrapped == [len(blocks)] * 3 and not any("forward" in b.__dict__ for b in blocks)
+    assert {cls: cls.__dict__["forward"] for cls in forwards} == forwards  # no class was patched
     assert torch.allclose(torch.tensor(plain.losses), torch.tensor(checkpointed.losses), rtol=1e-5)
+
+
+def test_the_models_own_checkpointing_is_switched_off_for_training_and_restored(host_v160, references):
+    """webui 1.6.0 loads SD1 with use_checkpoint: True; ldm's checkpoint then differentiates the frozen weights
+    ("One of the differentiated Tensors does not require grad") unless training switches it off."""
+    from ldm.models import BasicTransformerBlock, ResBlock
+
+    from extensions_builtin_compat import jobs
+
+    blocks = [m for m in host_v160.shared.sd_model.modules() if isinstance(m, (BasicTransformerBlock, ResBlock))]
+    flags = lambda: [b.__dict__.get("checkpoint", b.__dict__.get("use_checkpoint")) for b in blocks]  # noqa: E731
+    assert blocks and all(flags())
+    seen = []
+    result = jobs.run_training(config(steps=2), references, on_progress=lambda p: seen.append(any(flags())))
+    assert result.step == 2 and seen == [False, False] and all(flags())
 
 
 def lora_deltas(model) -> dict:

@@ -4,6 +4,8 @@ from __future__ import annotations
 import os
 import pickletools
 import re
+import subprocess
+import sys
 import zipfile
 from pathlib import Path
 
@@ -12,8 +14,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from dreamartist import pairfiles
-from dreamartist.errors import InputError
+from dreamartist import fileops, pairfiles
+from dreamartist.errors import InputError, PairBusy
 from dreamartist.pairfiles import (
     PairMeta,
     check_compatible,
@@ -24,7 +26,6 @@ from dreamartist.pairfiles import (
     load_pair,
     load_state,
     save_pair,
-    save_state,
 )
 
 WEBUI_PT_KEYS = {"string_to_token", "string_to_param", "name", "step", "sd_checkpoint", "sd_checkpoint_name"}
@@ -58,8 +59,10 @@ def webui_safe_check(path: Path) -> None:
     """The checks of the webui's safe loader (modules/safe.py, oldest supported version): zip records and
     pickle globals."""
     allowed_records = re.compile(r"^([^/]+)/((data/\d+)|version|(data\.pkl))$")
-    allowed_globals = {("torch._utils", "_rebuild_tensor_v2"), ("torch", "FloatStorage"),
-                       ("collections", "OrderedDict")}  # the few of its allow-list a float32 tensor needs
+    storages = ("FloatStorage", "HalfStorage", "IntStorage", "LongStorage", "DoubleStorage", "ByteStorage",
+                "BFloat16Storage")
+    allowed_globals = {("torch._utils", "_rebuild_tensor_v2"), ("collections", "OrderedDict"),
+                       *(("torch", s) for s in storages)}  # the part of its allow-list tensors need
     with zipfile.ZipFile(path) as z:
         names = z.namelist()
         assert all(allowed_records.match(n) for n in names), names
@@ -252,25 +255,49 @@ def test_clashes_are_found_in_subfolders_and_any_case(tmp_path):
     assert _listing(tmp_path) == before
 
 
-def test_overwrite_replaces_every_clashing_file(tmp_path):
-    save_pair(tmp_path, "walle", _vectors(1), _vectors(1), fmt="pt")
-    (tmp_path / "sub").mkdir()
-    (tmp_path / "sub" / "WALLE.safetensors").write_bytes(b"x")
+def test_overwrite_replaces_exactly_the_pairs_own_files(tmp_path):
+    save_pair(tmp_path, "walle", _vectors(1), _vectors(1), fmt="safetensors", state={"step": 1})
+    (tmp_path / "walle.preview.png").write_bytes(b"keep")
+    (tmp_path / "walle2.pt").write_bytes(b"keep")
     files = save_pair(tmp_path, "walle", _vectors(2, seed=5), _vectors(2, seed=6), overwrite=True)
-    assert _listing(tmp_path) == ["sub", "walle-neg.pt", "walle.pt"]
+    assert _listing(tmp_path) == ["walle-neg.pt", "walle.preview.png", "walle.pt", "walle2.pt"]
     p, _ = load_pair(tmp_path, "walle")
     assert torch.equal(p.vectors["clip_l"], _vectors(2, seed=5)["clip_l"]) and p.path == files[0]
+    assert load_state(tmp_path, "walle") is None  # the old state belonged to the replaced pair
+
+
+@pytest.mark.parametrize("other", ["sub/WALLE.safetensors", "Walle-Neg.webp", "walle.png"])
+def test_overwrite_refuses_files_that_are_not_the_pairs_own(tmp_path, other):
+    save_pair(tmp_path, "walle", _vectors(1), _vectors(1))
+    (tmp_path / other).parent.mkdir(exist_ok=True)
+    (tmp_path / other).write_bytes(b"someone else's embedding")
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    with pytest.raises(InputError, match=rf"replaces only the pair's own .*{re.escape(Path(other).name)}"):
+        save_pair(tmp_path, "walle", _vectors(2), _vectors(2), overwrite=True)
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+
+
+def test_overwrite_replaces_a_link_not_what_it_points_to(tmp_path):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "target.pt").write_bytes(b"not ours")
+    folder = tmp_path / "emb"
+    folder.mkdir()
+    (folder / "walle.pt").symlink_to(outside / "target.pt")
+    save_pair(folder, "walle", _vectors(1), _vectors(1), overwrite=True)
+    assert (outside / "target.pt").read_bytes() == b"not ours"
+    assert not (folder / "walle.pt").is_symlink() and load_pair(folder, "walle")[0].vectors
 
 
 def test_failed_second_write_leaves_nothing(tmp_path, monkeypatch):
     real = pairfiles.write_temp
     calls = []
 
-    def failing(folder, payload):
+    def failing(folder, name, payload):
         calls.append(folder)
         if len(calls) == 2:
             raise OSError("disk full")
-        return real(folder, payload)
+        return real(folder, name, payload)
 
     monkeypatch.setattr(pairfiles, "write_temp", failing)
     with pytest.raises(OSError, match="disk full"):
@@ -279,25 +306,74 @@ def test_failed_second_write_leaves_nothing(tmp_path, monkeypatch):
 
 
 def test_failed_replace_restores_every_old_file(tmp_path, monkeypatch):
-    save_pair(tmp_path, "walle", _vectors(3), _vectors(3, seed=1))
-    (tmp_path / "sub").mkdir()
-    (tmp_path / "sub" / "WALLE.safetensors").write_bytes(b"older copy")
+    save_pair(tmp_path, "walle", _vectors(3), _vectors(3, seed=1), fmt="safetensors", state={"step": 3})
     before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
     real = os.replace
     calls = []
 
     def failing(src, dst):
         calls.append(Path(dst).name)
-        if len(calls) == 3:
+        if Path(dst).name == "walle-neg.pt":
             raise OSError("device busy")
         return real(src, dst)
 
     monkeypatch.setattr(os, "replace", failing)
     with pytest.raises(OSError, match="device busy"):
-        save_pair(tmp_path, "walle", _vectors(3, seed=7), _vectors(3, seed=8), overwrite=True)
+        save_pair(tmp_path, "walle", _vectors(3, seed=7), _vectors(3, seed=8), overwrite=True, state={"step": 9})
     monkeypatch.setattr(os, "replace", real)
-    assert calls[1:3] == ["walle.pt", "walle-neg.pt"]  # the positive was already in place when the negative failed
+    assert "walle.pt" in calls  # the positive was already in place when the negative failed
     assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+
+
+_DIE_AFTER_FIRST_RENAME = """
+import os, sys, torch
+from dreamartist import fileops, pairfiles
+def dying(folder, record):
+    os.replace(folder / record["moves"][0][0], folder / record["moves"][0][1])
+    os._exit(9)  # the process dies between the renames: no except or finally clause runs
+fileops._apply = dying
+vec = lambda seed: {"clip_l": torch.randn(3, 768, generator=torch.Generator().manual_seed(seed))}
+pairfiles.save_pair(sys.argv[1], "walle", vec(7), vec(8), overwrite=True, state={"step": 2})
+"""
+
+
+def test_a_commit_cut_short_by_process_death_is_finished_by_recovery(tmp_path):
+    save_pair(tmp_path, "walle", _vectors(3), _vectors(3, seed=1))
+    died = subprocess.run([sys.executable, "-c", _DIE_AFTER_FIRST_RENAME, str(tmp_path)], cwd=Path(__file__).parents[1])
+    assert died.returncode == 9
+    half = load_embedding(tmp_path / "walle.pt"), load_embedding(tmp_path / "walle-neg.pt")
+    assert torch.equal(half[0].vectors["clip_l"], _vectors(3, seed=7)["clip_l"])  # new S^p beside the old S^n
+    assert torch.equal(half[1].vectors["clip_l"], _vectors(3, seed=1)["clip_l"])
+    fileops.recover_folder(tmp_path)
+    pos, neg = load_pair(tmp_path, "walle")
+    assert torch.equal(pos.vectors["clip_l"], _vectors(3, seed=7)["clip_l"])
+    assert torch.equal(neg.vectors["clip_l"], _vectors(3, seed=8)["clip_l"])
+    assert load_state(tmp_path, "walle") == {"step": 2}
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == [".walle.dreamartist-lock"]
+
+
+def test_recovery_removes_stale_temporary_files_and_ignores_foreign_journals(tmp_path):
+    save_pair(tmp_path, "walle", _vectors(1), _vectors(1))
+    stale = fileops.write_temp(tmp_path, "walle", b"half written")
+    legacy = tmp_path / ".dreamartist-0123456789abcdef.tmp"
+    legacy.write_bytes(b"x")
+    (tmp_path / ".walle.dreamartist-commit").write_text('{"moves": [["../../etc/passwd", "walle.pt"]], '
+                                                        '"removals": []}')
+    before = (tmp_path / "walle.pt").read_bytes()
+    fileops.recover_folder(tmp_path)
+    assert not stale.exists() and not legacy.exists() and not (tmp_path / ".walle.dreamartist-commit").exists()
+    assert (tmp_path / "walle.pt").read_bytes() == before
+
+
+def test_a_second_holder_of_a_pairs_lock_is_refused_at_once(tmp_path):
+    with fileops.pair_lock(tmp_path, "walle"):
+        with pytest.raises(PairBusy, match="Another training of Walle"):
+            with fileops.pair_lock(tmp_path, "Walle"):
+                pass
+        with fileops.pair_lock(tmp_path, "other"):
+            pass
+    with fileops.pair_lock(tmp_path, "walle"):
+        pass
 
 
 def test_bad_pairs_are_refused_before_writing(tmp_path):
@@ -355,8 +431,10 @@ def test_resume_state_round_trip(tmp_path):
     optimizer.step()
     state = {"step": 17, "optimizer": optimizer.state_dict(), "ema": {"pos": vec.detach() * 0.5},
              "rng": torch.get_rng_state(), "losses": [0.5, 0.25], "config": {"gamma": "3"}}
-    path = save_state(tmp_path, "walle", state)
-    assert path.name == "walle.dreamartist-state" and webui_read(path) is None
+    save_pair(tmp_path, "walle", _vectors(1), _vectors(1), state=state)
+    path = tmp_path / "walle.dreamartist-state"
+    assert webui_read(path) is None
+    webui_safe_check(path)
     loaded = load_state(tmp_path, "walle")
     assert loaded["step"] == 17 and loaded["losses"] == [0.5, 0.25] and torch.equal(loaded["rng"], state["rng"])
     restored = torch.optim.AdamW([torch.zeros(3, 768, requires_grad=True)], lr=1.0)
@@ -364,10 +442,12 @@ def test_resume_state_round_trip(tmp_path):
     assert restored.param_groups[0]["betas"] == (0.9, 0.99)
     assert torch.equal(restored.state_dict()["state"][0]["exp_avg"], optimizer.state_dict()["state"][0]["exp_avg"])
     assert load_state(tmp_path, "other") is None
-    assert [p.name for p in tmp_path.iterdir()] == ["walle.dreamartist-state"]
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".")) == [
+        "walle-neg.pt", "walle.dreamartist-state", "walle.pt"]
 
 
-def test_resume_state_refuses_objects(tmp_path):
-    with pytest.raises(TypeError, match="resume state"):
-        save_state(tmp_path, "walle", {"x": _Payload(tmp_path / "m")})
-    assert list(tmp_path.iterdir()) == []
+@pytest.mark.parametrize("bad", [lambda tmp: _Payload(tmp / "m"), lambda tmp: torch.zeros(2, dtype=torch.bool)])
+def test_resume_state_refuses_what_the_webui_would_not_read(tmp_path, bad):
+    with pytest.raises(TypeError, match="resume state holds a"):
+        save_pair(tmp_path, "walle", _vectors(1), _vectors(1), state={"x": [bad(tmp_path)]})
+    assert _listing(tmp_path) == []

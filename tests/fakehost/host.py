@@ -56,6 +56,8 @@ class FakeHost:
             _package("modules_forge", [HERE / "forge" / "modules_forge"])
         else:
             _package("ldm", [HERE / "a1111" / "ldm"])
+        if not self.flags.forge:
+            importlib.import_module("modules.safe").install()  # the webui replaces torch.load at start-up
         shared = importlib.import_module("modules.shared")
         shared.cmd_opts.embeddings_dir = str(self.embeddings_dir)
         shared.cmd_opts.data_dir = str(self.root)
@@ -66,6 +68,9 @@ class FakeHost:
 
     def uninstall(self) -> None:
         try:
+            safe = sys.modules.get("modules.safe")
+            if safe is not None:
+                safe.uninstall()
             if self.lora is not None:
                 self.lora.originals.undo()
             hijack = sys.modules.get("modules.sd_hijack")

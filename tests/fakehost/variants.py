@@ -20,10 +20,11 @@ class Flags:
     apply_model_always_cast: bool = False  # apply_model cast + autocast always (1.10), else only with upcast
     option_categories: bool = False  # OptionInfo(category_id=) and add_option writing the default to data, 1.7+
     train_tab: bool = True
+    unet_use_checkpoint: bool = False  # the SD1/SD2 configs' use_checkpoint: True reaches ldm's blocks (1.6; 1.7+ off)
 
 
 VARIANTS = {
-    "v1.6.0": Flags("v1.6.0", "v1.6.0", alphas_follow_half=True),
+    "v1.6.0": Flags("v1.6.0", "v1.6.0", alphas_follow_half=True, unet_use_checkpoint=True),
     "v1.10.1": Flags("v1.10.1", "v1.10.1", callback_name_kw=True, infotext_utils=True, before_every_sampling=True,
                      cfg_params_denoiser=True, embeddings_cast_to_input=True, extra_params_callables=True,
                      stopping_generation=True, apply_model_always_cast=True, option_categories=True),

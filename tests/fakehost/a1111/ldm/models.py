@@ -14,12 +14,62 @@ class CrossAttention(Attention):
     """ldm.modules.attention.CrossAttention: the class whose forward the webui's optimisations replace."""
 
 
+class CheckpointFunction(torch.autograd.Function):
+    """ldm.modules.diffusionmodules.util.CheckpointFunction: recomputes the block in backward and differentiates
+    with respect to its inputs AND every parameter it was given, so autograd raises ("One of the differentiated
+    Tensors does not require grad") once those parameters are frozen."""
+
+    @staticmethod
+    def forward(ctx, run_function, length, *args):
+        ctx.run_function = run_function
+        ctx.input_tensors = list(args[:length])
+        ctx.input_params = list(args[length:])
+        with torch.no_grad():
+            return run_function(*ctx.input_tensors)
+
+    @staticmethod
+    def backward(ctx, *output_grads):
+        inputs = [x.detach().requires_grad_(True) for x in ctx.input_tensors]
+        with torch.enable_grad():
+            outputs = ctx.run_function(*[x.view_as(x) for x in inputs])
+        grads = torch.autograd.grad(outputs, inputs + ctx.input_params, output_grads, allow_unused=True)
+        return (None, None) + grads
+
+
+def checkpoint(func, inputs, params, flag):
+    """ldm's checkpoint(): the block as is when ``flag`` is off, else through CheckpointFunction."""
+    if flag:
+        return CheckpointFunction.apply(func, len(inputs), *inputs, *params)
+    return func(*inputs)
+
+
 class BasicTransformerBlock(_DiffusersTransformerBlock):
-    """ldm.modules.attention.BasicTransformerBlock: patched by sd_hijack_checkpoint."""
+    """ldm.modules.attention.BasicTransformerBlock: forward() runs _forward through ldm's checkpoint() when its
+    ``checkpoint`` flag is set (1.6.0 loads SD1 with use_checkpoint: True); sd_hijack_checkpoint patches forward."""
+
+    checkpoint = False
+
+    def _forward(self, hidden_states, encoder_hidden_states=None, **kwargs):  # the same signature as forward
+        return _DiffusersTransformerBlock.forward(self, hidden_states, encoder_hidden_states=encoder_hidden_states,
+                                                  **kwargs)
+
+    def forward(self, hidden_states, encoder_hidden_states=None, **kwargs):
+        def run(h, c):
+            return self._forward(h, encoder_hidden_states=c, **kwargs)
+
+        return checkpoint(run, (hidden_states, encoder_hidden_states), self.parameters(), self.checkpoint)
 
 
 class ResBlock(ResnetBlock2D):
-    """ldm.modules.diffusionmodules.openaimodel.ResBlock: patched by sd_hijack_checkpoint."""
+    """ldm.modules.diffusionmodules.openaimodel.ResBlock: its ``use_checkpoint`` flag works as above."""
+
+    use_checkpoint = False
+
+    def _forward(self, x, emb, *args, **kwargs):
+        return ResnetBlock2D.forward(self, x, emb)
+
+    def forward(self, x, emb, *args, **kwargs):
+        return checkpoint(self._forward, (x, emb), self.parameters(), self.use_checkpoint)
 
 
 def _reclass(root: torch.nn.Module, base: type, cls: type) -> None:
@@ -31,8 +81,9 @@ def _reclass(root: torch.nn.Module, base: type, cls: type) -> None:
 class UNetModel(torch.nn.Module):
     """ldm's UNetModel call signature over a tiny diffusers UNet2DConditionModel."""
 
-    def __init__(self, context_dim: int, in_channels: int = 4):
+    def __init__(self, context_dim: int, in_channels: int = 4, use_checkpoint: bool = False):
         super().__init__()
+        self.use_checkpoint = use_checkpoint
         self.unet = UNet2DConditionModel(
             sample_size=8, in_channels=in_channels, out_channels=4, block_out_channels=(8, 16), layers_per_block=1,
             down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
@@ -42,6 +93,11 @@ class UNetModel(torch.nn.Module):
         _reclass(self, Attention, CrossAttention)
         _reclass(self, _DiffusersTransformerBlock, BasicTransformerBlock)
         _reclass(self, ResnetBlock2D, ResBlock)
+        for module in self.modules():  # as ldm hands the config's use_checkpoint to every block
+            if isinstance(module, BasicTransformerBlock):
+                module.checkpoint = use_checkpoint
+            elif isinstance(module, ResBlock):
+                module.use_checkpoint = use_checkpoint
 
     def forward(self, x, timesteps=None, context=None, y=None, **kwargs):
         return self.unet(x, timesteps, encoder_hidden_states=context).sample

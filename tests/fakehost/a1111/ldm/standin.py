@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from modules._variant import FLAGS
 
 from .encoders import FrozenCLIPEmbedder, FrozenOpenCLIPEmbedder, GeneralConditioner
 from .models import DiffusionEngine, LatentDiffusion, UNetModel
@@ -15,9 +16,11 @@ def build(kind: str) -> torch.nn.Module:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(SEEDS[kind])
         if kind == "sd1":
-            return LatentDiffusion(UNetModel(context_dim=32), FrozenCLIPEmbedder(32), parameterization="eps")
+            return LatentDiffusion(UNetModel(context_dim=32, use_checkpoint=FLAGS.unet_use_checkpoint),
+                                   FrozenCLIPEmbedder(32), parameterization="eps")
         if kind == "sd2":
-            return LatentDiffusion(UNetModel(context_dim=48), FrozenOpenCLIPEmbedder(48), parameterization="v")
+            return LatentDiffusion(UNetModel(context_dim=48, use_checkpoint=FLAGS.unet_use_checkpoint),
+                                   FrozenOpenCLIPEmbedder(48), parameterization="v")
         if kind == "sd1-inpainting":
             return LatentDiffusion(UNetModel(context_dim=32, in_channels=9), FrozenCLIPEmbedder(32),
                                    conditioning_key="hybrid")

@@ -7,30 +7,25 @@ from ldm.models import BasicTransformerBlock, ResBlock
 _originals: dict[type, object] = {}
 
 
-def _checkpointed(original):
-    def forward(self, *args, **kwargs):
-        # The webui passes no use_reentrant: torch 2.0/2.1 then checkpoint reentrantly, which lets gradients
-        # through only to inputs that require them and only through a plain .backward().
-        # Reentrant checkpointing takes no keyword arguments: the diffusers blocks' keywords travel positionally.
-        names = list(kwargs)
+def BasicTransformerBlock_forward(self, x, encoder_hidden_states=None, **kwargs):
+    # The webui passes no use_reentrant: torch 2.0/2.1 then checkpoint reentrantly, which lets gradients
+    # through only to inputs that require them and only through a plain .backward().
+    run = lambda h, c: self._forward(h, encoder_hidden_states=c, **kwargs)  # noqa: E731
+    return torch.utils.checkpoint.checkpoint(run, x, encoder_hidden_states, use_reentrant=True)
 
-        def run(*flat):
-            return original(self, *flat[:len(args)], **dict(zip(names, flat[len(args):], strict=True)))
 
-        return torch.utils.checkpoint.checkpoint(run, *args, *kwargs.values(), use_reentrant=True)
-
-    return forward
+def ResBlock_forward(self, x, emb, *args, **kwargs):
+    return torch.utils.checkpoint.checkpoint(self._forward, x, emb, use_reentrant=True)
 
 
 def add() -> None:
     if _originals:
         return
-    for cls in (BasicTransformerBlock, ResBlock):
+    for cls, forward in ((BasicTransformerBlock, BasicTransformerBlock_forward), (ResBlock, ResBlock_forward)):
         _originals[cls] = cls.forward
-        cls.forward = _checkpointed(cls.forward)
+        cls.forward = forward
 
 
 def remove() -> None:
     for cls in list(_originals):
-        del cls.forward  # the stand-in classes inherit their forward; removing the patch restores it
-        del _originals[cls]
+        cls.forward = _originals.pop(cls)

@@ -2,11 +2,25 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import os
+import re
+import zipfile
 
 import safetensors.torch
 import torch
 from modules import devices, errors, shared
+
+
+def save_as_webui_torch(data, filename: str) -> None:
+    """torch.save as the torch a webui ships (2.0.1 / 2.1.2) writes it: without the zip records newer torch adds
+    (.format_version, .storage_alignment, ...), which the webui's own safe loader would refuse."""
+    buffer = io.BytesIO()
+    torch.save(data, buffer)
+    with zipfile.ZipFile(buffer) as src, zipfile.ZipFile(filename, "w", zipfile.ZIP_STORED) as dst:
+        for info in src.infolist():
+            if re.match(r"^[^/]+/(data\.pkl|version|data/\d+)$", info.filename):
+                dst.writestr(info.filename, src.read(info))
 
 
 class Embedding:
@@ -28,10 +42,10 @@ class Embedding:
         embedding_data = {"string_to_token": {"*": 265}, "string_to_param": {"*": self.vec}, "name": self.name,
                           "step": self.step, "sd_checkpoint": self.sd_checkpoint,
                           "sd_checkpoint_name": self.sd_checkpoint_name}
-        torch.save(embedding_data, filename)
+        save_as_webui_torch(embedding_data, filename)
         if shared.opts.save_optimizer_state and self.optimizer_state_dict is not None:
             optim = {"hash": self.checksum(), "optimizer_state_dict": self.optimizer_state_dict}
-            torch.save(optim, filename + ".optim")
+            save_as_webui_torch(optim, filename + ".optim")
 
     def checksum(self) -> str:
         """Four hex digits that change with the vector values."""
@@ -137,7 +151,7 @@ class EmbeddingDatabase:
         if ext in (".PNG", ".WEBP", ".JXL", ".AVIF"):
             return  # the stand-in reads no image-embedded embeddings
         if ext in (".PT", ".BIN"):
-            data = torch.load(path, map_location="cpu", weights_only=True)
+            data = torch.load(path, map_location="cpu")  # through modules.safe: None when refused
         elif ext == ".SAFETENSORS":
             data = safetensors.torch.load_file(path, device="cpu")
         else:
