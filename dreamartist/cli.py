@@ -1,18 +1,26 @@
 """`python -m dreamartist`: train a pair headless, sample with pairs, inspect pair files.
 
-Every training option comes from TrainConfig, so the CLI, the tab and the API accept the same parameters.
-User errors print one line on stderr and exit with status 2; nothing half-written is left behind.
+Every training option comes from TrainConfig, so the CLI, the tab and the API accept the same values. Everything
+that can be checked is checked before the model loads; user errors print one line on stderr and exit with status
+2; nothing half-written is left behind. The first Ctrl-C stops training after the current step and saves the
+pair; a second one stops at once (the last saved pair stays).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
+import signal
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 from . import config as config_module
 from .errors import DreamArtistError, InputError
 
 EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+DEMO_NOTICE = "No --ckpt given: using the built-in demo model."
 
 
 class _Parser(argparse.ArgumentParser):
@@ -20,16 +28,23 @@ class _Parser(argparse.ArgumentParser):
         raise InputError(f"{message} (see --help)")
 
 
+def _with_default(text: str, default: object) -> str:
+    return text if default in ("", None) else f"{text} (default: {default})"
+
+
 def _add_config_options(parser: argparse.ArgumentParser) -> None:
     for f in config_module.fields():
         meta, flag = f.metadata, "--" + f.name.replace("_", "-")
-        help_text = (meta["help"] or meta["label"]) + f" (default: {f.default})"
+        help_text = meta["help"] or meta["label"]
+        if f.name == "template":
+            help_text = "'object', 'style', or a text file with one prompt per line, each with [name]"
         if f.type == "bool":
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=help_text)
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default,
+                                help=_with_default(help_text, "on" if f.default else "off"))
         else:
             kind = {"int": int, "float": float}.get(f.type, str)
-            parser.add_argument(flag, type=kind, default=f.default, help=help_text,
-                                choices=meta["choices"] or None, required=f.name == "name")
+            parser.add_argument(flag, type=kind, default=f.default, choices=meta["choices"] or None,
+                                required=f.name == "name", help=_with_default(help_text, f.default or None))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -37,24 +52,32 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     train = commands.add_parser("train", help="train NAME and NAME-neg from one image (or a folder)")
     train.add_argument("--image", required=True, help="reference image file, or a folder of images")
-    train.add_argument("--mask", help="optional loss-weight mask (greyscale: 0 ignores, 0.5 normal, 1 = 5x)")
+    train.add_argument("--mask", help="loss-weight mask for the image (greyscale: black 0x, mid-grey 1x, white 5x)")
     train.add_argument("--out", default="embeddings", help="folder for the pair (default: ./embeddings)")
     train.add_argument("--ckpt", help="SD 1.x / 2.x checkpoint (.safetensors, .ckpt); default: the demo model")
+    train.add_argument("--previews", default="previews",
+                       help="folder for preview images, kept apart from --out, where the webui would read PNG files "
+                            "as embeddings (default: ./previews)")
+    train.add_argument("--final-preview", action=argparse.BooleanOptionalAction, default=True,
+                       help="sample a preview grid after the last step (default: on)")
     _add_config_options(train)
     generate = commands.add_parser("generate", help="sample with pairs: NAME-neg joins the negative prompt")
-    generate.add_argument("--prompt", required=True)
+    generate.add_argument("--prompt", required=True, help="the prompt; (word:1.2), [word] and BREAK as in the webui")
     generate.add_argument("--negative", default="", help="negative prompt")
-    generate.add_argument("--ckpt", help="checkpoint; default: the demo model")
-    generate.add_argument("--embeddings", default="embeddings", help="folder of embeddings (default: ./embeddings)")
-    generate.add_argument("--cfg", default="7", help="guidance scale (a number or a gamma schedule)")
-    generate.add_argument("--steps", type=int, default=20)
-    generate.add_argument("--width", type=int, default=512)
-    generate.add_argument("--height", type=int, default=512)
-    generate.add_argument("--seed", type=int, default=0)
-    generate.add_argument("--batch", type=int, default=1)
-    generate.add_argument("--output", default="generated.png", help="image file to write")
+    generate.add_argument("--ckpt", help="SD 1.x / 2.x checkpoint; default: the demo model")
+    generate.add_argument("--embeddings", help="folder of embeddings and pairs (subfolders too)")
+    generate.add_argument("--cfg", default="7", help="guidance scale: a number or a schedule like 1.5-3.0:cos "
+                                                     "(default: 7)")
+    generate.add_argument("--steps", type=int, default=20, help="DDIM steps (default: 20)")
+    generate.add_argument("--width", type=int, default=512, help="image width, a multiple of 8 (default: 512)")
+    generate.add_argument("--height", type=int, default=512, help="image height, a multiple of 8 (default: 512)")
+    generate.add_argument("--seed", type=int, default=0, help="noise seed (default: 0)")
+    generate.add_argument("--batch", type=int, default=1, help="images to sample, tiled in a grid (default: 1)")
+    generate.add_argument("--output", default="generated.png",
+                          help="image file to write: .png, .jpg or .webp; a PNG carries the parameters as the webui's "
+                               "do (default: generated.png)")
     info = commands.add_parser("info", help="show what an embedding file holds")
-    info.add_argument("file")
+    info.add_argument("file", help="a .pt, .bin or .safetensors embedding")
     return parser
 
 
@@ -63,74 +86,150 @@ def _load_backend(ckpt: str | None):
 
     if ckpt:
         return load_checkpoint(ckpt)
-    print("No --ckpt given: using the built-in demo model (tiny, random weights; for trying the tool).")
+    print(f"{DEMO_NOTICE} It is tiny and random: it shows the pipeline, not good pictures.")
     return build_demo_backend()
+
+
+@contextlib.contextmanager
+def _soft_interrupt() -> Iterator[list[bool]]:
+    """The first Ctrl-C sets a flag the trainer checks between steps; the second raises KeyboardInterrupt."""
+    flag = [False]
+
+    def handler(signum, frame):
+        if flag[0]:
+            raise KeyboardInterrupt
+        flag[0] = True
+        print("\nstopping after this step (Ctrl-C again to stop at once)", file=sys.stderr)
+
+    try:
+        previous = signal.signal(signal.SIGINT, handler)
+    except ValueError:  # not the main thread: keep Python's own handling
+        yield flag
+        return
+    try:
+        yield flag
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
+    from . import fileops, pairfiles
     from .images import load_references
+    from .templates import read_template_file
     from .trainer import Trainer
 
     values = {f.name: getattr(args, f.name) for f in config_module.fields()}
+    values["template"] = read_template_file(args.template)
     config = config_module.TrainConfig(**values)
-    if not Path(args.image).exists():
-        raise InputError(f"The image {args.image} does not exist.")
     if args.mask and not Path(args.mask).exists():
         raise InputError(f"The mask {args.mask} does not exist.")
     references = load_references(args.image, config.width, config.height, mask_path=args.mask)
+    out, previews = Path(args.out), Path(args.previews)
+    if previews.resolve().is_relative_to(out.resolve()):
+        raise InputError(f"--previews {previews} is inside --out {out}: the webui would try to load the preview "
+                         "images as embeddings; choose a folder outside it.")
+    fileops.check_writable(out, 1 << 20)
+    if not config.resume:
+        pairfiles.check_can_save(out, config.name, config.overwrite)
+    if config.preview_every or args.final_preview:
+        fileops.make_folder(previews)
     backend = _load_backend(args.ckpt)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    trainer = Trainer(backend, config, references, out, on_progress=lambda p: _advance(bar, p))
-    bar = tqdm(total=config.steps, initial=trainer.step, desc=config.name, unit="step")
-    result = trainer.run()
-    bar.close()
+
+    bar = None
+
+    def progress(p) -> None:
+        nonlocal bar
+        if bar is None:  # made at the first step, so that errors before it print alone
+            bar = tqdm(total=config.steps, initial=p.step - 1, desc=config.name, unit="step")
+        bar.update(p.step - bar.n)
+        bar.set_postfix(loss=f"{p.loss:.4f}")
+        if p.preview is not None:
+            p.preview.save(previews / f"{config.name}-step{p.step:05d}.png")
+
+    with _soft_interrupt() as stop:
+        trainer = Trainer(backend, config, references, out, on_progress=progress, should_stop=lambda: stop[0])
+        try:
+            result = trainer.run()
+        finally:
+            if bar is not None:
+                bar.close()
+    for note in result.notes:
+        print(note)
     if not result.files:
         print("Stopped before the first step; nothing was written.")
-        return 1
+        return EXIT_INTERRUPTED
     written = [str(f) for f in result.files]
-    if not result.stopped:  # an interrupted run ends at once; sampling a preview can take minutes on a CPU
-        preview_path = out / f"{config.name}-preview.png"
-        trainer.preview().save(preview_path)
-        written.append(str(preview_path))
+    if args.final_preview and not result.stopped:
+        written.append(str(_final_preview(trainer, previews / f"{config.name}-final.png")))
     state = "stopped early" if result.stopped else "done"
     print(f"{state}: step {result.step}, loss {result.final_loss:.4f}")
-    print(f"wrote {', '.join(written)}")
+    print(f"wrote {', '.join(written)} (and {config.name}.dreamartist-state, the optimiser state for --resume)")
     print(f"Use it: put {config.name} in the prompt; {config.name}-neg goes to the negative prompt "
           "(the webui extension does this for you).")
-    return 130 if result.stopped else 0
+    return EXIT_INTERRUPTED if result.stopped else 0
 
 
-def _advance(bar, progress) -> None:
-    bar.update(progress.step - bar.n)
-    bar.set_postfix(loss=f"{progress.loss:.4f}", lr=f"{progress.lr:.2g}")
+def _final_preview(trainer, path: Path) -> Path:
+    from tqdm import tqdm
+
+    from .trainer import PREVIEW_STEPS
+
+    count = len(trainer.objective.preview_prompts())
+    with tqdm(total=count * PREVIEW_STEPS, desc="preview", unit="step") as bar:
+        trainer.preview(on_step=lambda: bar.update(1)).save(path)
+    return path
 
 
-def cmd_generate(args: argparse.Namespace) -> int:
-    from . import pairfiles
-    from .fileops import walk_files
-    from .pairing import add_partners, words_in
-    from .sampling import grid, sample
+def _check_generate_args(args: argparse.Namespace) -> None:
+    from .gamma import parse_gamma
 
     if args.steps <= 0 or args.batch <= 0:
         raise InputError("--steps and --batch must be at least 1.")
-    if args.width % 8 or args.height % 8 or min(args.width, args.height) < 64:
-        raise InputError("--width and --height must be multiples of 8, at least 64.")
+    if args.steps > 1000 or args.batch > 64:
+        raise InputError("--steps must be at most 1000 and --batch at most 64.")
+    if args.width % 8 or args.height % 8 or not (64 <= min(args.width, args.height) <= max(args.width, args.height)
+                                                 <= 2048):
+        raise InputError("--width and --height must be multiples of 8 between 64 and 2048.")
     if not 0 <= args.seed < 2**32:
         raise InputError("--seed must be between 0 and 4294967295.")
-    backend = _load_backend(args.ckpt)
-    folder = Path(args.embeddings)
+    parse_gamma(args.cfg)
+    output = Path(args.output)
+    if output.suffix.lower() not in IMAGE_SUFFIXES:
+        raise InputError(f"--output {output.name} must end in {', '.join(IMAGE_SUFFIXES)}.")
+    from .fileops import make_folder
+
+    make_folder(output.parent)
+    if args.embeddings is not None and not Path(args.embeddings).is_dir():
+        raise InputError(f"--embeddings {args.embeddings} is not a folder.")
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from . import pairfiles
+    from .fileops import walk_files
+    from .images import parameters_png_info
+    from .pairing import add_partners
+    from .prompts import WordFinder, words_used
+    from .sampling import grid, sample
+
+    _check_generate_args(args)
+    folder = Path(args.embeddings) if args.embeddings else None
     files: dict[str, list[Path]] = {}
-    for path in walk_files(folder):
+    for path in walk_files(folder) if folder else ():
         if path.suffix.lower() in pairfiles.LOADABLE_EXTS:
             files.setdefault(path.stem, []).append(path)
-    partners = pairfiles.list_pairs(folder) if folder.is_dir() else {}
-    negative, added = add_partners(args.prompt, args.negative, partners)
-    wanted = words_in(args.prompt + " , " + negative, {name: name for name in files})
+    backend = _load_backend(args.ckpt)
+    tokenize, ids = backend.token_ids, backend.special_ids
+    negative, added = add_partners(args.prompt, args.negative, pairfiles.list_pairs(folder) if folder else {},
+                                   tokenize, **ids)
+    finder = WordFinder({name: 1 for name in files}, tokenize)
     words = {}
-    for name in wanted:
+    for name, _ in words_used(args.prompt, tokenize, finder, **ids) + words_used(negative, tokenize, finder, **ids):
+        if name in words:
+            continue
         if len(files[name]) > 1:
             raise InputError(f"Several files are named {name}: {', '.join(map(str, files[name]))}; keep one.")
         embedding = pairfiles.load_embedding(files[name][0])
@@ -138,20 +237,30 @@ def cmd_generate(args: argparse.Namespace) -> int:
         words[name] = {k: v.to(backend.device) for k, v in embedding.vectors.items()}
     if added:
         print(f"negative prompt: {negative}")
-    images = sample(backend, args.prompt, negative, words, guidance=args.cfg, steps=args.steps,
-                    width=args.width, height=args.height, seed=args.seed, batch=args.batch)
-    grid(images).save(args.output)
+    with tqdm(total=args.steps, desc="sampling", unit="step") as bar:
+        images = sample(backend, args.prompt, negative, words, guidance=args.cfg, steps=args.steps, width=args.width,
+                        height=args.height, seed=args.seed, batch=args.batch, on_step=lambda i, n: bar.update(1))
+    parameters = (f"{args.prompt}\nNegative prompt: {negative}\nSteps: {args.steps}, Sampler: DDIM, CFG scale: "
+                  f"{args.cfg}, Seed: {args.seed}, Size: {args.width}x{args.height}, Model hash: "
+                  f"{backend.model_hash}, Model: {backend.model_name}"
+                  + (f", DreamArtist: {', '.join(added)}" if added else ""))
+    png = args.output.lower().endswith(".png")
+    try:
+        grid(images).save(args.output, pnginfo=parameters_png_info(parameters) if png else None)
+    except OSError as e:
+        raise InputError(f"Could not write {args.output} ({e.strerror or e}).") from None
     print(f"wrote {args.output}")
     return 0
 
 
 def cmd_info(args: argparse.Namespace) -> int:
     from . import pairfiles
+    from .families import describe
 
     embedding = pairfiles.load_embedding(args.file)
     dims = {k: int(v.shape[-1]) for k, v in embedding.vectors.items()}
     vectors = max(int(v.shape[0]) for v in embedding.vectors.values())
-    print(f"{embedding.name}: {vectors} vectors for {pairfiles.describe(dims)}, step {embedding.step}, "
+    print(f"{embedding.name}: {vectors} vectors for {describe(dims)}, step {embedding.step}, "
           f"{embedding.layout} layout")
     if embedding.pair:
         pair = embedding.pair
@@ -171,5 +280,5 @@ def main(argv: list[str] | None = None) -> int:
         print(f"dreamartist: error: {error}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
-        print("dreamartist: interrupted", file=sys.stderr)
-        return 130
+        print("dreamartist: interrupted; the last saved pair (if any) is unchanged", file=sys.stderr)
+        return EXIT_INTERRUPTED

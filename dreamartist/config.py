@@ -1,8 +1,9 @@
-"""Every training parameter, defined once: the tab, the API, the CLI and the trainer all read this class.
+"""Every training option, defined and validated once: the tab, the API, the CLI and the trainer all read this class.
 
 Defaults follow the DreamArtist paper (sec. 4, 5): S^p and S^n of 3 vectors, gamma 3, lr 0.0025, batch 1,
 reconstruction loss on. Each field's metadata says how a front end shows it (label, help, range, choices,
-whether it is folded away under "advanced").
+whether it is folded away under "advanced"). Validation runs in ``__post_init__`` and nowhere else; it also
+parses the text options once (``gamma_schedule``, ``template_lines``) so that nothing downstream parses again.
 """
 from __future__ import annotations
 
@@ -12,105 +13,113 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import InputError
-from .gamma import parse_gamma
+from .gamma import GammaSchedule, parse_gamma
 from .names import validate_name
+from .templates import template_lines
 
-TEMPLATES = ("object", "style")
 FILE_FORMATS = ("pt", "safetensors")
+MAX_STEPS = 100_000
 
 
 def option(default: Any, label: str, help: str = "", *, minimum: float | None = None,
            maximum: float | None = None, step: float | None = None, choices: tuple = (),
-           advanced: bool = False, cli: bool = True) -> Any:
-    """A dataclass field with the metadata a front end needs to show and check it."""
+           advanced: bool = False, group: str = "") -> Any:
+    """A dataclass field with the metadata a front end needs to show and check it; ``group`` names the row of
+    options that belong together in the tab."""
     meta = dict(label=label, help=help, minimum=minimum, maximum=maximum, step=step, choices=choices,
-                advanced=advanced, cli=cli)
+                advanced=advanced, group=group)
     return field(default=default, metadata=meta)
 
 
 @dataclass
 class TrainConfig:
-    name: str = option("", "Name", "The word you will type in prompts; the pair is NAME and NAME-neg.")
+    name: str = option("", "Name", "The word you will type in prompts; the pair is NAME and NAME-neg.",
+                       group="concept")
     init_words: str = option("*", "Initialization words",
-                             "Words close to the concept (e.g. 'robot'); S^p starts from their embeddings.")
-    pos_len: int = option(3, "Vectors in S^p", "Length of the positive pseudo-word.", minimum=1, maximum=75, step=1)
-    neg_len: int = option(3, "Vectors in S^n", "Length of the negative pseudo-word.", minimum=1, maximum=75, step=1)
+                             "Words close to the concept (e.g. 'robot'); S^p starts from their embeddings.",
+                             group="concept")
+    pos_len: int = option(3, "Vectors in S^p", "Length of the positive pseudo-word.", minimum=1, maximum=75, step=1,
+                          group="lengths")
+    neg_len: int = option(3, "Vectors in S^n", "Length of the negative pseudo-word.", minimum=1, maximum=75, step=1,
+                          group="lengths")
     gamma: str = option("3", "Gamma (training CFG)",
                         "Guidance scale of the training loss: 3 for objects, 5 for styles; "
-                        "or a schedule over t such as 1.5-3.0, 1.5-3.0:cos, 1.5-3.0:cos2.")
-    lr: float = option(0.0025, "Learning rate", minimum=1e-6, maximum=1.0)
-    steps: int = option(1500, "Steps", "Optimiser steps.", minimum=1, maximum=100000, step=1)
-    width: int = option(512, "Width", minimum=64, maximum=2048, step=8)
-    height: int = option(512, "Height", minimum=64, maximum=2048, step=8)
+                        "or a schedule over t such as 1.5-3.0, 1.5-3.0:cos, 1.5-3.0:cos2.", group="guidance")
+    lr: float = option(0.0025, "Learning rate", minimum=1e-6, maximum=1.0, group="guidance")
+    steps: int = option(1500, "Steps", "Optimiser steps.", minimum=1, maximum=MAX_STEPS, step=1, group="run")
+    seed: int = option(0, "Seed", "-1 for a random seed.", minimum=-1, maximum=2**32 - 1, step=1, group="run")
+    width: int = option(512, "Width", minimum=64, maximum=2048, step=8, group="size")
+    height: int = option(512, "Height", minimum=64, maximum=2048, step=8, group="size")
     reconstruction: bool = option(True, "Reconstruction loss",
                                   "Decode the predicted z0 and compare it with the reference (eq. 6). "
-                                  "Better fidelity, more memory.")
-    rec_weight: float = option(1.0, "Reconstruction weight", minimum=0.0, maximum=100.0)
+                                  "Better fidelity, more memory.", group="reconstruction")
+    rec_weight: float = option(1.0, "Reconstruction weight", minimum=0.0, maximum=100.0, group="reconstruction")
     template: str = option("object", "Prompt template",
-                           "'object', 'style', or a template file with [name] (and [filewords]) per line.")
-    seed: int = option(0, "Seed", "-1 for a random seed.", minimum=-1, maximum=2**32 - 1, step=1)
-    preview_every: int = option(0, "Preview every N steps", "0 for none.", minimum=0, step=1)
-    save_every: int = option(0, "Save every N steps", "0 saves only at the end.", minimum=0, step=1)
+                           "'object', 'style', or your own lines, one per line, each with [name] "
+                           "(and [filewords] for a caption).", group="template")
+    preview_every: int = option(0, "Preview every N steps", "0 for none.", minimum=0, maximum=MAX_STEPS, step=1,
+                                group="outputs")
+    save_every: int = option(0, "Save every N steps", "0 saves only at the end.", minimum=0, maximum=MAX_STEPS,
+                             step=1, group="outputs")
     # Advanced
-    neg_lr_mult: float = option(1.0, "S^n lr multiplier", minimum=0.0, maximum=100.0, advanced=True)
-    beta1: float = option(0.9, "Adam beta1", minimum=0.0, maximum=0.9999, advanced=True)
-    beta2: float = option(0.999, "Adam beta2", minimum=0.0, maximum=0.99999, advanced=True)
-    weight_decay: float = option(0.0, "Weight decay", minimum=0.0, maximum=1.0, advanced=True)
-    batch_size: int = option(1, "Batch size", minimum=1, maximum=64, step=1, advanced=True)
+    neg_lr_mult: float = option(1.0, "S^n lr multiplier", minimum=0.0, maximum=100.0, advanced=True,
+                                group="optimiser")
+    weight_decay: float = option(0.0, "Weight decay", minimum=0.0, maximum=1.0, advanced=True, group="optimiser")
+    beta1: float = option(0.9, "Adam beta1", minimum=0.0, maximum=0.9999, advanced=True, group="betas")
+    beta2: float = option(0.999, "Adam beta2", minimum=0.0, maximum=0.99999, advanced=True, group="betas")
+    batch_size: int = option(1, "Batch size", minimum=1, maximum=64, step=1, advanced=True, group="batch")
     grad_accum: int = option(1, "Gradient accumulation", "Micro-batches per optimiser step.",
-                             minimum=1, maximum=1024, step=1, advanced=True)
-    grad_clip: float = option(0.0, "Gradient clip (norm)", "0 for off.", minimum=0.0, advanced=True)
+                             minimum=1, maximum=1024, step=1, advanced=True, group="batch")
+    grad_clip: float = option(0.0, "Gradient clip (norm)", "0 for off.", minimum=0.0, maximum=1000.0, advanced=True,
+                              group="batch")
     ema_pos: float = option(0.0, "EMA decay of S^p", "0 for off; e.g. 0.99. The EMA vectors are saved.",
-                            minimum=0.0, maximum=0.99999, advanced=True)
-    ema_neg: float = option(0.0, "EMA decay of S^n", minimum=0.0, maximum=0.99999, advanced=True)
+                            minimum=0.0, maximum=0.99999, advanced=True, group="ema")
+    ema_neg: float = option(0.0, "EMA decay of S^n", minimum=0.0, maximum=0.99999, advanced=True, group="ema")
     neg_noise: float = option(1e-3, "S^n init noise", "Std of the noise added to the empty-text init.",
-                              minimum=0.0, maximum=1.0, advanced=True)
-    gradient_checkpointing: bool = option(False, "Gradient checkpointing", "Less memory, slower.", advanced=True)
-    file_format: str = option("pt", "File format", choices=FILE_FORMATS, advanced=True)
-    overwrite: bool = option(False, "Overwrite existing pair", advanced=True)
+                              minimum=0.0, maximum=1.0, advanced=True, group="init")
+    gradient_checkpointing: bool = option(False, "Gradient checkpointing", "Less memory, slower.", advanced=True,
+                                          group="memory")
+    file_format: str = option("pt", "File format", choices=FILE_FORMATS, advanced=True, group="files")
+    overwrite: bool = option(False, "Overwrite existing pair", advanced=True, group="files")
     resume: bool = option(False, "Resume", "Continue a saved pair of this name, with its optimiser state.",
-                          advanced=True)
+                          advanced=True, group="files")
 
     def __post_init__(self) -> None:
-        validate_name(self.name)
+        problems = []
         for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            label = f.metadata["label"]
-            if f.type in ("int", "float") and isinstance(value, bool):
-                raise InputError(f"{label} must be a number, not {value!r}.")
-            if f.type == "int":
-                if isinstance(value, float) and value.is_integer():
-                    value = int(value)
-                    setattr(self, f.name, value)
-                if not isinstance(value, int):
-                    raise InputError(f"{label} must be a whole number, not {value!r}.")
-            elif f.type == "float":
-                if not isinstance(value, (int, float)) or not math.isfinite(value):
-                    raise InputError(f"{label} must be a finite number, not {value!r}.")
-                setattr(self, f.name, float(value))
-            elif f.type == "bool" and not isinstance(value, bool):
-                raise InputError(f"{label} must be true or false, not {value!r}.")
-            elif f.type == "str" and not isinstance(value, str):
-                raise InputError(f"{label} must be text, not {value!r}.")
-            lo, hi = f.metadata["minimum"], f.metadata["maximum"]
-            if lo is not None and value < lo or hi is not None and value > hi:
-                bounds = f"at least {lo}" if hi is None else f"between {lo} and {hi}"
-                raise InputError(f"{label} must be {bounds}; got {value}.")
-            if f.metadata["choices"] and value not in f.metadata["choices"]:
-                raise InputError(f"{label} must be one of {', '.join(f.metadata['choices'])}; got {value!r}.")
+            try:
+                setattr(self, f.name, _checked(f, getattr(self, f.name)))
+            except InputError as e:
+                problems.append(str(e))
+        if not problems:
+            for check in (lambda: validate_name(self.name), self._check_size):
+                try:
+                    check()
+                except InputError as e:
+                    problems.append(str(e))
+        try:
+            self.gamma_schedule: GammaSchedule = parse_gamma(self.gamma)
+        except InputError as e:
+            problems.append(str(e))
+        try:
+            self.template_lines: tuple[str, ...] = template_lines(self.template)
+        except InputError as e:
+            problems.append(str(e))
+        if problems:
+            raise InputError(" ".join(dict.fromkeys(problems)))
+
+    def _check_size(self) -> None:
         if self.width % 8 or self.height % 8:
             raise InputError(f"Width and height must be multiples of 8; got {self.width}x{self.height}.")
-        parse_gamma(self.gamma)
-        if not self.template.strip():
-            raise InputError("Prompt template is empty: use 'object', 'style' or a template file.")
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
-        """Build from user data (API JSON, saved settings); unknown keys are an error, not ignored."""
+        """Build from user data (API JSON, the tab, saved settings); unknown keys are an error, not ignored."""
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
-            raise InputError(f"Unknown parameter(s): {', '.join(unknown)}.")
+            raise InputError(f"Unknown option(s): {', '.join(map(str, unknown))}; the options are "
+                             f"{', '.join(sorted(known))}.")
         return cls(**data)
 
     def to_dict(self) -> dict[str, Any]:
@@ -118,6 +127,35 @@ class TrainConfig:
 
     def replace(self, **changes: Any) -> TrainConfig:
         return dataclasses.replace(self, **changes)
+
+
+def _checked(f: dataclasses.Field, value: Any) -> Any:
+    """``value`` in the field's type (gamma also takes a number), or an InputError of one sentence."""
+    label, meta = f.metadata["label"], f.metadata
+    if f.name == "gamma" and isinstance(value, (int, float)) and not isinstance(value, bool):
+        value = repr(value) if isinstance(value, float) else str(value)
+    if f.type in ("int", "float") and isinstance(value, bool):
+        raise InputError(f"{label} must be a number, not {value!r}.")
+    if f.type == "int":
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        if not isinstance(value, int):
+            raise InputError(f"{label} must be a whole number, not {value!r}.")
+    elif f.type == "float":
+        if not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise InputError(f"{label} must be a finite number, not {value!r}.")
+        value = float(value)
+    elif f.type == "bool" and not isinstance(value, bool):
+        raise InputError(f"{label} must be true or false, not {value!r}.")
+    elif f.type == "str" and not isinstance(value, str):
+        raise InputError(f"{label} must be text, not {value!r}.")
+    low, high = meta["minimum"], meta["maximum"]
+    if (low is not None and value < low) or (high is not None and value > high):
+        bounds = f"at least {low}" if high is None else f"between {low} and {high}"
+        raise InputError(f"{label} must be {bounds}; got {value}.")
+    if meta["choices"] and value not in meta["choices"]:
+        raise InputError(f"{label} must be one of {', '.join(meta['choices'])}; got {value!r}.")
+    return value.strip() if isinstance(value, str) and f.name != "template" else value
 
 
 def fields() -> tuple[dataclasses.Field, ...]:

@@ -20,3 +20,7 @@ class TrainingStopped(DreamArtistError):
 
 class PairBusy(DreamArtistError):
     """Another run holds the pair's name in that folder (the API answers 409)."""
+
+
+class NameTaken(InputError):
+    """The pair's name is already used by an embedding the webui would load (the API answers 409)."""

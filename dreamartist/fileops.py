@@ -1,10 +1,11 @@
 """File-system mechanics for pair files: a lock per pair name, a journaled commit of several files at once,
 recovery of a commit that a dying process left half done, and the folder walk the webui's embedding loader does.
 
-Every file this module makes in a folder starts with "." and ends in an extension the webui's embedding loader
-skips: ``.NAME.<token>.dreamartist-tmp`` (a file being written), ``.NAME.dreamartist-commit`` (the journal of a
-commit in progress), ``.NAME.dreamartist-lock`` (the lock; empty). NAME is lower-cased: pair names are
-case-insensitive, as the webui's embedding names are, while file systems differ.
+The files this module works with live in one hidden subfolder, ``<folder>/.dreamartist/``, with extensions the
+webui's embedding loader skips: ``NAME.<token>.tmp`` (a file being written; on the same file system as its
+target, so the final rename is atomic), ``NAME.commit`` (the journal of a commit in progress), ``NAME.lock`` (the
+lock; empty). NAME is lower-cased: pair names are case-insensitive, as the webui's embedding names are, while
+file systems differ.
 """
 from __future__ import annotations
 
@@ -21,16 +22,19 @@ from filelock import FileLock, Timeout
 
 from .errors import InputError, PairBusy
 
-TEMP_SUFFIX = ".dreamartist-tmp"
-JOURNAL_SUFFIX = ".dreamartist-commit"
-LOCK_SUFFIX = ".dreamartist-lock"
-_TEMP = re.compile(rf"^\.(?P<key>.+)\.[0-9a-f]{{16}}{re.escape(TEMP_SUFFIX)}$")
+WORK_DIR = ".dreamartist"
+_TEMP = re.compile(r"^(?P<key>.+)\.[0-9a-f]{16}\.tmp$")
 _LEGACY_TEMP = re.compile(r"^\.dreamartist-[0-9a-f]{16}\.tmp$")  # written by earlier versions, never journaled
 SPACE_MARGIN = 16 << 20  # bytes kept free beyond what a save needs
 
 
 def _key(name: str) -> str:
     return name.lower()
+
+
+def work_dir(folder: Path) -> Path:
+    """The hidden subfolder of ``folder`` that holds locks, journals and files being written."""
+    return Path(folder) / WORK_DIR
 
 
 def walk_files(folder: Path) -> Iterator[Path]:
@@ -51,8 +55,8 @@ def pair_lock(folder: Path, name: str) -> Iterator[None]:
     """Hold the lock of pair ``name`` in ``folder`` for a whole run; a second holder, in this process or another
     (the tab, the API and the command line share it), is refused at once with PairBusy."""
     folder = Path(folder)
-    make_folder(folder)
-    lock = FileLock(str(folder / f".{_key(name)}{LOCK_SUFFIX}"), timeout=0)
+    make_folder(work_dir(folder))
+    lock = FileLock(str(work_dir(folder) / f"{_key(name)}.lock"), timeout=0)
     try:
         lock.acquire()
     except Timeout:
@@ -89,8 +93,9 @@ def check_writable(folder: Path, needed_bytes: int) -> None:
 
 
 def write_temp(folder: Path, name: str, payload: bytes) -> Path:
-    """Write ``payload`` to a new hidden temporary file of pair ``name`` in ``folder``, flushed to disk."""
-    tmp = folder / f".{_key(name)}.{secrets.token_hex(8)}{TEMP_SUFFIX}"
+    """Write ``payload`` to a new temporary file of pair ``name`` in the work folder of ``folder``, on disk."""
+    make_folder(work_dir(folder))
+    tmp = work_dir(folder) / f"{_key(name)}.{secrets.token_hex(8)}.tmp"
     try:
         with open(tmp, "xb") as f:
             f.write(payload)
@@ -112,7 +117,7 @@ def commit(folder: Path, name: str, moves: list[tuple[Path, Path]], removals: li
     for path in [*(t for _, t in moves), *removals]:
         if path.parent != folder:
             raise ValueError(f"{path} is not directly in {folder}")
-    journal = folder / f".{_key(name)}{JOURNAL_SUFFIX}"
+    journal = work_dir(folder) / f"{_key(name)}.commit"
     record = {"moves": [[tmp.name, target.name] for tmp, target in moves], "removals": [p.name for p in removals]}
     os.replace(write_temp(folder, name, json.dumps(record).encode()), journal)
     _sync_folder(folder)
@@ -143,15 +148,15 @@ def commit(folder: Path, name: str, moves: list[tuple[Path, Path]], removals: li
 def _apply(folder: Path, record: dict) -> None:
     """The journaled steps; each may run again after a crash without harm."""
     for tmp, target in record["moves"]:
-        if (folder / tmp).exists():
-            os.replace(folder / tmp, folder / target)
+        if (work_dir(folder) / tmp).exists():
+            os.replace(work_dir(folder) / tmp, folder / target)
     for removal in record["removals"]:
         remove_quietly(folder / removal)
 
 
 def _backup(folder: Path, name: str, path: Path) -> Path:
     """A hard link to ``path`` (a copy where links are not supported): the file itself stays in place."""
-    backup = folder / f".{_key(name)}.{secrets.token_hex(8)}{TEMP_SUFFIX}"
+    backup = work_dir(folder) / f"{_key(name)}.{secrets.token_hex(8)}.tmp"
     try:
         os.link(path, backup, follow_symlinks=False)
     except (OSError, NotImplementedError):
@@ -165,7 +170,7 @@ def recover(folder: Path, name: str) -> None:
     The caller holds ``pair_lock``. A journal that is not ours in shape is removed without acting on it.
     """
     folder, key = Path(folder), _key(name)
-    journal = folder / f".{key}{JOURNAL_SUFFIX}"
+    journal = work_dir(folder) / f"{key}.commit"
     if journal.is_file():
         try:
             record = json.loads(journal.read_text(encoding="utf-8"))
@@ -174,7 +179,7 @@ def recover(folder: Path, name: str) -> None:
         if _journal_is_sane(record, key):
             _apply(folder, record)
         remove_quietly(journal)
-    for path in list(folder.iterdir()) if folder.is_dir() else []:
+    for path in list(work_dir(folder).iterdir()) if work_dir(folder).is_dir() else []:
         match = _TEMP.match(path.name)
         if match and match.group("key") == key:
             remove_quietly(path)
@@ -186,14 +191,15 @@ def recover_folder(folder: Path) -> None:
     folder = Path(folder)
     if not folder.is_dir():
         return
-    keys = set()
     for path in folder.iterdir():
-        if path.name.endswith(JOURNAL_SUFFIX) and path.name.startswith("."):
-            keys.add(path.name[1:-len(JOURNAL_SUFFIX)])
+        if _LEGACY_TEMP.match(path.name):
+            remove_quietly(path)
+    keys = set()
+    for path in work_dir(folder).iterdir() if work_dir(folder).is_dir() else ():
+        if path.suffix == ".commit":
+            keys.add(path.stem)
         elif _TEMP.match(path.name):
             keys.add(_TEMP.match(path.name).group("key"))
-        elif _LEGACY_TEMP.match(path.name):
-            remove_quietly(path)
     for key in sorted(keys):
         try:
             with pair_lock(folder, key):

@@ -14,6 +14,7 @@ import torch
 
 from .errors import InputError
 
+GAMMA_MAX = 30.0  # far beyond any useful guidance; larger values only make the loss overflow
 _NUMBER = r"(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?"
 _GRAMMAR = re.compile(rf"^\s*({_NUMBER})\s*(?:-\s*({_NUMBER})\s*(?::\s*(ln|cos2|cos)\s*)?)?$")
 SHAPES = {
@@ -55,6 +56,6 @@ def parse_gamma(text: str | float | int) -> GammaSchedule:
         raise InputError(f"Gamma {text!r} is not a number or a schedule like 1.5-3.0, 1.5-3.0:cos, 1.5-3.0:cos2.")
     low = float(match.group(1))
     high = float(match.group(2)) if match.group(2) else low
-    if not (math.isfinite(low) and math.isfinite(high)) or low <= 0 or high <= 0:
-        raise InputError(f"Gamma {text!r} must be positive and finite.")
+    if not all(0 < g <= GAMMA_MAX for g in (low, high)):
+        raise InputError(f"Gamma {text!r} must be above 0 and at most {GAMMA_MAX:g} (3 for objects, 5 for styles).")
     return GammaSchedule(low, high, match.group(3) or "ln")

@@ -15,10 +15,13 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL.PngImagePlugin import PngInfo
 
 from .errors import InputError
 
 MIN_SIDE = 16
+MAX_IMAGE_BYTES = 50 << 20  # an upload larger than this is refused before it is decoded
+MAX_IMAGE_PIXELS = 50_000_000  # read from the header: a decompression bomb is refused before it costs memory
 MASK_GREYS = (0.0, 0.25, 0.5, 0.75, 1.0)
 MASK_WEIGHTS = (0.0, 0.5, 1.0, 3.0, 5.0)
 _SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N", "I")
@@ -62,6 +65,21 @@ def load_image(source: str | Path | bytes | Image.Image) -> Image.Image:
     return rgb
 
 
+def check_image_bytes(raw: bytes, what: str) -> None:
+    """Refuse an encoded image that is too large, by its byte count and by the pixel count in its header,
+    before any pixel is decoded."""
+    if len(raw) > MAX_IMAGE_BYTES:
+        raise InputError(f"{what} is {len(raw) >> 20} MB; at most {MAX_IMAGE_BYTES >> 20} MB is accepted.")
+    try:
+        with Image.open(io.BytesIO(raw)) as header:  # reads the header only
+            width, height = header.size
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError):
+        raise InputError(f"{what} is not an image file Pillow can read.") from None
+    if width * height > MAX_IMAGE_PIXELS:
+        raise InputError(f"{what} is {width}x{height} pixels; at most {MAX_IMAGE_PIXELS // 1_000_000} megapixels "
+                         "are accepted (one reference is scaled to the training size anyway).")
+
+
 def prepare_reference(image: Image.Image, width: int, height: int, mask: Image.Image | None = None,
                       caption: str = "", vae_scale: int = 8) -> Reference:
     """Scale ``image`` to cover width x height (Lanczos) and centre-crop it to exactly that size.
@@ -87,6 +105,13 @@ def prepare_reference(image: Image.Image, width: int, height: int, mask: Image.I
         g = np.clip(np.asarray(grey, dtype=np.float64) / 255.0, 0.0, 1.0)
         weight = torch.from_numpy(mask_weights(g)).float().unsqueeze(0)  # (1, h, w)
     return Reference(pixels=pixels, caption=caption, weight=weight)
+
+
+def parameters_png_info(parameters: str) -> PngInfo:
+    """A PNG "parameters" text chunk, where the webui writes (and its PNG Info tab reads) generation settings."""
+    info = PngInfo()
+    info.add_text("parameters", parameters)
+    return info
 
 
 def mask_weights(grey: np.ndarray) -> np.ndarray:

@@ -3,8 +3,7 @@
 A ``.pt`` holds the webui's own keys (string_to_token, string_to_param, name, step, sd_checkpoint,
 sd_checkpoint_name) plus ``dreamartist``, the pair record as a plain dict, which the webui ignores. A
 ``.safetensors`` holds one tensor under kohya's key ``emb_params`` (SDXL: ``clip_l`` and ``clip_g``) and the
-pair record in its metadata. Vectors in the core are dicts keyed by text encoder: "clip_l" (SD1, 768 wide),
-"clip_h" (SD2, 1024 wide), "clip_l" + "clip_g" (SDXL).
+pair record in its metadata. Vectors are dicts keyed by text encoder (dreamartist.families).
 """
 from __future__ import annotations
 
@@ -23,7 +22,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save as safetensors_bytes
 
-from .errors import InputError
+from .errors import InputError, NameTaken
+from .families import FAMILIES, SINGLE_ENCODER_BY_WIDTH, describe, family_of
 from .fileops import commit, make_folder, remove_quietly, walk_files, write_temp
 from .names import negative_name, validate_name
 
@@ -32,10 +32,6 @@ FILE_FORMATS = {"pt": ".pt", "safetensors": ".safetensors"}
 LOADABLE_EXTS = (".pt", ".bin", ".safetensors")
 EMBEDDING_EXTS = LOADABLE_EXTS + (".png", ".webp", ".jxl", ".avif")  # everything the webui reads as an embedding
 STATE_SUFFIX = ".dreamartist-state"  # an extension the webui's embedding loader skips
-ENCODER_BY_WIDTH = {768: "clip_l", 1024: "clip_h"}
-FAMILIES = {("clip_l",): "sd1", ("clip_h",): "sd2", ("clip_g", "clip_l"): "sdxl"}
-_FAMILY_LABEL = {"sd1": "SD1", "sd2": "SD2", "sdxl": "SDXL"}
-_SDXL_WIDTHS = {"clip_l": 768, "clip_g": 1280}
 _RECORD_KEY = "dreamartist"
 # Tensor types every webui's safe loader accepts (its allowlist of storages), which is all a resume state needs.
 _PLAIN_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int32, torch.int64, torch.uint8)
@@ -90,21 +86,6 @@ class EmbeddingFile:
     layout: str  # "string_to_param" (webui/DreamArtist), "single" (kohya/diffusers), "sdxl"
 
 
-def family_of(vectors: Mapping[str, Any]) -> str:
-    """"sd1", "sd2" or "sdxl" from the encoder keys of ``vectors`` (or of an embedding_dims mapping)."""
-    family = FAMILIES.get(tuple(sorted(vectors)))
-    if family is None:
-        raise InputError(f"Unknown text-encoder set {sorted(vectors)}; expected clip_l, clip_h or clip_l+clip_g.")
-    return family
-
-
-def describe(dims: Mapping[str, int]) -> str:
-    """'SD1 (768-wide)', 'SDXL (768+1280-wide)' for a mapping encoder key -> width."""
-    widths = "+".join(str(dims[k]) for k in sorted(dims, key=lambda k: k != "clip_l"))
-    family = FAMILIES.get(tuple(sorted(dims)))
-    return f"{_FAMILY_LABEL[family]} ({widths}-wide)" if family else f"{'+'.join(sorted(dims))} ({widths}-wide)"
-
-
 def check_compatible(vectors: Mapping[str, torch.Tensor], embedding_dims: Mapping[str, int],
                      path: str | Path) -> None:
     """InputError when ``vectors`` do not fit the loaded model's text encoders."""
@@ -140,11 +121,11 @@ def check_can_save(folder: str | Path, name: str, overwrite: bool) -> None:
         return
     if not overwrite:
         shown = ", ".join(map(str, clashes))
-        raise InputError(f"The webui already has an embedding named {name} or {negative_name(name)}: {shown}. "
+        raise NameTaken(f"The webui already has an embedding named {name} or {negative_name(name)}: {shown}. "
                          "Choose another name, or allow overwriting to replace it.")
     others = [c for c in clashes if c not in own_files(folder, name)]
     if others:
-        raise InputError(f"Overwriting replaces only the pair's own .pt/.safetensors files in {folder}, but "
+        raise NameTaken(f"Overwriting replaces only the pair's own .pt/.safetensors files in {folder}, but "
                          f"{others[0]} also names {name} or {negative_name(name)} for the webui; "
                          "move or rename it first, or choose another name.")
 
@@ -169,7 +150,7 @@ def save_pair(folder: str | Path, name: str, pos: Mapping[str, torch.Tensor], ne
     folder = Path(folder)
     neg_name = negative_name(name)
     pos, neg = _plain(pos, name), _plain(neg, neg_name)
-    if family_of(pos) != family_of(neg):
+    if family_of(pos) is not family_of(neg):
         raise InputError(f"{name} and {neg_name} were made for different text encoders.")
     check_can_save(folder, name, overwrite)
     common = dict(gamma=gamma, pos_len=_length(pos), neg_len=_length(neg), step=step, total_steps=total_steps,
@@ -283,7 +264,7 @@ def _length(vectors: Mapping[str, torch.Tensor]) -> int:
 
 def _serialize(fmt: str, name: str, vectors: dict[str, torch.Tensor], meta: PairMeta,
                checkpoint_hash: str, checkpoint_name: str) -> bytes:
-    sdxl = family_of(vectors) == "sdxl"
+    sdxl = family_of(vectors).key == "sdxl"
     if fmt == "safetensors":
         tensors = vectors if sdxl else {"emb_params": next(iter(vectors.values()))}
         metadata = {f"{_RECORD_KEY}.{k}": str(v) for k, v in meta.to_record().items()}
@@ -371,7 +352,7 @@ def _vectors_of(data: Any, path: Path, encoder: str) -> tuple[dict[str, torch.Te
     if "clip_l" in data and "clip_g" in data:
         vectors = {k: _matrix(data[k], path) for k in ("clip_l", "clip_g")}
         widths = {k: int(v.shape[1]) for k, v in vectors.items()}
-        if widths != _SDXL_WIDTHS or vectors["clip_l"].shape[0] != vectors["clip_g"].shape[0]:
+        if widths != FAMILIES["sdxl"].widths or vectors["clip_l"].shape[0] != vectors["clip_g"].shape[0]:
             raise InputError(f"{path.name} has SDXL keys but shapes {[tuple(v.shape) for v in vectors.values()]}.")
         return vectors, "sdxl"
     if len(data) == 1 and isinstance(next(iter(data.values())), torch.Tensor):
@@ -382,7 +363,7 @@ def _vectors_of(data: Any, path: Path, encoder: str) -> tuple[dict[str, torch.Te
 
 def _single(tensor: Any, path: Path, encoder: str) -> dict[str, torch.Tensor]:
     vec = _matrix(tensor, path)
-    key = encoder if encoder in ENCODER_BY_WIDTH.values() else ENCODER_BY_WIDTH.get(int(vec.shape[1]))
+    key = encoder if encoder in SINGLE_ENCODER_BY_WIDTH.values() else SINGLE_ENCODER_BY_WIDTH.get(int(vec.shape[1]))
     if key is None:
         raise InputError(f"{path.name} holds {vec.shape[1]}-wide vectors; SD1 embeddings are 768 wide "
                          "and SD2 embeddings 1024 wide.")

@@ -70,33 +70,43 @@ STYLE_TEMPLATES = (
 BUILTIN_TEMPLATES = {"object": OBJECT_TEMPLATES, "style": STYLE_TEMPLATES}
 
 
-def load_template(spec: str | Path) -> list[str]:
-    """The lines of a built-in template ('object', 'style') or of a template file (blank lines skipped).
-
-    A line without [name] would train nothing, so it is an error naming the line.
-    """
-    key = str(spec).strip()
+def template_lines(spec: str) -> tuple[str, ...]:
+    """The lines of a built-in template ('object', 'style') or of template text given inline, one line each
+    (blank lines skipped). Never a file: the tab and the API take the text itself; the command line reads its
+    own --template file with ``read_template_file``. A line without [name] would train nothing, so it is an error
+    naming the line."""
+    key = spec.strip()
     if key.lower() in BUILTIN_TEMPLATES:
-        return list(BUILTIN_TEMPLATES[key.lower()])
-    path = Path(key).expanduser()
-    if not path.is_file():
-        raise InputError(f"The prompt template {key!r} is neither 'object', 'style' nor an existing text file.")
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except (OSError, UnicodeDecodeError) as e:
-        raise InputError(f"The template file {path} could not be read as UTF-8 text ({e}).") from None
+        return tuple(BUILTIN_TEMPLATES[key.lower()])
     lines = []
-    for number, raw in enumerate(text.splitlines(), start=1):
+    for number, raw in enumerate(spec.splitlines(), start=1):
         line = raw.strip()
         if not line:
             continue
         if NAME not in line:
-            raise InputError(f"Line {number} of the template file {path} ({line!r}) has no [name], "
-                             "so it would not train the pseudo-word; add [name] where the word goes.")
+            raise InputError(f"Prompt template line {number} ({_shown(line)}) has no [name], so it would not train "
+                             "the pseudo-word; use 'object', 'style', or lines that each hold [name].")
         lines.append(line)
     if not lines:
-        raise InputError(f"The template file {path} has no lines.")
-    return lines
+        raise InputError("The prompt template is empty: use 'object', 'style', or lines that each hold [name].")
+    return tuple(lines)
+
+
+def read_template_file(path: str | Path) -> str:
+    """The text of a template file the command-line user names (a built-in name passes through unchanged)."""
+    if str(path).strip().lower() in BUILTIN_TEMPLATES:
+        return str(path).strip()
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise InputError(f"The prompt template {str(path)!r} is neither 'object', 'style' nor an existing text file.")
+    try:
+        return path.read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as e:
+        raise InputError(f"The template file {path} could not be read as UTF-8 text ({e}).") from None
+
+
+def _shown(line: str, limit: int = 60) -> str:
+    return repr(line if len(line) <= limit else line[:limit] + "...")
 
 
 def fill(line: str, word: str, caption: str = "") -> str:

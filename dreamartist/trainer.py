@@ -1,8 +1,9 @@
-"""DreamArtist positive-negative prompt tuning (paper sec. 4), exactly one training loop for every host.
+"""The training loop, the same for every host and shaped for no method in particular.
 
-Each micro-batch: t and eps shared by both branches; ONE UNet call on the rows [S^n rows; S^p rows];
-eps_hat = eps_n + gamma(t) (eps_p - eps_n); L = L_da (eq. 3) + w_rec L_rec (eqs. 5, 6). Only S^p and S^n
-are optimised; the backend keeps every model weight frozen and restores the model afterwards.
+It checks what can be checked before the first step, holds the pair's lock for the whole run, draws the data,
+runs the optimiser over the objective's named groups (gradient accumulation, clipping, fp16 loss scaling, EMA),
+guards against non-finite values, saves and resumes by group name, reports progress and stops on request. The
+objective (``dreamartist.objective``) says what is trainable and computes the loss.
 """
 from __future__ import annotations
 
@@ -15,17 +16,18 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from . import losses, pairfiles
+from . import fileops, pairfiles
 from .backend import Backend
 from .config import TrainConfig
-from .errors import InputError, TrainingStopped
-from .gamma import parse_gamma
+from .errors import InputError, NameTaken, TrainingStopped
 from .images import Reference
 from .names import negative_name
+from .objective import NEG, POS, DreamArtistObjective, Params
 from .sampling import grid, sample
-from .templates import fill, load_template
 
 PREVIEW_STEPS = 20
+STATE_VERSION = 2
+MIN_LOSS_SCALE = 2.0 ** -16  # below this every step has overflowed for a long while: nothing is learning
 
 
 @dataclass
@@ -47,6 +49,7 @@ class TrainResult:
     losses: list[float] = field(default_factory=list)
     stopped: str = ""  # "" when all steps ran, "interrupted" when stopped early by the user
     preview: Image.Image | None = None
+    notes: list[str] = field(default_factory=list)  # what the user should know about the run (e.g. resume)
 
 
 class _NonFinite(Exception):
@@ -61,135 +64,157 @@ def _grad_scaler(device: torch.device):
     return torch.cuda.amp.GradScaler(enabled=enabled)  # torch < 2.3, as in webui 1.6-1.10
 
 
-def _cpu_copy(vectors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {k: v.detach().float().cpu().clone() for k, v in vectors.items()}
+def _cpu_copy(params: Params) -> Params:
+    return {g: {k: v.detach().float().cpu().clone() for k, v in group.items()} for g, group in params.items()}
 
 
-def _trainable(vectors: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+def _leaves(params: Params, device: torch.device) -> Params:
     """Leaf float32 copies on ``device`` that the optimiser owns."""
-    return {k: v.detach().to(device, torch.float32).clone().contiguous().requires_grad_(True)
-            for k, v in vectors.items()}
+    return {g: {k: v.detach().to(device, torch.float32).clone().contiguous().requires_grad_(True)
+                for k, v in group.items()} for g, group in params.items()}
+
+
+def state_bytes_estimate(params: Params) -> int:
+    """Bytes the pair files and resume state take on disk: each value as live, EMA, and two Adam moments."""
+    return sum(v.numel() for group in params.values() for v in group.values()) * 4 * 5 + (64 << 10)
 
 
 class Trainer:
-    """One training run; ``run()`` returns a TrainResult or raises a DreamArtistError."""
+    """One training run of the pair ``config.name`` into ``out_dir``; ``run()`` returns a TrainResult or raises
+    a DreamArtistError whose message says what happened and where the last good pair is."""
 
     def __init__(self, backend: Backend, config: TrainConfig, references: list[Reference], out_dir: Path,
                  on_progress: Callable[[Progress], None] | None = None,
                  should_stop: Callable[[], bool] | None = None, existing_names: Iterable[str] = ()):
-        if not references:
-            raise InputError("No reference image was given.")
-        self.backend, self.config, self.references = backend, config, references
+        self.backend, self.config, self.references = backend, config, list(references)
         self.out_dir = Path(out_dir)
         self.on_progress = on_progress or (lambda progress: None)
         self.should_stop = should_stop or (lambda: False)
-        self.name, self.neg_name = config.name, negative_name(config.name)
-        self.gamma = parse_gamma(config.gamma)
-        self.templates = load_template(config.template)
-        self._check_names(existing_names)
+        self.existing_names = {n.lower() for n in existing_names}
+        self.objective = DreamArtistObjective(backend, config)
+        self.name = config.name
+        self.step, self.losses, self.notes = 0, [], []
+        self.saved_files: list[Path] = []
+        self.saved_step = 0
+        self._check_references()
+
+    # -- before the first step --------------------------------------------------------------------------
+    def _check_references(self) -> None:
+        if not self.references:
+            raise InputError("No reference image was given.")
+        for number, ref in enumerate(self.references, start=1):
+            if ref.weight is not None and not bool(ref.weight.gt(0).any()):
+                which = "The mask" if len(self.references) == 1 else f"The mask of reference {number}"
+                raise InputError(f"{which} is black everywhere, so no pixel would be trained; paint the concept "
+                                 "white or grey and leave black only what should not be learned.")
+
+    def _check_output(self) -> None:
+        """Names, clashes and the folder, checked under the pair's lock before any model work."""
+        config = self.config
+        if config.resume:
+            return  # the pair must exist; _resume says so when it does not
+        if not config.overwrite:
+            for name in (self.name, negative_name(self.name)):
+                if name.lower() in self.existing_names:
+                    raise NameTaken(f"An embedding named {name!r} already exists; choose another name, "
+                                     "or turn on Overwrite (or Resume to continue it).")
+        pairfiles.check_can_save(self.out_dir, self.name, config.overwrite)
+
+    # -- the parameters --------------------------------------------------------------------------------
+    def _start(self) -> None:
+        config = self.config
         self.seed = config.seed if config.seed >= 0 else int(torch.randint(0, 2**31 - 1, ()).item())
         self.generator = torch.Generator().manual_seed(self.seed)
-        self.step, self.losses = 0, []
-        self.pos, self.neg = self._initial_vectors()
-        self.ema_pos = {k: v.detach().clone() for k, v in self.pos.items()} if config.ema_pos else None
-        self.ema_neg = {k: v.detach().clone() for k, v in self.neg.items()} if config.ema_neg else None
-        self.optimizer = torch.optim.AdamW(
-            [{"params": list(self.pos.values()), "lr": config.lr},
-             {"params": list(self.neg.values()), "lr": config.lr * config.neg_lr_mult}],
-            betas=(config.beta1, config.beta2), weight_decay=config.weight_decay)
-        self.scaler = _grad_scaler(backend.device)
+        live, ema, state = self.objective.initial(self.generator), None, None
         if config.resume:
-            self._resume()
+            live, ema, state = self._resume()
+        fileops.check_writable(self.out_dir, state_bytes_estimate(live))
+        device = self.backend.device
+        self.params = _leaves(live, device)
+        settings = self.objective.settings()
+        self.ema = {g: {k: v.detach().clone() for k, v in self.params[g].items()} for g, s in settings.items()
+                    if s.ema}
+        for group, vectors in (ema or {}).items():
+            if group in self.ema:  # an EMA kept by the saved run continues; one switched on now starts from live
+                self.ema[group] = {k: v.to(device, torch.float32) for k, v in vectors.items()}
+        self.optimizer = torch.optim.AdamW(
+            [{"params": list(self.params[g].values()), "name": g, "lr": s.lr, "weight_decay": s.weight_decay}
+             for g, s in settings.items()], betas=(config.beta1, config.beta2))
+        self.scaler = _grad_scaler(device)
+        if state is not None:
+            self._load_optimizer(state)
 
-    # -- setup ---------------------------------------------------------------------------------------
-    def _check_names(self, existing_names: Iterable[str]) -> None:
-        if self.config.overwrite or self.config.resume:
-            return
-        taken = {n.lower() for n in existing_names}
-        for name in (self.name, self.neg_name):
-            if name.lower() in taken:
-                raise InputError(f"An embedding named {name!r} already exists; choose another name, "
-                                 "or turn on Overwrite (or Resume to continue it).")
-        clashes = pairfiles.find_clashes(self.out_dir, [self.name, self.neg_name])
-        if clashes:
-            raise InputError(f"{clashes[0]} already exists; choose another name, or turn on Overwrite "
-                             "(or Resume to continue it).")
-
-    def _initial_vectors(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-        """S^p from the init words (repeated or cut to length), S^n from EOS plus N(0, sigma^2) (sec. 4.1)."""
-        words = self.backend.word_vectors(self.config.init_words) if self.config.init_words.strip() else {}
-        eos = self.backend.eos_vector()
-        pos, neg = {}, {}
-        for key, end in eos.items():
-            init = words.get(key)
-            if init is None or init.shape[0] == 0:
-                init = end.unsqueeze(0)
-            rows = [i % init.shape[0] for i in range(self.config.pos_len)]
-            pos[key] = init[rows].float().clone()
-            noise = torch.randn((self.config.neg_len, end.shape[-1]), generator=self.generator)
-            neg[key] = end.float().expand(self.config.neg_len, -1) + self.config.neg_noise * noise.to(end.device)
-        return _trainable(pos, self.backend.device), _trainable(neg, self.backend.device)
-
-    def _resume(self) -> None:
-        pos_file, neg_file = pairfiles.load_pair(self.out_dir, self.name)
+    def _resume(self) -> tuple[Params, Params | None, dict | None]:
+        """The saved pair as the run's starting point; options that cannot change are refused by name."""
+        try:
+            pos_file, neg_file = pairfiles.load_pair(self.out_dir, self.name)
+        except InputError as e:
+            raise InputError(f"{e} Nothing to resume: turn off Resume to train a new pair.") from None
         for file in (pos_file, neg_file):
             pairfiles.check_compatible(file.vectors, self.backend.embedding_dims, file.path)
-        self.step = int(pos_file.step or 0)
-        state = pairfiles.load_state(self.out_dir, self.name) or {}
-        if state.get("step") != self.step:
-            state = {}  # the state belongs to another save of this name: continue from the files alone
-        pos, neg = state.get("live_pos", pos_file.vectors), state.get("live_neg", neg_file.vectors)
-        self.pos, self.neg = _trainable(pos, self.backend.device), _trainable(neg, self.backend.device)
-        groups = self.optimizer.param_groups
-        groups[0]["params"], groups[1]["params"] = list(self.pos.values()), list(self.neg.values())
-        if state:
-            self.optimizer.load_state_dict(state["optimizer"])
-            self.generator.set_state(state["generator"])
-            if state.get("scaler"):
-                self.scaler.load_state_dict(state["scaler"])
-            self.losses = list(state.get("losses", []))
-            self.seed = int(state.get("seed", self.seed))
-        if self.ema_pos is not None:
-            self.ema_pos = {k: v.to(self.backend.device) for k, v in state.get("ema_pos", pos_file.vectors).items()}
-        if self.ema_neg is not None:
-            self.ema_neg = {k: v.to(self.backend.device) for k, v in state.get("ema_neg", neg_file.vectors).items()}
+        files = {POS: pos_file.vectors, NEG: neg_file.vectors}
+        for group, wanted in self.objective.lengths().items():
+            have = next(iter(files[group].values())).shape[0]
+            if have != wanted:
+                word = "S^p" if group == POS else "S^n"
+                raise InputError(f"The saved {word} has {have} vectors, but Vectors in {word} is {wanted}; a resumed "
+                                 f"pair keeps its length, so set it to {have}, or train a new pair.")
+        self.step = self.saved_step = int(pos_file.step or 0)
         if self.step >= self.config.steps:
-            raise InputError(f"{self.name} has already been trained for {self.step} steps; "
-                             f"ask for more than {self.step} steps to continue it.")
+            raise InputError(f"{self.name} has already been trained for {self.step} steps; ask for more than "
+                             f"{self.step} steps to continue it.")
+        state = pairfiles.load_state(self.out_dir, self.name)
+        if not state or state.get("version") != STATE_VERSION or state.get("step") != self.step:
+            self.notes.append(f"No optimiser state matches step {self.step} of {self.name}: resuming from the "
+                              "pair files with a fresh optimiser.")
+            return files, None, None
+        groups = state["groups"]
+        if set(groups) != set(files):
+            raise InputError(f"The resume state of {self.name} holds {', '.join(sorted(groups))}, not the groups "
+                             f"this run trains ({', '.join(sorted(files))}); train a new pair.")
+        self.losses = list(state.get("losses", []))
+        self.generator.set_state(state["generator"])
+        if self.config.seed >= 0 and self.config.seed != state.get("seed"):
+            self.generator.manual_seed(self.config.seed + self.step)  # a new seed drives the rest of the run
+            self.seed = self.config.seed
+        else:
+            self.seed = int(state.get("seed", self.seed))
+        live = {g: groups[g]["live"] for g in groups}
+        ema = {g: groups[g]["ema"] for g in groups if groups[g].get("ema") is not None}
+        return live, ema, state
 
-    # -- one optimiser step ------------------------------------------------------------------------
-    def _draw(self, n: int) -> torch.Tensor:
-        return torch.randint(0, n, (self.config.batch_size,), generator=self.generator)
+    def _load_optimizer(self, state: dict) -> None:
+        """The saved moments, matched to the current groups by name; this run's lr, betas and weight decay
+        replace the saved ones, so options changed on resume take effect."""
+        saved = state["optimizer"]
+        by_name = {g["name"]: g for g in saved["param_groups"]}
+        groups = self.optimizer.param_groups
+        remapped = {"state": {}, "param_groups": []}
+        index = 0
+        for group in groups:
+            old = by_name[group["name"]]
+            for old_id, param in zip(old["params"], group["params"], strict=True):
+                moments = saved["state"].get(old_id)
+                if moments is not None:
+                    if moments["exp_avg"].shape != param.shape:
+                        raise InputError(f"The resume state of {self.name} does not fit this run's "
+                                         f"{group['name']}; train a new pair.")
+                    remapped["state"][index] = moments
+                index += 1
+            remapped["param_groups"].append({**old, "params": list(range(index - len(group["params"]), index))})
+        current = [{k: v for k, v in g.items() if k != "params"} for g in groups]
+        self.optimizer.load_state_dict(remapped)
+        for group, settings in zip(self.optimizer.param_groups, current, strict=True):
+            group.update(settings)
+        if state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
 
+    # -- one optimiser step ----------------------------------------------------------------------------
     def _micro_batch_loss(self) -> torch.Tensor:
-        """Loss of one micro-batch of ``batch_size`` references (eq. 3, plus eq. 6 when enabled)."""
-        b, backend, device = self.config.batch_size, self.backend, self.backend.device
-        picks = self._draw(len(self.references)).tolist()
-        lines = self._draw(len(self.templates)).tolist()
+        picks = torch.randint(0, len(self.references), (self.config.batch_size,), generator=self.generator).tolist()
         refs = [self.references[i] for i in picks]
-        z0 = torch.cat([self.latents[i] for i in picks])  # (B,C,h,w)
-        T = backend.alphas_cumprod.shape[0]
-        t = torch.randint(0, T, (b,), generator=self.generator)
-        noise = torch.randn(z0.shape, generator=self.generator).to(device)
-        abar = backend.alphas_cumprod[t].to(device, torch.float32).view(-1, 1, 1, 1)
-        z_t = losses.add_noise(z0, noise, abar)
-        pos_text = [fill(self.templates[j], self.name, r.caption) for j, r in zip(lines, refs)]
-        neg_text = [fill(self.templates[j], self.neg_name, r.caption) for j, r in zip(lines, refs)]
-        words = {self.name: self.pos, self.neg_name: self.neg}
-        cond = backend.encode(neg_text + pos_text, words, ("neg",) * b + ("pos",) * b)
-        t_rows = torch.cat([t, t]).to(device)
-        out_neg, out_pos = backend.unet(torch.cat([z_t, z_t]), t_rows, cond).chunk(2)  # one call, 2B rows
-        guided = losses.guide(out_neg, out_pos, self.gamma(t, T).to(device))
-        weight = None
-        if any(r.weight is not None for r in refs):  # references without a mask weigh 1 everywhere
-            ones = torch.ones_like(next(r.weight for r in refs if r.weight is not None))
-            weight = torch.stack([ones if r.weight is None else r.weight for r in refs]).to(device)
-        loss = losses.da_loss(guided, losses.target(backend.prediction_type, z0, noise, abar), weight)
-        if self.config.reconstruction and self.config.rec_weight > 0:
-            z0_hat = losses.predict_z0(backend.prediction_type, guided, z_t, abar)
-            pixels = torch.stack([r.pixels for r in refs]).to(device)  # reference pixels live on the CPU
-            loss = loss + self.config.rec_weight * losses.reconstruction_loss(backend.vae_decode(z0_hat), pixels)
-        return loss
+        latents = torch.cat([self.latents[i] for i in picks])  # (B,C,h,w)
+        return self.objective.loss(self.params, refs, latents, self.generator)
 
     def _optimizer_step(self) -> float:
         """Accumulate ``grad_accum`` micro-batches, then one AdamW step; returns the mean loss."""
@@ -201,103 +226,124 @@ class Trainer:
                 raise _NonFinite(value)
             self.scaler.scale(loss / self.config.grad_accum).backward()
             total += value / self.config.grad_accum
-        params = [*self.pos.values(), *self.neg.values()]
+        tensors = [t for group in self.params.values() for t in group.values()]
         self.scaler.unscale_(self.optimizer)
-        if self.config.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(params, self.config.grad_clip)
-        if not self.scaler.is_enabled() and not all(torch.isfinite(p.grad).all() for p in params
-                                                     if p.grad is not None):
+        finite = all(bool(torch.isfinite(t.grad).all()) for t in tensors if t.grad is not None)
+        if not finite and not self.scaler.is_enabled():
             raise _NonFinite(total)
-        self.scaler.step(self.optimizer)  # with fp16 loss scaling, a step whose gradients overflowed is skipped
+        if self.config.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(tensors, self.config.grad_clip)
+        self.scaler.step(self.optimizer)  # with fp16 loss scaling a step whose gradients overflowed is skipped
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
+        if self.scaler.is_enabled() and self.scaler.get_scale() < MIN_LOSS_SCALE:
+            raise _NonFinite(total)  # the same guard as without scaling, reached by the scaler's back-off
         with torch.no_grad():
-            for ema, live, decay in ((self.ema_pos, self.pos, self.config.ema_pos),
-                                     (self.ema_neg, self.neg, self.config.ema_neg)):
-                if ema is not None:
-                    for k in ema:
-                        ema[k].mul_(decay).add_(live[k].detach(), alpha=1 - decay)
+            for group, ema in self.ema.items():
+                decay = self.objective.settings()[group].ema
+                for k, v in ema.items():
+                    v.mul_(decay).add_(self.params[group][k].detach(), alpha=1 - decay)
         return total
 
-    # -- outputs -----------------------------------------------------------------------------------
-    def _saved_vectors(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-        """The vectors the files hold: the EMA ones where EMA is on."""
-        pos = self.ema_pos if self.ema_pos is not None else self.pos
-        neg = self.ema_neg if self.ema_neg is not None else self.neg
-        return pos, neg
+    # -- outputs ---------------------------------------------------------------------------------------
+    def _saved_params(self) -> Params:
+        """What the files hold: the EMA values where EMA is on."""
+        return {g: self.ema.get(g, group) for g, group in self.params.items()}
 
     def save(self) -> list[Path]:
-        """Write the pair and the resume state atomically; the files always hold a finished step."""
-        pos, neg = (_cpu_copy(v) for v in self._saved_vectors())
-        state = {"optimizer": self.optimizer.state_dict(), "generator": self.generator.get_state(),
-                 "scaler": self.scaler.state_dict(), "losses": list(self.losses), "step": self.step, "seed": self.seed,
-                 "live_pos": _cpu_copy(self.pos), "live_neg": _cpu_copy(self.neg)}  # the files may hold EMA vectors
-        if self.ema_pos is not None:
-            state["ema_pos"] = _cpu_copy(self.ema_pos)
-        if self.ema_neg is not None:
-            state["ema_neg"] = _cpu_copy(self.ema_neg)
-        return pairfiles.save_pair(
-            self.out_dir, self.name, pos, neg, fmt=self.config.file_format, overwrite=True, step=self.step,
-            total_steps=self.config.steps, gamma=str(self.gamma), checkpoint_hash=self.backend.model_hash,
-            checkpoint_name=self.backend.model_name, state=state)
+        """Write the pair and its resume state as one commit; the files always hold a finished step."""
+        live, ema = _cpu_copy(self.params), _cpu_copy(self.ema)
+        state = {"version": STATE_VERSION, "step": self.step, "seed": self.seed, "losses": list(self.losses),
+                 "generator": self.generator.get_state(), "optimizer": self.optimizer.state_dict(),
+                 "scaler": self.scaler.state_dict(), "config": self.config.to_dict(),
+                 "groups": {g: {"live": live[g], "ema": ema.get(g)} for g in live}}
+        saved = _cpu_copy(self._saved_params())
+        self.saved_files = pairfiles.save_pair(
+            self.out_dir, self.name, saved[POS], saved[NEG], fmt=self.config.file_format, overwrite=True,
+            step=self.step, total_steps=self.config.steps, gamma=str(self.objective.gamma),
+            checkpoint_hash=self.backend.model_hash, checkpoint_name=self.backend.model_name, state=state)
+        self.saved_step = self.step
+        return self.saved_files
 
-    def preview(self) -> Image.Image:
-        """Samples with the pair as it is saved (EMA vectors when on), at the training gamma (up to 4)."""
-        pos, neg = self._saved_vectors()
-        words = {self.name: pos, self.neg_name: neg}
+    def preview(self, on_step: Callable[[], None] | None = None) -> Image.Image:
+        """Samples with the pair as it is saved (EMA values when on), at the training gamma (up to 4);
+        ``on_step`` is called after each sampling step."""
+        words = self.objective.words(self._saved_params())
         images = []
-        for i, line in enumerate(self.templates[:4]):
-            images += sample(self.backend, fill(line, self.name), fill(line, self.neg_name), words,
-                             guidance=self.gamma, steps=PREVIEW_STEPS, width=self.config.width,
-                             height=self.config.height, seed=self.seed + i)
+        for i, (prompt, negative) in enumerate(self.objective.preview_prompts()):
+            images += sample(self.backend, prompt, negative, words, guidance=self.objective.gamma,
+                             steps=PREVIEW_STEPS, width=self.config.width, height=self.config.height,
+                             seed=self.seed + i, on_step=on_step and (lambda i, n: on_step()))
         return grid(images)
 
-    # -- the run -----------------------------------------------------------------------------------
+    def _kept(self) -> str:
+        """Where the last good pair is, in one sentence."""
+        if not self.saved_files:
+            return " Nothing was saved yet."
+        names = " and ".join(f.name for f in self.saved_files)
+        return f" The last good pair (step {self.saved_step}) is {names} in {self.out_dir}."
+
+    # -- the run -----------------------------------------------------------------------------------------
     def run(self) -> TrainResult:
-        config, start_step, started = self.config, self.step, time.monotonic()
-        with self.backend.training(config.gradient_checkpointing):
-            with torch.no_grad():
-                self.latents = [self.backend.vae_encode(r.pixels.unsqueeze(0).to(self.backend.device))
-                                for r in self.references]
-            stopped, files, preview = "", [], None
-            try:
-                while self.step < config.steps:
-                    if self.should_stop():
-                        stopped = "interrupted"
-                        break
-                    loss = self._optimizer_step()
-                    self.step += 1
-                    self.losses.append(loss)
-                    if config.save_every and self.step % config.save_every == 0:
-                        files = self.save()
-                    preview = None
-                    if config.preview_every and self.step % config.preview_every == 0:
-                        preview = self.preview()
-                    rate = (time.monotonic() - started) / (self.step - start_step)
-                    self.on_progress(Progress(self.step, config.steps, loss, self.optimizer.param_groups[0]["lr"],
-                                              rate * (config.steps - self.step), self.losses, preview))
-            except KeyboardInterrupt:
-                stopped = "interrupted"
-            except _NonFinite as error:
-                self._stop_with(f"The loss became {error.args[0]} at step {self.step + 1}", "Try a lower "
-                                "learning rate or gamma.")
-            except torch.cuda.OutOfMemoryError:
-                self.optimizer.zero_grad(set_to_none=True)
-                self._stop_with(f"Out of GPU memory at step {self.step + 1}", "Try a smaller width/height, "
-                                "turn off the reconstruction loss, or turn on gradient checkpointing.")
-            if self.step > start_step:
-                files = self.save()
+        config = self.config
+        with fileops.pair_lock(self.out_dir, self.name):
+            fileops.recover(self.out_dir, self.name)
+            self._check_output()
+            self._start()
+            with self.backend.training(config.gradient_checkpointing):
+                with torch.no_grad():
+                    self.latents = [self.backend.vae_encode(r.pixels.unsqueeze(0).to(self.backend.device))
+                                    for r in self.references]
+                stopped, preview = self._loop()
         final = self.losses[-1] if self.losses else None
-        return TrainResult(files, self.step, final, list(self.losses), stopped, preview)
+        return TrainResult(self.saved_files, self.step, final, list(self.losses), stopped, preview, self.notes)
+
+    def _loop(self) -> tuple[str, Image.Image | None]:
+        config, start_step, started = self.config, self.step, time.monotonic()
+        stopped, preview = "", None
+        try:
+            while self.step < config.steps:
+                if self.should_stop():
+                    stopped = "interrupted"
+                    break
+                loss = self._optimizer_step()
+                self.step += 1
+                self.losses.append(loss)
+                if config.save_every and self.step % config.save_every == 0:
+                    self.save()
+                preview = None
+                if config.preview_every and self.step % config.preview_every == 0:
+                    preview = self.preview()
+                rate = (time.monotonic() - started) / (self.step - start_step)
+                self.on_progress(Progress(self.step, config.steps, loss, self.optimizer.param_groups[0]["lr"],
+                                          rate * (config.steps - self.step), self.losses, preview))
+        except _NonFinite as error:
+            self._stop_with(f"The loss became {error.args[0]} at step {self.step + 1}",
+                            "Try a lower learning rate or gamma.")
+        except torch.cuda.OutOfMemoryError:
+            self._stop_with(f"Out of GPU memory at step {self.step + 1}", "Try a smaller width/height, turn off "
+                            "the reconstruction loss, or turn on gradient checkpointing.")
+        except OSError as error:
+            raise TrainingStopped(f"Saving failed at step {self.step} ({error.strerror or error}); training "
+                                  f"stopped.{self._kept()}") from None
+        if self.step > self.saved_step:
+            self._save_or_stop()
+        return stopped, preview
+
+    def _save_or_stop(self) -> None:
+        try:
+            self.save()
+        except OSError as error:
+            why = error.strerror or error
+            raise TrainingStopped(f"Saving the pair at step {self.step} failed ({why}).{self._kept()} Free some "
+                                  "space or choose another folder, then resume.") from None
 
     def _stop_with(self, what: str, advice: str) -> None:
-        """Keep the last good pair (the vectors before the failed step) and stop with a clear message."""
+        """Keep the last good pair (the values before the failed step) and stop with a clear message."""
         self.optimizer.zero_grad(set_to_none=True)
-        kept = ""
-        if self.step > 0:
-            files = self.save()
-            kept = f" The last good pair (step {self.step}) is saved as {files[0].name} and {files[1].name}."
-        raise TrainingStopped(f"{what}; training stopped.{kept} {advice}")
+        if self.step > self.saved_step:
+            self._save_or_stop()
+        raise TrainingStopped(f"{what}; training stopped.{self._kept()} {advice}")
 
 
 def train(backend: Backend, config: TrainConfig, references: list[Reference], out_dir: Path,

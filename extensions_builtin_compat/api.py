@@ -1,36 +1,42 @@
 """HTTP API (webui started with --api): POST /dreamartist/v1/train and GET /dreamartist/v1/pairs.
 
-The train call blocks until training ends, like /sdapi/v1/train/embedding, holding the webui's GPU queue
-lock. Bodies are plain JSON dicts validated by TrainConfig.from_dict, so the module works with the
-pydantic 1 / fastapi 0.94 of A1111 and the pydantic 2 / fastapi 0.104 of Forge alike. Every problem is an
-HTTP error whose JSON "detail" is one sentence (the webui's API error handlers, which serve every route of the
-app, add "error", "body" and "errors" beside it): 4xx for a bad request, 5xx for a failure; never a 200.
+The train call blocks until training ends, like /sdapi/v1/train/embedding, waiting its turn in the webui's GPU
+queue. The body is read as plain JSON and validated by TrainConfig.from_dict, so the module works with the
+pydantic 1 / fastapi 0.94 of A1111 and the pydantic 2 / fastapi 0.10x of Forge alike. Everything that can be
+checked is checked before the request waits: the JSON, every option, the images' sizes from their headers (the
+pixels are decoded only once it is this request's turn). Every problem is an HTTP error whose JSON "detail" is
+one sentence per problem (the webui's API error handlers, which serve every route of the app, add "error",
+"body" and "errors" beside it): 409 when the name is taken or another run holds it, other 4xx for a bad request,
+5xx for a failure; never a 200 carrying an error. Responses name files, never server paths.
 """
 from __future__ import annotations
 
 import base64
 import binascii
+import json
 import logging
 import secrets
 from typing import Any
 
-from fastapi import Body, Depends, FastAPI, HTTPException
+from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi.concurrency import run_in_threadpool
 from fastapi.security import HTTPBasic, HTTPBasicCredentials
 from modules import call_queue, shared
 
 from dreamartist.config import TrainConfig
-from dreamartist.errors import DreamArtistError, InputError, ModelError
-from dreamartist.images import load_image, prepare_reference
+from dreamartist.errors import DreamArtistError, InputError, ModelError, NameTaken, PairBusy
+from dreamartist.images import MAX_IMAGE_BYTES, check_image_bytes, load_image, prepare_reference
 from dreamartist.names import negative_name
 
 from . import embeddings, host, jobs
 
 PREFIX = "/dreamartist/v1"
+MAX_BODY_BYTES = 3 * MAX_IMAGE_BYTES  # an image and a mask in base64, with room to spare
 log = logging.getLogger("dreamartist")
 
 
-def decode_image(data: Any, what: str):
-    """A base64 image (a data-URL prefix is tolerated) -> RGB PIL image; InputError when it is not one."""
+def image_bytes(data: Any, what: str) -> bytes:
+    """The bytes of a base64 image (a data-URL prefix is tolerated), checked for size before any decoding."""
     if not isinstance(data, str) or not data.strip():
         raise InputError(f"'{what}' must be a base64-encoded image.")
     payload = data.partition(",")[2] if data.startswith("data:") else data
@@ -38,43 +44,51 @@ def decode_image(data: Any, what: str):
         raw = base64.b64decode(payload.strip(), validate=True)
     except (binascii.Error, ValueError):
         raise InputError(f"'{what}' is not valid base64.") from None
-    return load_image(raw)
+    check_image_bytes(raw, f"'{what}'")
+    return raw
 
 
-def _clash(config: TrainConfig) -> str | None:
-    """The existing name that a new pair would silently replace, if any."""
-    if config.overwrite or config.resume:
-        return None
-    taken = {name.lower() for name in embeddings.existing_names()}
-    for name in (config.name, negative_name(config.name)):
-        if name.lower() in taken:
-            return name
-    return None
-
-
-def train(body: Any = Body(...)) -> dict:
-    """Train a pair from one reference image; returns the files written and the final loss."""
+async def _json_object(request: Request) -> dict:
+    """The body as a JSON object, read no further than MAX_BODY_BYTES."""
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > MAX_BODY_BYTES:
+            raise HTTPException(status_code=413, detail=f"The body is larger than {MAX_BODY_BYTES >> 20} MB.")
+        chunks.append(chunk)
+    try:
+        body = json.loads(b"".join(chunks) or b"null")
+    except (UnicodeDecodeError, ValueError) as e:
+        raise HTTPException(status_code=422, detail=f"The body is not valid JSON ({e}).") from None
     if not isinstance(body, dict):
         raise HTTPException(status_code=422, detail="The body must be a JSON object.")
-    fields = dict(body)
+    return body
+
+
+async def train(request: Request) -> dict:
+    """Train a pair from one reference image; returns the files written and the final loss."""
+    fields = await _json_object(request)
     try:
-        image = decode_image(fields.pop("image", None), "image")
+        image = image_bytes(fields.pop("image", None), "image")
         mask_data = fields.pop("mask", None)
-        mask = decode_image(mask_data, "mask") if mask_data is not None else None
+        mask = image_bytes(mask_data, "mask") if mask_data is not None else None
         config = TrainConfig.from_dict(fields)
-        references = [prepare_reference(image, config.width, config.height, mask=mask)]
     except InputError as e:
         raise HTTPException(status_code=422, detail=str(e)) from None
     unavailable = host.host_unsupported_reason()
     if unavailable:
         raise HTTPException(status_code=501, detail=unavailable)
-    clash = _clash(config)
-    if clash:
-        raise HTTPException(status_code=409, detail=f"An embedding named {clash!r} already exists; choose another "
-                                                    "name, or set overwrite (replace it) or resume (continue it).")
+    return await run_in_threadpool(_train_in_turn, config, image, mask)
+
+
+def _train_in_turn(config: TrainConfig, image: bytes, mask: bytes | None) -> dict:
     try:
         with call_queue.queue_lock:
+            references = [prepare_reference(load_image(image), config.width, config.height,
+                                            mask=load_image(mask) if mask is not None else None)]
             result = jobs.run_training(config, references)
+    except (NameTaken, PairBusy) as e:
+        raise HTTPException(status_code=409, detail=str(e)) from None
     except InputError as e:
         raise HTTPException(status_code=422, detail=str(e)) from None
     except ModelError as e:  # the loaded model cannot be trained on (none, SDXL, lowvram): not the request's fault
@@ -84,8 +98,8 @@ def train(body: Any = Body(...)) -> dict:
     except Exception as e:
         log.exception("DreamArtist training failed")
         raise HTTPException(status_code=500, detail=f"Training failed: {type(e).__name__}: {e}") from None
-    return {"name": config.name, "negative_name": negative_name(config.name), "files": [str(f) for f in result.files],
-            "final_loss": result.final_loss, "steps": result.step, "stopped": result.stopped}
+    return {"name": config.name, "negative_name": negative_name(config.name), "files": [f.name for f in result.files],
+            "final_loss": result.final_loss, "steps": result.step, "stopped": result.stopped, "notes": result.notes}
 
 
 def pairs() -> dict:

@@ -60,10 +60,11 @@ def existing_names() -> set[str]:
 
 
 def partners() -> dict[str, str]:
-    """NAME -> NAME-neg for every loaded NAME whose NAME-neg is loaded too."""
-    known = set(known_names())
-    return {name: negative_name(name) for name in known_names()
-            if negative_name(name) in known and not name.lower().endswith("-neg")}
+    """NAME -> its partner for every loaded NAME whose NAME-neg is loaded too (names compared case-insensitively,
+    as the webui's prompt matching does); the partner as the database spells it."""
+    by_lower = {name.lower(): name for name in known_names()}
+    return {name: by_lower[negative_name(name).lower()] for name in known_names()
+            if negative_name(name).lower() in by_lower and not name.lower().endswith("-neg")}
 
 
 def pairs() -> list[str]:

@@ -18,10 +18,10 @@ from modules.textual_inversion.textual_inversion import Embedding
 
 from dreamartist.backend import EPSILON, V_PREDICTION, Conditioning, WordVectors, frozen
 from dreamartist.errors import InputError, ModelError
+from dreamartist.families import FAMILIES
 
 from . import host
 
-ENCODER_KEYS = {"sd1": "clip_l", "sd2": "clip_h"}
 MAX_INIT_TOKENS = 75  # one prompt chunk
 
 
@@ -45,7 +45,7 @@ class HostBackend:
         self.clip = model.cond_stage_model
         self.db = sd_hijack.model_hijack.embedding_db
         self.family = "sd2" if model.is_sd2 else "sd1"
-        self.encoder_key = ENCODER_KEYS[self.family]
+        (self.encoder_key,) = FAMILIES[self.family].widths  # one text encoder
         self.device = devices.device
         self.prediction_type = V_PREDICTION if getattr(model, "parameterization", "eps") == "v" else EPSILON
         alphas = getattr(model, "alphas_cumprod_original", None)  # 1.8+ keeps an fp32 copy beside overrides

@@ -1,13 +1,12 @@
-"""The automatic partner: each DreamArtist NAME in a prompt brings NAME-neg into that image's negative prompt.
+"""The automatic partner: each DreamArtist NAME a prompt uses brings NAME-neg into that image's negative prompt,
+with the same weight and for the same steps (host_pairing decides both with the host's own parsers).
 
 Runs in Script.process, the first hook after setup_prompts has filled p.all_prompts (edits before it are
 overwritten) and the embeddings have been reloaded; edits there hold for every batch and the infotext.
 """
 from __future__ import annotations
 
-from dreamartist.pairing import add_partners, words_in
-
-from . import embeddings, settings
+from . import embeddings, host_pairing, settings
 
 INFOTEXT_KEY = "DreamArtist"  # "walle, robo": partners added; "off": the pairs were left alone
 TOGGLE_FIELD = "DreamArtist auto-negative"  # set by on_infotext_pasted, read by the checkbox
@@ -27,8 +26,9 @@ def ui(script, is_img2img: bool) -> list:
 
 def process(p, enabled: bool = True, *_args) -> None:
     """Edit p.all_negative_prompts (and the hires ones) per image; record the names in the infotext."""
-    partners = embeddings.partners()
-    if not partners:
+    partners = {name.lower(): partner for name, partner in embeddings.partners().items()}
+    encoder = host_pairing.prompt_encoder(getattr(p, "sd_model", None))
+    if not partners or encoder is None:
         return
     used, added = [], []
     for prompts_name, negatives_name in PROMPT_LISTS:
@@ -36,10 +36,11 @@ def process(p, enabled: bool = True, *_args) -> None:
         if not prompts or negatives is None:
             continue
         edited = list(negatives)
-        for i, prompt in enumerate(prompts):
-            used += words_in(prompt, partners)
-            if enabled and i < len(edited):
-                edited[i], names = add_partners(prompt, edited[i], partners)
+        for i, prompt in enumerate(prompts[:len(edited)]):
+            negative, names = host_pairing.pair_negative(encoder, prompt, edited[i], partners)
+            used += host_pairing.partner_text(encoder, prompt, partners, set())[1]
+            if enabled:
+                edited[i] = negative
                 added += names
         if enabled:
             setattr(p, negatives_name, edited)  # a new list: the hires list may be the same object

@@ -4,6 +4,8 @@ from __future__ import annotations
 import base64
 
 import pytest
+import torch
+from fakehost.checks import listing
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from tabhelpers import load_extension, png_bytes, reference_image
@@ -39,16 +41,32 @@ def test_trains_a_pair_and_returns_its_files(client, host_v1101):
     body = response.json()
     assert (body["name"], body["negative_name"], body["steps"], body["stopped"]) == ("walle", "walle-neg", 2, "")
     assert isinstance(body["final_loss"], float)
-    files = [host_v1101.embeddings_dir / "walle.pt", host_v1101.embeddings_dir / "walle-neg.pt"]
-    assert body["files"] == [str(f) for f in files] and all(f.is_file() for f in files)
+    assert body["files"] == ["walle.pt", "walle-neg.pt"]  # names, never server paths
+    assert all((host_v1101.embeddings_dir / f).is_file() for f in body["files"])
     assert client.get("/dreamartist/v1/pairs").json() == {"pairs": ["walle"]}
     assert host_v1101.shared.state.job == ""
 
 
-def test_mask_is_accepted(client):
-    mask = base64.b64encode(png_bytes(reference_image().convert("L"))).decode()
+def test_the_mask_reaches_training_cropped_like_the_image(client, monkeypatch):
+    from PIL import Image
+
+    from dreamartist.images import prepare_reference
+    from extensions_builtin_compat import jobs
+
+    mask_image = Image.new("L", reference_image().size, 0)
+    mask_image.paste(255, (0, 0, mask_image.width // 2, mask_image.height))
+    mask = base64.b64encode(png_bytes(mask_image)).decode()
+    seen, original = [], jobs.run_training
+    monkeypatch.setattr(jobs, "run_training", lambda config, refs, on_progress=None: seen.append(refs) or original(
+        config, refs, on_progress))
     response = client.post("/dreamartist/v1/train", json={"image": B64_PNG, "mask": mask, "name": "masked", **TINY})
     assert response.status_code == 200, response.text
+    expected = prepare_reference(reference_image(), 64, 64, mask=mask_image)
+    (reference,) = seen[0]
+    assert torch.equal(reference.weight, expected.weight) and torch.equal(reference.pixels, expected.pixels)
+    black = base64.b64encode(png_bytes(Image.new("L", (64, 64), 0))).decode()
+    response = client.post("/dreamartist/v1/train", json={"image": B64_PNG, "mask": black, "name": "dark", **TINY})
+    assert response.status_code == 422 and "black everywhere" in response.json()["detail"]
 
 
 @pytest.mark.parametrize("body, status, words", [
@@ -63,20 +81,50 @@ def test_mask_is_accepted(client):
     ({"image": B64_PNG, "name": "walle", "steps": 0}, 422, "Steps must be between 1 and 100000"),
     ({"image": B64_PNG, "name": "walle", "width": 4096}, 422, "Width must be between 64 and 2048"),
     ({"image": B64_PNG, "name": "walle", "lr": "fast"}, 422, "Learning rate must be a finite number"),
-    ({"image": B64_PNG, "name": "walle", "stepz": 10}, 422, "Unknown parameter(s): stepz"),
+    ({"image": B64_PNG, "name": "walle", "stepz": 10}, 422, "Unknown option(s): stepz"),
     ({"image": B64_PNG, "name": "walle", "gamma": "__import__('os')"}, 422, "amma"),
+    ({"image": B64_PNG, "name": 123}, 422, "Name must be text, not 123."),
+    ({"image": B64_PNG, "name": "walle", "gamma": 1e15}, 422, "at most 30"),
+    ({"image": B64_PNG, "name": "walle", "steps": "ten", "lr": None}, 422,
+     "Learning rate must be a finite number, not None. Steps must be a whole number, not 'ten'."),
 ])
 def test_bad_requests_are_4xx_with_one_clear_detail(client, host_v1101, body, status, words):
     response = client.post("/dreamartist/v1/train", json=body)
     assert response.status_code == status, response.text
     assert words in response.json()["detail"]
-    assert list(host_v1101.embeddings_dir.iterdir()) == []
+    assert listing(host_v1101.embeddings_dir) == []
 
 
 def test_a_body_that_is_not_an_object_is_4xx(client):
     response = client.post("/dreamartist/v1/train", json=["walle"])
     assert response.status_code == 422
     assert response.json()["detail"] == "The body must be a JSON object."
+    response = client.post("/dreamartist/v1/train", content=b"{'name': walle", headers={"content-type": "text/plain"})
+    assert response.status_code == 422 and response.json()["detail"].startswith("The body is not valid JSON (")
+
+
+def test_gamma_may_be_a_number_as_in_the_tab(client):
+    response = client.post("/dreamartist/v1/train", json={"image": B64_PNG, "name": "walle", "gamma": 5, **TINY})
+    assert response.status_code == 200, response.text
+
+
+def test_a_template_naming_a_server_file_is_never_read(client, tmp_path):
+    secret = tmp_path / "secret.txt"
+    secret.write_text("root password is [name] hunter2\n")
+    response = client.post("/dreamartist/v1/train", json={"image": B64_PNG, "name": "walle", "template": str(secret),
+                                                           **TINY})
+    assert response.status_code == 422 and "hunter2" not in response.text and "[name]" in response.json()["detail"]
+
+
+def test_images_too_large_are_refused_from_their_header_before_decoding(client, monkeypatch):
+    from PIL import Image
+
+    from dreamartist import images
+
+    huge = base64.b64encode(png_bytes(Image.new("L", (10000, 6000)))).decode()  # 60 MP, a few KB compressed
+    monkeypatch.setattr(images, "load_image", lambda *a, **k: pytest.fail("decoded"))
+    response = client.post("/dreamartist/v1/train", json={"image": huge, "name": "walle", **TINY})
+    assert response.status_code == 422 and "10000x6000 pixels; at most 50 megapixels" in response.json()["detail"]
 
 
 def test_existing_name_is_409_and_untouched(client, host_v1101):
@@ -86,7 +134,15 @@ def test_existing_name_is_409_and_untouched(client, host_v1101):
     assert response.status_code == 409
     assert "'WALLE-neg' already exists" in response.json()["detail"]
     assert existing.read_bytes() == b"someone else's file"
-    assert sorted(p.name for p in host_v1101.embeddings_dir.iterdir()) == ["walle-neg.safetensors"]
+    assert listing(host_v1101.embeddings_dir) == ["walle-neg.safetensors"]
+
+
+def test_a_run_holding_the_name_is_409(client, host_v1101):
+    from dreamartist.fileops import pair_lock
+
+    with pair_lock(host_v1101.embeddings_dir, "walle"):  # e.g. the command line training into the same folder
+        response = client.post("/dreamartist/v1/train", json={"image": B64_PNG, "name": "walle", **TINY})
+    assert response.status_code == 409 and "Another training of walle" in response.json()["detail"]
 
 
 def test_overwrite_replaces_an_existing_pair(client, host_v1101):

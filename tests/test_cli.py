@@ -8,10 +8,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from fakehost.checks import listing
 from PIL import Image
 from safetensors.torch import save_file
 
-from dreamartist.cli import main
+from dreamartist import fileops
+from dreamartist.cli import build_parser, main
+from dreamartist.fileops import pair_lock
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = ["--steps", "2", "--width", "64", "--height", "64"]
@@ -39,15 +42,24 @@ def assert_one_line_error(code, err, *fragments):
         assert fragment in lines[0], lines[0]
 
 
-def test_train_on_the_demo_model_writes_the_pair_and_a_preview(photo, tmp_path, capsys):
-    out = tmp_path / "emb"
-    code, stdout, _ = run(["train", "--image", photo, "--name", "walle", "--out", out, *FAST], capsys)
+def test_train_on_the_demo_model_writes_the_pair_and_previews_apart(photo, tmp_path, capsys):
+    out, previews = tmp_path / "emb", tmp_path / "previews"
+    code, stdout, err = run(["train", "--image", photo, "--name", "walle", "--out", out, "--previews", previews,
+                             "--preview-every", "1", *FAST], capsys)
     assert code == 0
     assert "demo model" in stdout.splitlines()[0]
-    assert sorted(p.name for p in out.iterdir()) == [
-        "walle-neg.pt", "walle-preview.png", "walle.dreamartist-state", "walle.pt"]
+    assert listing(out) == ["walle-neg.pt", "walle.dreamartist-state", "walle.pt"]
+    assert sorted(p.name for p in previews.iterdir()) == ["walle-final.png", "walle-step00001.png",
+                                                          "walle-step00002.png"]
+    assert "preview" in err  # the final preview has its own progress bar
     code, stdout, _ = run(["info", out / "walle.pt"], capsys)
     assert code == 0 and "partner walle-neg" in stdout
+
+
+def test_the_final_preview_can_be_skipped(photo, tmp_path, capsys):
+    code, _, _ = run(["train", "--image", photo, "--name", "walle", "--out", tmp_path / "emb", "--previews",
+                      tmp_path / "p", "--no-final-preview", *FAST], capsys)
+    assert code == 0 and not (tmp_path / "p").exists()
 
 
 def write_image(path: Path, mode: str) -> Path:
@@ -112,7 +124,7 @@ def test_bad_input_gets_one_clear_line_and_writes_nothing(case, tmp_path, photo,
     args, fragments = bad_inputs(tmp_path, photo)[case]
     code, _, err = run(args, capsys)
     assert_one_line_error(code, err, *fragments)
-    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+    assert not (tmp_path / "out").exists() or listing(tmp_path / "out") == []
 
 
 def test_existing_pair_is_not_overwritten(photo, tmp_path, capsys):
@@ -120,8 +132,8 @@ def test_existing_pair_is_not_overwritten(photo, tmp_path, capsys):
     out.mkdir()
     (out / "walle.pt").write_bytes(b"keep me")
     code, _, err = run(["train", "--image", photo, "--name", "walle", "--out", out, *FAST], capsys)
-    assert_one_line_error(code, err, "walle.pt", "Overwrite")
-    assert (out / "walle.pt").read_bytes() == b"keep me" and sorted(p.name for p in out.iterdir()) == ["walle.pt"]
+    assert_one_line_error(code, err, "walle.pt", "overwriting")
+    assert (out / "walle.pt").read_bytes() == b"keep me" and listing(out) == ["walle.pt"]
 
 
 def test_generate_pairs_automatically(photo, tmp_path, capsys):
@@ -131,8 +143,13 @@ def test_generate_pairs_automatically(photo, tmp_path, capsys):
     code, stdout, err = run(["generate", "--prompt", "a photo of (walle:1.1)", "--embeddings", out, "--steps", "3",
                              "--width", "64", "--height", "64", "--output", image], capsys)
     assert code == 0, err
-    assert "negative prompt: (walle-neg:1.1)" in stdout
-    assert Image.open(image).size == (64, 64)
+    assert "negative prompt: (walle-neg:1.1)" in stdout and "sampling" in err
+    written = Image.open(image)
+    assert written.size == (64, 64)
+    assert written.text["parameters"].splitlines() == [  # what the webui's PNG Info reads
+        "a photo of (walle:1.1)", "Negative prompt: (walle-neg:1.1)",
+        "Steps: 3, Sampler: DDIM, CFG scale: 7, Seed: 0, Size: 64x64, Model hash: demo, Model: demo, "
+        "DreamArtist: walle"]
 
 
 def test_module_entry_point_exits_non_zero_without_traceback(tmp_path):
@@ -140,3 +157,133 @@ def test_module_entry_point_exits_non_zero_without_traceback(tmp_path):
                              "--name", "a"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
     assert result.stderr.strip().count("\n") == 0 and "Traceback" not in result.stderr
+
+
+def generate_cases(tmp_path: Path) -> dict[str, tuple[list, tuple[str, ...]]]:
+    base = ["generate", "--prompt", "walle", "--steps", "2", "--width", "64", "--height", "64"]
+    return {
+        "unknown extension": ([*base, "--output", tmp_path / "x.gif"], ("x.gif", ".png")),
+        "missing embeddings folder": ([*base, "--embeddings", tmp_path / "nowhere", "--output", tmp_path / "x.png"],
+                                      ("nowhere", "not a folder")),
+        "bad cfg": ([*base, "--cfg", "lots", "--output", tmp_path / "x.png"], ("Gamma",)),
+        "output under a file": ([*base, "--output", tmp_path / "afile" / "x.png"], ("afile",)),
+    }
+
+
+@pytest.mark.parametrize("case", ["unknown extension", "missing embeddings folder", "bad cfg",
+                                  "output under a file"])
+def test_generate_checks_its_arguments_before_loading_a_model(case, tmp_path, capsys, monkeypatch):
+    (tmp_path / "afile").write_text("a file, not a folder")
+    monkeypatch.setattr("dreamartist.cli._load_backend", lambda ckpt: pytest.fail("the model was loaded"))
+    args, fragments = generate_cases(tmp_path)[case]
+    code, _, err = run(args, capsys)
+    assert_one_line_error(code, err, *fragments)
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_an_unwritable_output_folder_is_found_before_the_model_loads(photo, tmp_path, capsys, monkeypatch):
+    (tmp_path / "afile").write_text("a file, not a folder")
+    monkeypatch.setattr("dreamartist.cli._load_backend", lambda ckpt: pytest.fail("the model was loaded"))
+    code, _, err = run(["train", "--image", photo, "--name", "walle", "--out", tmp_path / "afile" / "emb", *FAST],
+                       capsys)
+    assert_one_line_error(code, err, "cannot be created")
+    code, _, err = run(["train", "--image", photo, "--name", "walle", "--out", tmp_path / "emb", "--previews",
+                        tmp_path / "emb" / "shots", *FAST], capsys)
+    assert_one_line_error(code, err, "inside --out")
+
+
+def test_a_full_disk_keeps_the_last_good_pair_and_says_where(photo, tmp_path, capsys, monkeypatch):
+    real, saves = fileops.write_temp, []
+
+    def filling_up(folder, name, payload):
+        saves.append(name)
+        if len([n for n in saves if n != "probe"]) > 4:  # full after the first save: three files and its journal
+            raise OSError(28, "No space left on device")
+        return real(folder, name, payload)
+
+    monkeypatch.setattr(fileops, "write_temp", filling_up)
+    monkeypatch.setattr("dreamartist.pairfiles.write_temp", filling_up)
+    out = tmp_path / "emb"
+    code, _, err = run(["train", "--image", photo, "--name", "walle", "--out", out, "--save-every", "1",
+                        "--steps", "3", "--width", "64", "--height", "64"], capsys)
+    last = err.strip().splitlines()[-1]  # after the progress bar
+    assert code == 2 and last.startswith("dreamartist: error: Saving failed at step 2 (No space left on device)")
+    assert "last good pair (step 1) is walle.pt and walle-neg.pt in " + str(out) in last
+    assert pairfiles_step(out) == 1 and listing(out) == ["walle-neg.pt", "walle.dreamartist-state", "walle.pt"]
+
+
+def pairfiles_step(folder: Path) -> int:
+    from dreamartist.pairfiles import load_pair
+
+    pos, neg = load_pair(folder, "walle")
+    assert pos.step == neg.step
+    return pos.step
+
+
+def test_the_first_ctrl_c_stops_after_the_step_and_saves(photo, tmp_path, capsys, monkeypatch):
+    import os
+    import signal
+
+    from dreamartist.trainer import Trainer
+
+    real, calls = Trainer._optimizer_step, []
+
+    def step_then_interrupt(self):
+        calls.append(1)
+        loss = real(self)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGINT)  # arrives during the step: the step still completes
+        return loss
+
+    monkeypatch.setattr(Trainer, "_optimizer_step", step_then_interrupt)
+    code, _, err = run(["train", "--image", photo, "--name", "walle", "--out", tmp_path / "emb",
+                        "--steps", "10", "--width", "64", "--height", "64"], capsys)
+    assert code == 130 and "stopping after this step" in err
+    assert pairfiles_step(tmp_path / "emb") == 2
+
+
+def test_a_second_run_of_the_same_name_is_refused_at_once(photo, tmp_path, capsys):
+    out = tmp_path / "emb"
+    with pair_lock(out, "Walle"):
+        code, _, err = run(["train", "--image", photo, "--name", "walle", "--out", out, *FAST], capsys)
+    assert_one_line_error(code, err, "Another training of walle")
+    assert listing(out) == []
+
+
+def test_resume_honours_changed_options_and_refuses_a_changed_length(photo, tmp_path, capsys):
+    import torch
+
+    out = tmp_path / "emb"
+    common = ["train", "--image", photo, "--name", "walle", "--out", out, "--no-final-preview", "--width", "64",
+              "--height", "64"]
+    assert run([*common, "--steps", "2"], capsys)[0] == 0
+    assert run([*common, "--steps", "3", "--resume", "--lr", "0.01", "--beta1", "0.5"], capsys)[0] == 0
+    state = torch.load(out / "walle.dreamartist-state", weights_only=True)
+    groups = {g["name"]: g for g in state["optimizer"]["param_groups"]}
+    assert state["step"] == 3 and groups["pos_words"]["lr"] == 0.01 and groups["pos_words"]["betas"][0] == 0.5
+    code, _, err = run([*common, "--steps", "4", "--resume", "--pos-len", "5"], capsys)
+    assert_one_line_error(code, err, "S^p has 3 vectors", "set it to 3")
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["--gamma", "1e15"], "at most 30"), (["--lr", "5"], "Learning rate"), (["--grad-clip", "1e9"], "clip"),
+    (["--mask", "BLACK"], "black everywhere")])
+def test_out_of_range_options_and_empty_masks_are_refused(photo, tmp_path, capsys, args, fragment):
+    black = tmp_path / "black.png"
+    Image.new("L", (64, 64), 0).save(black)
+    args = [str(black) if a == "BLACK" else a for a in args]
+    code, _, err = run(["train", "--image", photo, "--name", "walle", "--out", tmp_path / "emb", *FAST, *args],
+                       capsys)
+    assert_one_line_error(code, err, fragment)
+    assert listing(tmp_path / "emb") == []
+
+
+def test_every_option_of_every_subcommand_has_help():
+    parser = build_parser()
+    subparsers = next(a for a in parser._actions if a.dest == "command").choices
+    for name, sub in subparsers.items():
+        for action in sub._actions:
+            if action.dest == "help":
+                continue
+            assert action.help, f"{name} {action.option_strings or action.dest} has no help"
+            assert "(default: )" not in action.help and "(default: None)" not in action.help

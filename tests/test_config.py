@@ -32,7 +32,7 @@ def test_bad_values_are_clear_errors(changes, message):
 
 
 def test_from_dict_rejects_unknown_keys():
-    with pytest.raises(InputError, match="Unknown parameter"):
+    with pytest.raises(InputError, match="Unknown option"):
         TrainConfig.from_dict({"name": "x", "stepz": 3})
 
 

@@ -114,3 +114,49 @@ def test_forge_pairs_come_from_its_text_engine(host_forge):
     host_forge.load_extension(REPO)
     p, processed = generate(host_forge, prompt="walle at dusk", negative_prompt="")
     assert p.all_negative_prompts == ["walle-neg"] and "DreamArtist: walle" in processed.infotexts[0]
+
+
+def schedule_uses(host, prompt: str, steps: int, hires_steps=None) -> list[list[tuple[str, float]]]:
+    """Per sampling step, the (embedding, weight) uses the host itself finds: its schedule, then its encoder."""
+    from modules import extra_networks, prompt_parser
+
+    from extensions_builtin_compat.host_pairing import embedding_uses, prompt_encoder
+
+    encoder = prompt_encoder()
+    prompt, _ = extra_networks.parse_prompt(prompt)
+    (schedule,) = prompt_parser.get_learned_conditioning_prompt_schedules([prompt], steps, hires_steps)
+    per_step, start = [], 1
+    for end, text in schedule:
+        uses = sorted((name.lower().removesuffix("-neg"), round(w, 4)) for name, w in embedding_uses(encoder, text))
+        per_step += [uses] * (end - start + 1)
+        start = end + 1
+    return per_step
+
+
+@pytest.mark.parametrize("prompt, negative", [
+    ("<lora:walle:1> a robot", ""),
+    ("walle2 on the moon", "walle-neg"),
+    ("WALLE", "walle-neg"),
+    ("((walle))", "((walle-neg))"),
+    ("[walle]", "[walle-neg]"),
+    ("(a walle:1.3)", "(walle-neg:1.3)"),
+    ("[walle:robo:0.5]", "[walle-neg:robo-neg:0.5]"),
+    ("[walle|a cat]", "[walle-neg|]"),
+    ("a [walle:4] in a [room:robo:7]", "[walle-neg:4] [:robo-neg:7]"),
+    ("(walle:1.2) and walle", "(walle-neg:1.2) walle-neg"),
+])
+def test_the_partner_follows_the_hosts_own_reading_of_the_prompt(hooked, prompt, negative):
+    p, _ = generate(hooked, prompt=prompt, negative_prompt="", steps=10)
+    assert p.all_negative_prompts == [negative]
+    for steps, hires in ((10, None), (7, None), (10, 12)):  # every step count and the hires pass
+        pos = schedule_uses(hooked, prompt, steps, hires)
+        neg = schedule_uses(hooked, p.all_negative_prompts[0], steps, hires)
+        assert neg == pos, (steps, hires)
+
+
+def test_a_partner_spelled_in_another_case_is_found(host):
+    write_pair(host.embeddings_dir, "Walle")
+    (host.embeddings_dir / "Walle-neg.pt").rename(host.embeddings_dir / "walle-NEG.pt")
+    host.load_extension(REPO)
+    p, processed = generate(host, prompt="walle", negative_prompt="")
+    assert p.all_negative_prompts == ["walle-NEG"] and "DreamArtist: Walle" in processed.infotexts[0]

@@ -6,7 +6,7 @@ import threading
 
 import pytest
 import torch
-from fakehost.checks import assert_same_state, class_forwards, model_state
+from fakehost.checks import assert_same_state, class_forwards, listing, model_state
 from PIL import Image
 
 from dreamartist.config import TrainConfig
@@ -166,7 +166,7 @@ def test_a_lora_the_settings_add_to_every_prompt_is_refused_with_the_way_out(hos
     assert [n.name for n in host.lora.loaded_networks] == ["style"]
     with pytest.raises(ModelError, match="Add network to prompt"):
         jobs.run_training(config(), references)
-    assert list(host.embeddings_dir.iterdir()) == []
+    assert listing(host.embeddings_dir) == []
 
 
 def test_interrupt_stops_after_the_current_step_and_keeps_it(host, references):

@@ -111,6 +111,7 @@ def test_a_training_step_computes_eq3_on_one_unet_call_with_shared_t_and_noise(d
                          init_words="robot")
     references = [prepare_reference(Image.new("RGB", (64, 64), (200, 120, 40)), 64, 64, caption="box")]
     trainer = Trainer(demo_backend, config, references, tmp_path)
+    trainer._start()
     with demo_backend.training(), torch.no_grad():
         trainer.latents = [demo_backend.vae_encode(r.pixels.unsqueeze(0)) for r in references]
         loss = trainer._micro_batch_loss()

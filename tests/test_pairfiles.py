@@ -16,10 +16,10 @@ from safetensors.torch import load_file, save_file
 
 from dreamartist import fileops, pairfiles
 from dreamartist.errors import InputError, PairBusy
+from dreamartist.families import family_of
 from dreamartist.pairfiles import (
     PairMeta,
     check_compatible,
-    family_of,
     find_clashes,
     list_pairs,
     load_embedding,
@@ -84,7 +84,9 @@ def _sdxl(n: int, seed: int = 0) -> dict[str, torch.Tensor]:
 
 
 def _listing(folder: Path) -> list[str]:
-    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
+    """Every file and folder under ``folder`` but the work folder itself and its lock files (empty, kept)."""
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*")
+                  if p.name != fileops.WORK_DIR and p.suffix != ".lock")
 
 
 def test_pt_has_exactly_the_webui_keys(tmp_path):
@@ -142,7 +144,7 @@ def test_round_trip_is_bit_exact_and_keeps_the_record(tmp_path, fmt, width, key)
                               step=40, total_steps=1500, base_model_hash="abc123", base_model_name="model",
                               encoders=key)
     assert n.pair.role == "negative" and n.pair.partner == "walle"
-    assert family_of(p.vectors) == {768: "sd1", 1024: "sd2"}[width]
+    assert family_of(p.vectors).key == {768: "sd1", 1024: "sd2"}[width]
 
 
 @pytest.mark.parametrize("fmt", ["pt", "safetensors"])
@@ -164,7 +166,7 @@ def test_sdxl_pairs(tmp_path, fmt):
     _, vec, _ = webui_read(files[0])
     assert set(vec) == {"clip_l", "clip_g"} and torch.equal(vec["clip_g"], pos["clip_g"])
     p, n = load_pair(tmp_path, "walle")
-    assert p.layout == "sdxl" and family_of(p.vectors) == "sdxl"
+    assert p.layout == "sdxl" and family_of(p.vectors).key == "sdxl"
     assert torch.equal(n.vectors["clip_l"], neg["clip_l"]) and torch.equal(n.vectors["clip_g"], neg["clip_g"])
     assert (p.pair is not None) == (fmt == "safetensors")  # the webui's SDXL reader allows only the two tensors
 
@@ -307,7 +309,7 @@ def test_failed_second_write_leaves_nothing(tmp_path, monkeypatch):
 
 def test_failed_replace_restores_every_old_file(tmp_path, monkeypatch):
     save_pair(tmp_path, "walle", _vectors(3), _vectors(3, seed=1), fmt="safetensors", state={"step": 3})
-    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file() and p.suffix != ".lock"}
     real = os.replace
     calls = []
 
@@ -322,14 +324,14 @@ def test_failed_replace_restores_every_old_file(tmp_path, monkeypatch):
         save_pair(tmp_path, "walle", _vectors(3, seed=7), _vectors(3, seed=8), overwrite=True, state={"step": 9})
     monkeypatch.setattr(os, "replace", real)
     assert "walle.pt" in calls  # the positive was already in place when the negative failed
-    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file() and p.suffix != ".lock"} == before
 
 
 _DIE_AFTER_FIRST_RENAME = """
 import os, sys, torch
 from dreamartist import fileops, pairfiles
 def dying(folder, record):
-    os.replace(folder / record["moves"][0][0], folder / record["moves"][0][1])
+    os.replace(fileops.work_dir(folder) / record["moves"][0][0], folder / record["moves"][0][1])
     os._exit(9)  # the process dies between the renames: no except or finally clause runs
 fileops._apply = dying
 vec = lambda seed: {"clip_l": torch.randn(3, 768, generator=torch.Generator().manual_seed(seed))}
@@ -349,7 +351,7 @@ def test_a_commit_cut_short_by_process_death_is_finished_by_recovery(tmp_path):
     assert torch.equal(pos.vectors["clip_l"], _vectors(3, seed=7)["clip_l"])
     assert torch.equal(neg.vectors["clip_l"], _vectors(3, seed=8)["clip_l"])
     assert load_state(tmp_path, "walle") == {"step": 2}
-    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == [".walle.dreamartist-lock"]
+    assert _listing(tmp_path) == ["walle-neg.pt", "walle.dreamartist-state", "walle.pt"]
 
 
 def test_recovery_removes_stale_temporary_files_and_ignores_foreign_journals(tmp_path):
@@ -357,11 +359,11 @@ def test_recovery_removes_stale_temporary_files_and_ignores_foreign_journals(tmp
     stale = fileops.write_temp(tmp_path, "walle", b"half written")
     legacy = tmp_path / ".dreamartist-0123456789abcdef.tmp"
     legacy.write_bytes(b"x")
-    (tmp_path / ".walle.dreamartist-commit").write_text('{"moves": [["../../etc/passwd", "walle.pt"]], '
-                                                        '"removals": []}')
+    journal = fileops.work_dir(tmp_path) / "walle.commit"
+    journal.write_text('{"moves": [["../../etc/passwd", "walle.pt"]], "removals": []}')
     before = (tmp_path / "walle.pt").read_bytes()
     fileops.recover_folder(tmp_path)
-    assert not stale.exists() and not legacy.exists() and not (tmp_path / ".walle.dreamartist-commit").exists()
+    assert not stale.exists() and not legacy.exists() and not journal.exists()
     assert (tmp_path / "walle.pt").read_bytes() == before
 
 
@@ -442,8 +444,7 @@ def test_resume_state_round_trip(tmp_path):
     assert restored.param_groups[0]["betas"] == (0.9, 0.99)
     assert torch.equal(restored.state_dict()["state"][0]["exp_avg"], optimizer.state_dict()["state"][0]["exp_avg"])
     assert load_state(tmp_path, "other") is None
-    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".")) == [
-        "walle-neg.pt", "walle.dreamartist-state", "walle.pt"]
+    assert _listing(tmp_path) == ["walle-neg.pt", "walle.dreamartist-state", "walle.pt"]
 
 
 @pytest.mark.parametrize("bad", [lambda tmp: _Payload(tmp / "m"), lambda tmp: torch.zeros(2, dtype=torch.bool)])

@@ -82,7 +82,7 @@ def _embeddings_output(backend, prompts, words):
     finally:
         handle.remove()
     positions = embeddings.position_embedding.weight.detach()  # (77, dim)
-    return cond, captured[0] - positions
+    return cond, torch.cat([rows - positions for rows in captured], dim=1)  # one call per 77-token chunk
 
 
 def test_encode_splices_vectors_at_the_word(demo_backend):
@@ -114,11 +114,37 @@ def test_a_word_that_is_part_of_another_word_is_not_spliced(demo_backend):
     assert torch.equal(demo_backend.encode(["wallet"], {"walle": {"clip_l": vector}}).context, plain)
 
 
-def test_words_past_the_context_are_cut(demo_backend):
+def test_a_word_that_does_not_fit_its_chunk_starts_the_next_one(demo_backend):
+    """As in the webui: never cut; the prompt grows by another 77-token chunk."""
     vectors = torch.randn(4, 32)
-    _, rows = _embeddings_output(demo_backend, ["a " * 73 + "walle"], {"walle": {"clip_l": vectors}})
-    assert torch.allclose(rows[0, 74:76], vectors[:2], atol=1e-6)
-    assert torch.allclose(rows[0, 76], demo_backend.eos_vector()["clip_l"], atol=1e-6)
+    table = demo_backend.text_encoder.get_input_embeddings().weight.detach()
+    cond, rows = _embeddings_output(demo_backend, ["a " * 73 + "walle"], {"walle": {"clip_l": vectors}})
+    assert cond.context.shape == (1, 154, 32)
+    assert torch.allclose(rows[0, 1:74], table[320].expand(73, 32), atol=1e-6)
+    assert torch.allclose(rows[0, 74:77], table[49407].expand(3, 32), atol=1e-6)  # EOS padding, then EOS
+    assert torch.allclose(rows[0, 77], table[49406], atol=1e-6)  # BOS of the second chunk
+    assert torch.allclose(rows[0, 78:82], vectors, atol=1e-6)
+
+
+def test_a_full_chunk_breaks_after_its_last_comma(demo_backend):
+    table = demo_backend.text_encoder.get_input_embeddings().weight.detach()
+    _, rows = _embeddings_output(demo_backend, ["a " * 70 + ", " + "photo " * 10], {})
+    assert torch.allclose(rows[0, 71], table[267], atol=1e-6)  # the comma ends the first chunk
+    assert torch.allclose(rows[0, 72:77], table[49407].expand(5, 32), atol=1e-6)
+    assert torch.allclose(rows[0, 78:88], table[1125].expand(10, 32), atol=1e-6)  # all ten "photo" moved on
+
+
+def test_prompts_of_different_lengths_are_padded_with_empty_chunks(demo_backend):
+    long, short = demo_backend.encode(["a " * 80, "a photo of a cat"]).context
+    assert long.shape == short.shape == (154, 32)
+    torch.testing.assert_close(short[77:], demo_backend.encode([""]).context[0])
+
+
+def test_attention_weights_scale_the_context_and_keep_its_mean(demo_backend):
+    plain = demo_backend.encode(["a photo of a cat"]).context
+    weighted = demo_backend.encode(["a photo of a (cat:1.5)"]).context
+    z = plain * torch.tensor([1.0] * 5 + [1.5] + [1.0] * 71).view(1, 77, 1)
+    torch.testing.assert_close(weighted, z * (plain.mean() / z.mean()))
 
 
 def test_gradient_reaches_only_the_word_vectors(demo_backend):

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import gradio as gr
 import pytest
+from fakehost.checks import listing
 from tabhelpers import build_tab, by_elem_id, click_handler, load_extension, plain_text, reference_image
 
 from dreamartist import config as train_config
@@ -134,7 +135,7 @@ def test_bad_input_is_one_line_and_writes_nothing(host_v160, values, message):
         return
     assert "dreamartist-error" in result and message in plain_text(result)
     assert "Traceback" not in result and "Error:" not in result
-    assert list(host_v160.embeddings_dir.iterdir()) == []
+    assert listing(host_v160.embeddings_dir) == []
 
 
 def test_collect_references_from_a_folder(host_v160, tmp_path):

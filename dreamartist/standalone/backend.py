@@ -8,11 +8,9 @@ import torch
 
 from dreamartist.backend import EPSILON, Conditioning, WordVectors, frozen
 from dreamartist.errors import InputError
+from dreamartist.families import FAMILIES
+from dreamartist.prompts import WordFinder, chunk_prompt, empty_chunk
 
-from .prompts import tokenize_with_slots
-
-ENCODER_KEYS = {"sd1": "clip_l", "sd2": "clip_h"}
-CONTEXT_LENGTH = 77
 _MISSING = object()
 
 
@@ -39,14 +37,14 @@ class StandaloneBackend:
     def __init__(self, *, family: str, unet, vae, text_encoder, tokenizer, alphas_cumprod: torch.Tensor,
                  prediction_type: str = EPSILON, model_name: str = "", model_hash: str = "",
                  device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> None:
-        if family not in ENCODER_KEYS:
+        if family not in ("sd1", "sd2"):
             raise ValueError(f"unknown family {family!r}")
         self.family = family
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.dtype = dtype or (torch.float16 if self.device.type == "cuda" else torch.float32)
         self.prediction_type = prediction_type
         self.alphas_cumprod = alphas_cumprod.detach().to("cpu", torch.float32)
-        self.encoder_key = ENCODER_KEYS[family]
+        (self.encoder_key,) = FAMILIES[family].widths  # one text encoder
         self.embedding_dims = {self.encoder_key: text_encoder.get_input_embeddings().embedding_dim}
         self.latent_channels = vae.config.latent_channels
         self.vae_scale = 2 ** (len(vae.config.block_out_channels) - 1)
@@ -60,12 +58,14 @@ class StandaloneBackend:
         for module in (self.unet_model, self.vae_model, self.text_encoder):
             module.eval().requires_grad_(False)  # nothing here trains model weights; gradients go to word vectors
         self.pad_id = 0 if family == "sd2" else tokenizer.eos_token_id
+        self.special_ids = dict(bos=tokenizer.bos_token_id, eos=tokenizer.eos_token_id, comma=self.token_ids(",")[0])
 
     @property
     def modules(self) -> tuple[torch.nn.Module, ...]:
         return self.unet_model, self.vae_model, self.text_encoder
 
-    def _token_ids(self, text: str) -> list[int]:
+    def token_ids(self, text: str) -> list[int]:
+        """Token ids of ``text`` without BOS/EOS, never truncated."""
         return self.tokenizer(text, add_special_tokens=False, truncation=False, verbose=False).input_ids
 
     def _token_table(self) -> torch.Tensor:
@@ -73,7 +73,7 @@ class StandaloneBackend:
 
     def word_vectors(self, text: str) -> dict[str, torch.Tensor]:
         """Raw token embeddings of ``text`` (no BOS/EOS): (n_tokens, dim), detached float32 on the CPU."""
-        ids = torch.tensor(self._token_ids(text), dtype=torch.long)
+        ids = torch.tensor(self.token_ids(text), dtype=torch.long)
         table = self._token_table()
         rows = table.detach()[ids.to(table.device)].float().cpu()
         return {self.encoder_key: rows.reshape(len(ids), table.shape[1])}
@@ -97,33 +97,50 @@ class StandaloneBackend:
 
     def encode(self, prompts: list[str], words: WordVectors | None = None,
                branches: tuple[str, ...] = ()) -> Conditioning:
-        """Encode prompts with ``words`` spliced in at their positions; differentiable in those vectors only."""
+        """Encode prompts as the webui does (dreamartist.prompts: weights, 75-token chunks, pseudo-words spliced in
+        at their slots); differentiable in the pseudo-words' vectors only. Context: (B, 77 x chunks, dim)."""
         if branches and len(branches) != len(prompts):
             raise ValueError(f"{len(branches)} branches for {len(prompts)} prompts")
         vectors = self._vectors_of(words or {})
-        lengths = {word: vector.shape[0] for word, vector in vectors.items()}
-        rows, splices = [], []
-        for prompt in prompts:
-            ids, found = tokenize_with_slots(prompt, self._token_ids, lengths, bos=self.tokenizer.bos_token_id,
-                                             eos=self.tokenizer.eos_token_id, pad=self.pad_id, length=CONTEXT_LENGTH)
+        finder = WordFinder({word: vector.shape[0] for word, vector in vectors.items()}, self.token_ids)
+        per_prompt = [chunk_prompt(prompt, self.token_ids, finder, **self.special_ids) for prompt in prompts]
+        blank = empty_chunk(self.special_ids["bos"], self.special_ids["eos"])
+        count = max(len(chunks) for chunks in per_prompt)
+        context = torch.cat([self._encode_chunks([chunks[i] if i < len(chunks) else blank for chunks in per_prompt],
+                                                 vectors) for i in range(count)], dim=1)
+        return Conditioning(context=context, branches=tuple(branches))
+
+    def _encode_chunks(self, chunks: list, vectors: dict[str, torch.Tensor]) -> torch.Tensor:
+        """One chunk per prompt -> (B, 77, dim): pseudo-words spliced into the token embeddings, then the weights
+        applied with the mean kept, as the webui's "Original" emphasis does."""
+        rows = []
+        for chunk in chunks:
+            ids = list(chunk.tokens)
+            if self.pad_id != self.special_ids["eos"]:  # SD2 pads after the first EOS with token 0
+                end = ids.index(self.special_ids["eos"])
+                ids[end + 1:] = [self.pad_id] * (len(ids) - end - 1)
             rows.append(ids)
-            splices.append(found)
         input_ids = torch.tensor(rows, dtype=torch.long, device=self.device)  # (B, 77)
 
         def splice(_module, _inputs, output: torch.Tensor) -> torch.Tensor:
-            output = output.clone()  # (B, 77, dim); a fresh tensor so the in-place writes stay differentiable
-            for row, found in enumerate(splices):
-                for item in found:
-                    vector = vectors[item.word][: item.count].to(output.device, output.dtype)
-                    output[row, item.start : item.start + item.count] = vector
+            output = output.clone()  # a fresh tensor so the in-place writes stay differentiable
+            for row, chunk in enumerate(chunks):
+                for offset, word in chunk.words:
+                    vector = vectors[word].to(output.device, output.dtype)  # (n, dim)
+                    output[row, offset + 1:offset + 1 + vector.shape[0]] = vector
             return output
 
         handle = self.text_encoder.get_input_embeddings().register_forward_hook(splice)
         try:
-            context = self.text_encoder(input_ids=input_ids).last_hidden_state
+            z = self.text_encoder(input_ids=input_ids).last_hidden_state
         finally:
             handle.remove()
-        return Conditioning(context=context, branches=tuple(branches))
+        weights = torch.tensor([chunk.weights for chunk in chunks], device=z.device, dtype=z.dtype)
+        if bool((weights != 1).any()):
+            mean = z.mean()
+            z = z * weights.unsqueeze(-1)
+            z = z * (mean / z.mean())
+        return z
 
     def unet(self, latents: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         """One UNet call returning eps or v (per ``prediction_type``) as float32."""

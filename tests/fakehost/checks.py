@@ -5,6 +5,7 @@ from pathlib import Path
 
 import torch
 
+from dreamartist.fileops import WORK_DIR
 from dreamartist.pairfiles import save_pair
 
 
@@ -43,3 +44,9 @@ def write_pair(folder: Path, name: str, width: int = 32, key: str = "clip_l", se
     pos = {key: torch.randn(lengths[0], width, generator=generator)}
     neg = {key: torch.randn(lengths[1], width, generator=generator)}
     return save_pair(folder, name, pos, neg)
+
+
+def listing(folder: Path) -> list[str]:
+    """Every path under ``folder`` but the pairs' work folder and its lock files: what a run left behind."""
+    return sorted(str(p.relative_to(folder)) for p in Path(folder).rglob("*")
+                  if p.name != WORK_DIR and p.suffix != ".lock")
