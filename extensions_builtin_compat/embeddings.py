@@ -6,12 +6,15 @@ from pathlib import Path
 
 from modules import sd_hijack, shared
 
+from dreamartist.config import fields
+from dreamartist.errors import InputError
 from dreamartist.fileops import walk_files
 from dreamartist.names import negative_name
-from dreamartist.pairfiles import EMBEDDING_EXTS
+from dreamartist.pairfiles import EMBEDDING_EXTS, list_pairs, load_pair, load_state
 
 from . import host
 
+FIELD_NAMES = {f.name for f in fields()}
 FORGE_ENGINES = ("text_processing_engine", "text_processing_engine_l", "text_processing_engine_g")
 
 
@@ -65,6 +68,27 @@ def partners() -> dict[str, str]:
     by_lower = {name.lower(): name for name in known_names()}
     return {name: by_lower[negative_name(name).lower()] for name in known_names()
             if negative_name(name).lower() in by_lower and not name.lower().endswith("-neg")}
+
+
+def saved_pairs() -> list[str]:
+    """The positive names of the pairs in the embeddings folder, from the files (whether or not loaded yet)."""
+    return sorted(list_pairs(embeddings_dir()), key=str.lower)
+
+
+def saved_options(name: str) -> dict:
+    """The training options pair ``name`` was last trained with (its resume state), or what its files record."""
+    folder = embeddings_dir()
+    try:
+        state = load_state(folder, name)
+        if state and isinstance(state.get("config"), dict):
+            return {key: value for key, value in state["config"].items() if key in FIELD_NAMES}
+        record = load_pair(folder, name)[0].pair
+    except InputError:
+        return {}
+    if record is None:  # files of the original extension carry no record
+        return {}
+    return {"gamma": record.gamma or "3", "pos_len": record.pos_len, "neg_len": record.neg_len,
+            "steps": record.total_steps}
 
 
 def pairs() -> list[str]:

@@ -26,10 +26,12 @@ def loaded_model():
 
 def host_unsupported_reason() -> str | None:
     """Why this webui cannot train at all, in one sentence; None when it can."""
-    if is_forge() or not has_embedding_db():
-        return ("Training needs the AUTOMATIC1111 webui (1.6 to 1.10): Forge has no textual-inversion hook to "
-                "train through. Train with the command line (python -m dreamartist train) and copy the pair "
-                "into Forge's embeddings folder; using pairs in prompts works in Forge.")
+    if is_forge():
+        return ("Training in Forge is not supported yet (Forge runs the model through its own backend, which this "
+                "trainer does not drive); train with the command line (python -m dreamartist train --ckpt <the same "
+                f"checkpoint>) and copy the pair into {shared.cmd_opts.embeddings_dir}: pairs work in Forge's prompts.")
+    if not has_embedding_db():
+        return "This webui has no textual-inversion embeddings, so pairs cannot be trained or used here."
     return None
 
 

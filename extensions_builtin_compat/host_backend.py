@@ -126,17 +126,22 @@ class HostBackend:
             out = self.sd_model.apply_model(x, timesteps.to(self.device), {"c_crossattn": [context]})
         return out.float()
 
+    def _vae_dtype(self) -> torch.dtype:
+        return next(self.sd_model.first_stage_model.parameters()).dtype
+
     def vae_encode(self, pixels: torch.Tensor) -> torch.Tensor:
-        """The posterior mode (its mean) times scale_factor: deterministic, no gradient."""
-        with torch.no_grad(), devices.autocast():
-            posterior = self.sd_model.encode_first_stage(pixels.to(self.device, devices.dtype_vae))
+        """The posterior mode (its mean) times scale_factor: deterministic, no gradient, in the VAE's own dtype
+        (float32 during training) with autocast off."""
+        with torch.no_grad(), devices.without_autocast():
+            posterior = self.sd_model.encode_first_stage(pixels.to(self.device, self._vae_dtype()))
             mode = posterior.mode() if hasattr(posterior, "mode") else posterior
             return self.sd_model.get_first_stage_encoding(mode).float()
 
     def vae_decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """first_stage_model.decode directly: decode_first_stage is no_grad, eq. 6 needs the gradient."""
-        z = (latents.to(self.device) / self.sd_model.scale_factor).to(devices.dtype_vae)
-        with devices.autocast():
+        """first_stage_model.decode directly (decode_first_stage is no_grad; eq. 6 needs the gradient), in the
+        VAE's own dtype with autocast off: an fp16 decode of a rough z0 estimate can overflow."""
+        z = (latents.to(self.device) / self.sd_model.scale_factor).to(self._vae_dtype())
+        with devices.without_autocast():
             return self.sd_model.first_stage_model.decode(z).float()
 
     # -- the training context ------------------------------------------------------------------------
@@ -158,7 +163,8 @@ class HostBackend:
         undo_attention = not shared.opts.training_xattention_optimizations  # as the webui's own Train tab does
         self._unload_networks()
         unet = self.sd_model.model.diffusion_model
-        with frozen(self.sd_model), ldm_checkpointing_off(unet), checkpointed_blocks(unet, gradient_checkpointing):
+        with frozen(self.sd_model), ldm_checkpointing_off(unet), checkpointed_blocks(unet, gradient_checkpointing), \
+                float32_weights(self.sd_model.first_stage_model):
             if undo_attention:
                 sd_hijack.undo_optimizations()
             try:
@@ -166,6 +172,21 @@ class HostBackend:
             finally:
                 if undo_attention:
                     sd_hijack.apply_optimizations()
+
+
+@contextlib.contextmanager
+def float32_weights(module: torch.nn.Module) -> Iterator[None]:
+    """The module in float32 for the run (the same Parameter objects, converted in place), back in its own
+    dtype afterwards: fp16 and bf16 values survive the round trip bit for bit."""
+    tensors = [t for t in (*module.parameters(), *module.buffers()) if t.is_floating_point()]
+    dtypes = [t.dtype for t in tensors]
+    try:
+        for tensor in tensors:
+            tensor.data = tensor.data.float()
+        yield
+    finally:
+        for tensor, dtype in zip(tensors, dtypes, strict=True):
+            tensor.data = tensor.data.to(dtype)
 
 
 CHECKPOINT_FLAGS = ("use_checkpoint", "checkpoint")  # ldm's and sgm's names for a block's checkpointing switch

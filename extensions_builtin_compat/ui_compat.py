@@ -5,7 +5,7 @@ import inspect
 from collections.abc import Callable, Sequence
 
 import gradio as gr
-from modules import ui_common
+from modules import ui_components
 
 
 def click(button, fn: Callable, inputs: Sequence, outputs: Sequence, js: str | None = None, **kwargs):
@@ -15,9 +15,14 @@ def click(button, fn: Callable, inputs: Sequence, outputs: Sequence, js: str | N
     return button.click(fn=fn, inputs=list(inputs), outputs=list(outputs), **kwargs)
 
 
-def refresh_button(dropdown, refresh: Callable[[], None], choices: Callable[[], list[str]], elem_id: str):
-    """The webui's refresh button next to ``dropdown``: runs ``refresh()``, then sets the choices to ``choices()``."""
-    return ui_common.create_refresh_button(dropdown, refresh, lambda: {"choices": choices()}, elem_id)
+REFRESH_SYMBOL = "\u21bb"  # a clockwise arrow every text font has (the webui's emoji needs an emoji font)
+
+
+def refresh_button(dropdown, choices: Callable[[], list[str]], elem_id: str):
+    """A tool button beside ``dropdown``, styled as the webui's own, that sets its choices to ``choices()``."""
+    button = ui_components.ToolButton(value=REFRESH_SYMBOL, elem_id=elem_id)
+    button.click(fn=lambda: gr.update(choices=choices()), inputs=[], outputs=[dropdown])
+    return button
 
 
 def task_id_input(elem_id: str):

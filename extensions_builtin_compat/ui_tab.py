@@ -8,6 +8,7 @@ handler wrapped in ``wrap_gradio_gpu_call`` so the run holds the GPU queue and r
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections import deque
 from typing import Any
 
@@ -25,6 +26,7 @@ TAB_TITLE = "DreamArtist"
 TAB_ID = "dreamartist"
 SLIDER_MAX_STOPS = 256  # integer ranges with more stops than this get a number box, not a slider
 GALLERY_PREVIEWS = 16  # the latest previews of a run shown at its end (each is a full image in memory)
+log = logging.getLogger("dreamartist")
 
 
 def elem_id(item: str) -> str:
@@ -41,6 +43,8 @@ def field_control(field: dataclasses.Field):
         return gr.Checkbox(info=info, **common)
     if meta["choices"]:
         return gr.Dropdown(choices=list(meta["choices"]), info=info, **common)
+    if field.name == "template":  # a built-in name, or the template's own lines
+        return gr.Textbox(info=info, lines=1, max_lines=8, **common)
     if field.type == "str":
         return gr.Textbox(info=info, lines=1, max_lines=1, **common)
     low, high, step = meta["minimum"], meta["maximum"], meta["step"]
@@ -50,11 +54,15 @@ def field_control(field: dataclasses.Field):
                      info=info, **common)
 
 
-def _controls_in_rows(fields: list[dataclasses.Field], per_row: int = 2) -> dict[str, Any]:
+def _controls_in_rows(fields: list[dataclasses.Field]) -> dict[str, Any]:
+    """One row per group of options that belong together (TrainConfig's ``group`` metadata), in field order."""
+    groups: dict[str, list[dataclasses.Field]] = {}
+    for field in fields:
+        groups.setdefault(field.metadata["group"] or field.name, []).append(field)
     controls = {}
-    for start in range(0, len(fields), per_row):
+    for members in groups.values():
         with gr.Row():
-            for field in fields[start:start + per_row]:
+            for field in members:
                 controls[field.name] = field_control(field)
     return controls
 
@@ -101,20 +109,27 @@ def train_handler(names: list[str]):
             result = jobs.run_training(config, references, on_progress=lambda progress: keep_preview(progress.preview))
         except DreamArtistError as e:
             return gr.update(), "", gr.update(), ui_render.error_html(str(e))
+        except Exception as e:  # not ours: one readable line here, the traceback in the console
+            log.exception("DreamArtist training failed")
+            return gr.update(), "", gr.update(), ui_render.error_html(f"Training failed: {type(e).__name__}: {e}")
         keep_preview(result.preview)
         result_line = ui_render.result_html(
             config.name, negative_name(config.name), result.files, result.step, config.steps,
-            result.final_loss, result.stopped, settings.auto_negative_default())
-        return (list(previews), ui_render.loss_curve_html(result.losses), gr.update(choices=embeddings.pairs()),
+            result.final_loss, result.stopped, settings.auto_negative_default(), result.notes)
+        return (list(previews), ui_render.loss_curve_html(result.losses), gr.update(choices=embeddings.saved_pairs()),
                 result_line)
     return train
 
 
-def _resume_picked(name: str | None):
-    """Picking a saved pair fills in its name and turns on resume; clearing the choice turns it off."""
-    if not name:
-        return gr.update(), gr.update(value=False)
-    return gr.update(value=name), gr.update(value=True)
+def resume_handler(names: list[str]):
+    """Picking a saved pair fills in its name and the options it was trained with, and turns on Resume;
+    clearing the choice turns Resume off."""
+    def picked(name: str | None):
+        if not name:
+            return [gr.update(value=False) if n == "resume" else gr.update() for n in names]
+        values = {**embeddings.saved_options(name), "name": name, "resume": True, "overwrite": False}
+        return [gr.update(value=values[n]) if n in values else gr.update() for n in names]
+    return picked
 
 
 def create_tab() -> gr.Blocks:
@@ -133,9 +148,9 @@ def create_tab() -> gr.Blocks:
                 folder = gr.Textbox(label="Or a path: one image, or a folder of images of the same concept",
                                     lines=1, max_lines=1, elem_id=elem_id("folder"))
                 with gr.Row():
-                    resume = gr.Dropdown(label="Resume from an existing pair", choices=embeddings.pairs(),
+                    resume = gr.Dropdown(label="Resume from an existing pair", choices=embeddings.saved_pairs(),
                                          elem_id=elem_id("resume_pair"))
-                    ui_compat.refresh_button(resume, embeddings.refresh, embeddings.pairs, elem_id("resume_refresh"))
+                    ui_compat.refresh_button(resume, embeddings.saved_pairs, elem_id("resume_refresh"))
                 controls = _controls_in_rows([f for f in fields if not f.metadata["advanced"]])
                 with gr.Accordion("Advanced", open=False, elem_id=elem_id("advanced")):
                     controls.update(_controls_in_rows([f for f in fields if f.metadata["advanced"]]))
@@ -148,8 +163,8 @@ def create_tab() -> gr.Blocks:
                 gr.HTML(elem_id=elem_id("progress"))  # filled from the progress API by dreamartist.js
                 gallery = gr.Gallery(label="Previews", columns=4, object_fit="contain", elem_id=elem_id("gallery"))
                 loss = gr.HTML(elem_id=elem_id("loss"))
-        resume.change(fn=_resume_picked, inputs=[resume], outputs=[controls["name"], controls["resume"]])
         names = list(controls)
+        resume.change(fn=resume_handler(names), inputs=[resume], outputs=list(controls.values()))
         ui_compat.click(
             train, fn=call_queue.wrap_gradio_gpu_call(train_handler(names), extra_outputs=[gr.update()] * 3),
             js="dreamartist_start_training",

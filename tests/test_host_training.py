@@ -230,3 +230,24 @@ def test_forge_cannot_train(host_forge, references):
 
     with pytest.raises(ModelError, match="Forge"):
         jobs.run_training(config(), references)
+
+
+def test_a_half_precision_vae_decodes_in_float32_for_training_and_is_restored(host, references, monkeypatch):
+    """An fp16 decode of the rough z0 estimate of eq. 5 can overflow: training runs the VAE in float32."""
+    from extensions_builtin_compat import jobs
+
+    model = host.shared.sd_model
+    vae = model.first_stage_model
+    vae.half()
+    before = model_state(model)
+    seen, original = [], type(vae).decode
+
+    def decode(self, z):
+        seen.append((z.dtype, next(self.parameters()).dtype))
+        return original(self, z)
+
+    monkeypatch.setattr(type(vae), "decode", decode)
+    jobs.run_training(config(steps=2, reconstruction=True), references)
+    assert seen and set(seen) == {(torch.float32, torch.float32)}
+    assert {p.dtype for p in vae.parameters()} == {torch.float16}
+    assert_same_state(before, model_state(model))

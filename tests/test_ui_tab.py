@@ -92,7 +92,7 @@ def test_train_click_trains_a_pair_and_says_what_to_type(host):
     assert "Trained 3 steps" in text and "walle.pt, walle-neg.pt" in text
     assert (host.embeddings_dir / "walle.pt").is_file() and (host.embeddings_dir / "walle-neg.pt").is_file()
     assert len(gallery) == 1 and gallery[0].size[0] > 0  # the preview made at step 2
-    assert "<polyline" in loss and "over 3 steps" in loss
+    assert "<polyline" in loss and "over 3 steps" in loss and ">step</text>" in loss
     assert resume["choices"] == ["walle"]
     progress = host.module("modules.progress")
     assert "task(dreamartist-test)" in progress.finished_tasks and progress.current_task is None
@@ -153,22 +153,47 @@ def test_collect_references_from_a_folder(host_v160, tmp_path):
     assert uploaded.weight is not None and uploaded.weight.shape == (1, 8, 8)
 
 
-def test_resume_dropdown_lists_pairs_and_picking_one_sets_name_and_resume(host_v1101):
+def test_resume_dropdown_lists_saved_pairs_and_picking_one_fills_their_options(host_v1101):
+    from fakehost.checks import write_pair
+
+    write_pair(host_v1101.embeddings_dir, "early")  # on disk before any model has loaded
     load_extension(host_v1101)
     tab = build_tab(host_v1101)
+    controls = by_elem_id(tab)
+    assert controls["dreamartist_resume_pair"].choices == ["early"]
     from extensions_builtin_compat import jobs
     from extensions_builtin_compat.ui_tab import collect_references, config_from_values
 
-    config = config_from_values({"name": "walle", "steps": 1, "width": 64, "height": 64, "reconstruction": False})
+    config = config_from_values({"name": "walle", "steps": 1, "width": 64, "height": 64, "reconstruction": False,
+                                 "gamma": "4", "neg_len": 5})
     jobs.run_training(config, collect_references(config, reference_image(), "", None))
     refresh, _ = click_handler(tab, "dreamartist_resume_refresh")
-    assert refresh()["choices"] == ["walle"]
-    controls = by_elem_id(tab)
+    assert refresh()["choices"] == ["early", "walle"]
+    assert controls["dreamartist_resume_refresh"].value == "\u21bb"
     pick = next(fn.fn for fn, dep in zip(tab.fns, tab.dependencies, strict=True)
                 if controls["dreamartist_resume_pair"]._id in dep["targets"] and dep["trigger"] == "change")
-    name, resume = pick("walle")
-    assert name["value"] == "walle" and resume["value"] is True
-    assert pick(None)[1]["value"] is False
+    names = [f.name for f in sorted(FIELDS, key=lambda f: f.metadata["advanced"])]
+    updates = dict(zip(names, pick("walle"), strict=True))
+    assert updates["name"]["value"] == "walle" and updates["resume"]["value"] is True
+    saved = (updates["gamma"]["value"], updates["neg_len"]["value"], updates["reconstruction"]["value"])
+    assert saved == ("4", 5, False)
+    assert dict(zip(names, pick(None), strict=True))["resume"]["value"] is False
+
+
+def test_an_unexpected_failure_is_one_readable_line(host_v160, monkeypatch):
+    load_extension(host_v160)
+    tab = build_tab(host_v160)
+    from extensions_builtin_compat import jobs
+
+    def broken(config, references, on_progress=None):
+        raise RuntimeError("CUDA error: device-side assert triggered")
+
+    monkeypatch.setattr(jobs, "run_training", broken)
+    train, dep = click_handler(tab, "dreamartist_train")
+    result = train(*click_args(tab, dep, dreamartist_task_id="task(x)", dreamartist_reference=reference_image(),
+                               dreamartist_name="walle", dreamartist_width=64, dreamartist_height=64))[3]
+    assert plain_text(result).startswith("Training failed: RuntimeError: CUDA error: device-side assert triggered")
+    assert "Traceback" not in result
 
 
 def test_interrupt_button_interrupts_the_job(host_v1101):
@@ -187,17 +212,20 @@ def test_a_cleared_number_box_is_named_not_replaced_by_a_default(host_v160):
     assert config_from_values({"name": " walle ", "steps": 12.0}).steps == 12
 
 
-def test_loss_curve_is_scaled_to_its_range_and_thinned(host_v160):
+def test_loss_plot_has_axes_labels_and_a_thinned_line(host_v160):
     load_extension(host_v160)
-    from extensions_builtin_compat.ui_render import CURVE_POINTS, loss_curve_html
+    from extensions_builtin_compat.ui_render import BOTTOM, CURVE_POINTS, LEFT, RIGHT, TOP, loss_curve_html
 
     html = loss_curve_html([2.0, 1.0, 3.0])
     points = html.split("points='")[1].split("'")[0].split()
-    assert points == ["0.0,50.0", "150.0,100.0", "300.0,0.0"]  # y = 100 - (v - 1) / 2 * 100
+    mid = (LEFT + RIGHT) / 2
+    assert points == [f"{LEFT:.1f},{(TOP + BOTTOM) / 2:.1f}", f"{mid:.1f},{BOTTOM:.1f}", f"{RIGHT:.1f},{TOP:.1f}"]
+    assert ">step</text>" in html and ">loss</text>" in html and html.count("class='axis'") == 2
+    assert [t for t in ("1", "2", "3") if f">{t}</text>" in html] == ["1", "2", "3"]  # ticks on both axes
     assert "first 2.0000, last 3.0000, lowest 1.0000" in html
     many = loss_curve_html([float(i % 7) for i in range(5000)] + [float("nan")])
     assert len(many.split("points='")[1].split("'")[0].split()) == CURVE_POINTS
-    assert "over 5001 steps" in many
+    assert "over 5001 steps" in many and ">5001</text>" in many
     assert loss_curve_html([1.0]) == "" and loss_curve_html([]) == ""
 
 
