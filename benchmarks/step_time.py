@@ -1,6 +1,6 @@
 """Seconds per step and peak memory: a DreamArtist step against its baselines (prints figures; not a test).
 
-    python benchmarks/step_time.py [--ckpt MODEL] [--size 512] [--steps 10] [--device cuda]
+    python benchmarks/step_time.py [--ckpt MODEL | --full-size sd1] [--size 512] [--steps 10]
 
 Rows: a DreamArtist step (one UNet call on [S^n; S^p] rows, eq. 3), the same with the reconstruction loss
 (eq. 6, decoder backward), a positive-only textual-inversion step on the same model and image, and the
@@ -22,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from dreamartist import losses  # noqa: E402
 from dreamartist.config import TrainConfig  # noqa: E402
 from dreamartist.images import load_image, prepare_reference  # noqa: E402
+from dreamartist.objective import NEG, POS  # noqa: E402
 from dreamartist.trainer import Trainer  # noqa: E402
 
 
@@ -64,7 +65,7 @@ def timed(step, device: torch.device, steps: int) -> float:
 def textual_inversion_step(trainer: Trainer):
     """Positive-only textual inversion: L = ||eps - eps(z_t, S^p)||^2 on B rows, one UNet call."""
     backend = trainer.backend
-    optimizer = torch.optim.AdamW(list(trainer.pos.values()), lr=trainer.config.lr)
+    optimizer = torch.optim.AdamW(list(trainer.params[POS].values()), lr=trainer.config.lr)
 
     def step():
         z0 = trainer.latents[0]
@@ -72,7 +73,7 @@ def textual_inversion_step(trainer: Trainer):
         noise = torch.randn_like(z0)
         abar = backend.alphas_cumprod[t].to(backend.device).view(-1, 1, 1, 1)
         z_t = losses.add_noise(z0, noise, abar)
-        cond = backend.encode(["a photo of walle"], {"walle": trainer.pos}, ("pos",))
+        cond = backend.encode(["a photo of walle"], {"walle": trainer.params[POS]}, ("pos",))
         out = backend.unet(z_t, t.to(backend.device), cond)
         losses.da_loss(out, losses.target(backend.prediction_type, z0, noise, abar)).backward()
         optimizer.step()
@@ -85,7 +86,7 @@ def unet_floor_step(trainer: Trainer):
     backend = trainer.backend
     with torch.no_grad():
         cond = backend.encode(["a photo of walle-neg", "a photo of walle"],
-                              {"walle": trainer.pos, "walle-neg": trainer.neg})
+                              {"walle": trainer.params[POS], "walle-neg": trainer.params[NEG]})
     cond.context.requires_grad_(True)
 
     def step():
@@ -100,10 +101,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ckpt", help="checkpoint; default: the demo model")
     parser.add_argument("--full-size", choices=("sd1", "sd2"), help="the real architecture with random weights")
-    parser.add_argument("--size", type=int, default=256)
-    parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--image", default=str(Path(__file__).resolve().parents[1] / "examples" / "reference.png"))
-    parser.add_argument("--gradient-checkpointing", action="store_true")
+    parser.add_argument("--size", type=int, default=256, help="training size in pixels (default: 256)")
+    parser.add_argument("--steps", type=int, default=10, help="timed steps per row, after one warm-up (default: 10)")
+    parser.add_argument("--image", default=str(Path(__file__).resolve().parents[1] / "examples" / "reference.png"),
+                        help="reference image (default: examples/reference.png)")
+    parser.add_argument("--gradient-checkpointing", action="store_true", help="checkpoint the UNet's blocks")
     args = parser.parse_args()
 
     from dreamartist.standalone import build_demo_backend, load_checkpoint
@@ -120,6 +122,7 @@ def main() -> None:
         for rec in (False, True):
             config = TrainConfig(name="walle", width=args.size, height=args.size, reconstruction=rec, steps=1)
             trainer = Trainer(backend, config, [reference], Path(out))
+            trainer._start()
             with torch.no_grad():
                 trainer.latents = [backend.vae_encode(reference.pixels.unsqueeze(0).to(backend.device))]
             label = "DreamArtist step" + (" + reconstruction" if rec else "")

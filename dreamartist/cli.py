@@ -131,6 +131,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise InputError(f"--previews {previews} is inside --out {out}: the webui would try to load the preview "
                          "images as embeddings; choose a folder outside it.")
     fileops.check_writable(out, 1 << 20)
+    fileops.recover_folder(out)  # a run that died mid-save left its journal: finish that first
     if not config.resume:
         pairfiles.check_can_save(out, config.name, config.overwrite)
     if config.preview_every or args.final_preview:
@@ -208,7 +209,7 @@ def _check_generate_args(args: argparse.Namespace) -> None:
 def cmd_generate(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from . import pairfiles
+    from . import fileops, pairfiles
     from .fileops import walk_files
     from .images import parameters_png_info
     from .pairing import add_partners
@@ -217,6 +218,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     _check_generate_args(args)
     folder = Path(args.embeddings) if args.embeddings else None
+    if folder:
+        fileops.recover_folder(folder)
     files: dict[str, list[Path]] = {}
     for path in walk_files(folder) if folder else ():
         if path.suffix.lower() in pairfiles.LOADABLE_EXTS:

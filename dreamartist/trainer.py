@@ -53,7 +53,7 @@ class TrainResult:
 
 
 class _NonFinite(Exception):
-    pass
+    """What became non-finite, as the start of a sentence ("The loss became nan")."""
 
 
 def _grad_scaler(device: torch.device):
@@ -223,21 +223,21 @@ class Trainer:
             loss = self._micro_batch_loss()
             value = loss.item()  # one device sync per micro-batch
             if not math.isfinite(value):
-                raise _NonFinite(value)
+                raise _NonFinite(f"The loss became {value}")
             self.scaler.scale(loss / self.config.grad_accum).backward()
             total += value / self.config.grad_accum
         tensors = [t for group in self.params.values() for t in group.values()]
         self.scaler.unscale_(self.optimizer)
         finite = all(bool(torch.isfinite(t.grad).all()) for t in tensors if t.grad is not None)
         if not finite and not self.scaler.is_enabled():
-            raise _NonFinite(total)
+            raise _NonFinite("The gradients became infinite or NaN")
         if self.config.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(tensors, self.config.grad_clip)
         self.scaler.step(self.optimizer)  # with fp16 loss scaling a step whose gradients overflowed is skipped
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         if self.scaler.is_enabled() and self.scaler.get_scale() < MIN_LOSS_SCALE:
-            raise _NonFinite(total)  # the same guard as without scaling, reached by the scaler's back-off
+            raise _NonFinite("The gradients overflowed at every loss scale")  # the scaler skipped every step
         with torch.no_grad():
             for group, ema in self.ema.items():
                 decay = self.objective.settings()[group].ema
@@ -318,7 +318,7 @@ class Trainer:
                 self.on_progress(Progress(self.step, config.steps, loss, self.optimizer.param_groups[0]["lr"],
                                           rate * (config.steps - self.step), self.losses, preview))
         except _NonFinite as error:
-            self._stop_with(f"The loss became {error.args[0]} at step {self.step + 1}",
+            self._stop_with(f"{error.args[0]} at step {self.step + 1}",
                             "Try a lower learning rate or gamma.")
         except torch.cuda.OutOfMemoryError:
             self._stop_with(f"Out of GPU memory at step {self.step + 1}", "Try a smaller width/height, turn off "

@@ -8,7 +8,7 @@ from modules import sd_hijack, shared
 
 from dreamartist.config import fields
 from dreamartist.errors import InputError
-from dreamartist.fileops import walk_files
+from dreamartist.fileops import recover_folder, walk_files
 from dreamartist.names import negative_name
 from dreamartist.pairfiles import EMBEDDING_EXTS, list_pairs, load_pair, load_state
 
@@ -20,6 +20,11 @@ FORGE_ENGINES = ("text_processing_engine", "text_processing_engine_l", "text_pro
 
 def embeddings_dir() -> Path:
     return Path(shared.cmd_opts.embeddings_dir)
+
+
+def recover() -> None:
+    """Finish or undo what a run that died mid-save left in the embeddings folder (run before the webui reads it)."""
+    recover_folder(embeddings_dir())
 
 
 def databases() -> list:

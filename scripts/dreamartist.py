@@ -7,8 +7,10 @@ from __future__ import annotations
 
 from modules import script_callbacks, scripts
 
-from extensions_builtin_compat import api, prompt_hook, settings, ui_tab
+from extensions_builtin_compat import api, embeddings, prompt_hook, settings, ui_tab
 from extensions_builtin_compat.callbacks import name_kw
+
+embeddings.recover()  # scripts load before the model, so before the webui first reads the embeddings folder
 
 script_callbacks.on_ui_tabs(ui_tab.on_ui_tabs, **name_kw(script_callbacks.on_ui_tabs, "tab"))
 script_callbacks.on_ui_settings(settings.on_ui_settings, **name_kw(script_callbacks.on_ui_settings, "settings"))

@@ -62,21 +62,41 @@ def test_the_final_preview_can_be_skipped(photo, tmp_path, capsys):
     assert code == 0 and not (tmp_path / "p").exists()
 
 
-def write_image(path: Path, mode: str) -> Path:
+def write_image(path: Path, mode: str) -> tuple[Path, np.ndarray]:
+    """An image file in ``mode`` and the RGB pixels (0..255) training must see: a green field whose left half
+    is transparent (white) where the mode has transparency, a ramp for 16-bit grey."""
     if mode == "I;16":
-        Image.fromarray(np.linspace(0, 65535, 64 * 64, dtype=np.uint16).reshape(64, 64)).save(path)
-        return path
-    image = Image.new("RGB", (64, 64), (10, 200, 30)).convert(mode)
-    image.save(path)
-    return path
+        ramp = np.linspace(0, 65535, 64, dtype=np.uint16)
+        Image.fromarray(np.tile(ramp, (64, 1))).save(path)
+        return path, np.repeat((np.tile(ramp, (64, 1)) / 257.0)[..., None], 3, axis=2)
+    rgb = np.full((64, 64, 3), (10, 200, 30), dtype=np.float64)
+    image = Image.new("RGBA", (64, 64), (10, 200, 30, 255))
+    if mode in ("RGBA", "LA", "P"):
+        image.paste((0, 0, 0, 0), (0, 0, 32, 64))
+        rgb[:, :32] = 255
+    if mode in ("L", "LA"):
+        rgb[:, 32 if mode == "LA" else 0:] = 0.299 * 10 + 0.587 * 200 + 0.114 * 30  # ITU-R 601 luma, as Pillow
+    converted = image.convert(mode) if mode != "P" else image.convert("RGBA").quantize(dither=Image.Dither.NONE)
+    if mode == "P":  # keep the fully transparent entry transparent
+        converted.info["transparency"] = converted.getpixel((0, 0))
+    converted.save(path)
+    return path, rgb
 
 
-@pytest.mark.parametrize("mode,suffix", [("CMYK", ".jpg"), ("I;16", ".png"), ("RGBA", ".png"), ("P", ".png"),
-                                         ("LA", ".png"), ("L", ".webp")])
-def test_unusual_image_modes_simply_work(mode, suffix, tmp_path, capsys):
-    image = write_image(tmp_path / f"ref{suffix}", mode)
+@pytest.mark.parametrize("mode,suffix,tolerance", [("CMYK", ".jpg", 6), ("I;16", ".png", 1), ("RGBA", ".png", 1),
+                                                   ("P", ".png", 1), ("LA", ".png", 1), ("L", ".webp", 6)])
+def test_unusual_image_modes_reach_training_as_the_right_pixels(mode, suffix, tolerance, tmp_path, capsys,
+                                                               monkeypatch):
+    from dreamartist.trainer import Trainer
+
+    seen, original = [], Trainer.__init__
+    monkeypatch.setattr(Trainer, "__init__", lambda self, backend, config, refs, *a, **k: seen.append(refs) or
+                        original(self, backend, config, refs, *a, **k))
+    image, expected = write_image(tmp_path / f"ref{suffix}", mode)
     code, _, err = run(["train", "--image", image, "--name", "x", "--out", tmp_path / "e", *FAST], capsys)
     assert code == 0, err
+    pixels = (seen[0][0].pixels.permute(1, 2, 0).numpy() + 1) * 127.5  # (64, 64, 3) back in 0..255
+    assert np.abs(pixels - expected).mean() < tolerance, mode
 
 
 def bad_inputs(tmp_path: Path, photo: Path) -> dict[str, tuple[list, tuple[str, ...]]]:

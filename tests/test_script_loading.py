@@ -122,3 +122,22 @@ def test_install_uses_the_launcher_for_what_is_missing(monkeypatch):
     assert missing == ["safetensors"]
     install.install(missing)
     assert launch.calls == [("install safetensors", "safetensors for DreamArtist")]  # no version pins
+
+
+def test_loading_finishes_a_save_that_a_dying_run_left_half_done(any_host):
+    """Scripts load before the model (and so before the webui first reads the embeddings folder)."""
+    import json
+
+    import torch
+    from fakehost.checks import write_pair
+
+    from dreamartist import fileops, pairfiles
+
+    folder = any_host.embeddings_dir
+    write_pair(folder, "walle", seed=1)
+    new_neg = fileops.write_temp(folder, "walle", pairfiles._torch_bytes({"emb_params": torch.ones(2, 32)}))
+    journal = fileops.work_dir(folder) / "walle.commit"
+    journal.write_text(json.dumps({"moves": [[new_neg.name, "walle-neg.pt"]], "removals": []}))
+    load_extension(any_host)
+    assert not journal.exists() and not new_neg.exists()
+    assert torch.equal(torch.load(folder / "walle-neg.pt", weights_only=True)["emb_params"], torch.ones(2, 32))

@@ -238,3 +238,38 @@ def test_v_prediction_model_trains_against_v(references, tmp_path, monkeypatch):
     monkeypatch.setattr(losses, "target", spy)
     result = train(backend, config(steps=2), references, tmp_path)
     assert seen["type"] == "v_prediction" and result.final_loss is not None
+
+
+class _InfiniteGradient(torch.autograd.Function):
+    """The value passes unchanged; the gradient comes back infinite, as an fp16 overflow does."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * float("inf")
+
+
+def test_with_loss_scaling_overflowing_gradients_stop_the_run_too(backend, references, tmp_path, monkeypatch):
+    """fp16 loss scaling skips a step whose gradients overflowed and lowers the scale; when every step overflows
+    the same guard as without scaling stops the run, keeping the last good pair."""
+    from dreamartist import trainer as trainer_module
+    from dreamartist.objective import DreamArtistObjective
+
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** -15)
+    monkeypatch.setattr(trainer_module, "_grad_scaler", lambda device: scaler)
+    real, calls = DreamArtistObjective.loss, []
+
+    def overflowing(self, *args):
+        calls.append(1)
+        loss = real(self, *args)
+        return _InfiniteGradient.apply(loss) if len(calls) > 2 else loss
+
+    monkeypatch.setattr(DreamArtistObjective, "loss", overflowing)
+    with pytest.raises(TrainingStopped, match=r"^The gradients overflowed at every loss scale at step 4; training "
+                                              r"stopped\. The last good pair \(step 3\)"):
+        train(backend, config(steps=10, reconstruction=False, save_every=1), references, tmp_path)
+    pos, _ = load_pair(tmp_path, "walle")  # step 3 was skipped by the scaler: the values of step 2, finite
+    assert pos.step == 3 and all(torch.isfinite(v).all() for v in pos.vectors.values())
