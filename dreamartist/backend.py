@@ -10,12 +10,15 @@ for textual-inversion embeddings, so gradients reach those tensors and nothing e
 """
 from __future__ import annotations
 
+import abc
 import contextlib
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
 import torch
+
+from .adapters import Adapter, installed
 
 EncoderVectors = Mapping[str, torch.Tensor]  # encoder key -> (n_vectors, dim)
 WordVectors = Mapping[str, EncoderVectors]  # pseudo-word -> its vectors for every text encoder
@@ -28,13 +31,13 @@ V_PREDICTION = "v_prediction"
 class Conditioning:
     """Text conditioning for one UNet call, one row per prompt.
 
-    ``branches`` names each row's CFG branch ("pos" or "neg"; "" when it does not matter). Per-row
-    adapters (a LoRA on the positive rows, another on the negative rows of the same call) select rows by it.
+    ``branches`` labels each row for per-row adapters (dreamartist.adapters): the ids of the adapters acting on
+    it, "pos" or "neg" in training ("" or empty: none). The backend labels the rows of its UNet call with it.
     ``extras`` carries what some families add beside the cross-attention states (SDXL: the pooled "vector").
     """
 
     context: torch.Tensor  # (rows, tokens, dim)
-    branches: tuple[str, ...] = ()
+    branches: tuple = ()
     extras: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def __len__(self) -> int:
@@ -60,7 +63,7 @@ class Backend(Protocol):
         """The end-of-text token embedding per encoder: (dim,), detached."""
 
     def encode(self, prompts: list[str], words: WordVectors | None = None,
-               branches: tuple[str, ...] = ()) -> Conditioning:
+               branches: tuple = ()) -> Conditioning:
         """Encode prompts with ``words`` spliced in; differentiable with respect to those vectors only."""
 
     def unet(self, latents: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning) -> torch.Tensor:
@@ -76,6 +79,32 @@ class Backend(Protocol):
     def training(self, gradient_checkpointing: bool = False) -> contextlib.AbstractContextManager:
         """Context for a training run: every model weight frozen, optional gradient checkpointing; on exit
         (also on error) the model is exactly as before: weights, requires_grad, modes, hooks."""
+
+    def adapter_layers(self) -> dict[str, dict[str, torch.nn.Module]]:
+        """The layers adapters may act on: part ("unet", "te") -> canonical name -> module."""
+
+    def patched(self, adapters: Mapping[str, Mapping[str, tuple[Adapter, float]]], dropout: float = 0.0,
+                training: bool = False) -> contextlib.AbstractContextManager:
+        """The patch slot: install per-row adapters (part -> adapter id -> (adapter, strength)) on the model for
+        a with-block; removed on exit and on error."""
+
+
+class PatchSlot(abc.ABC):
+    """``Backend.patched`` for any backend that lists its ``adapter_layers``."""
+
+    @abc.abstractmethod
+    def adapter_layers(self) -> dict[str, dict[str, torch.nn.Module]]:
+        """Part ("unet", "te") -> canonical layer name -> module."""
+
+    @contextlib.contextmanager
+    def patched(self, adapters: Mapping[str, Mapping[str, tuple[Adapter, float]]], dropout: float = 0.0,
+                training: bool = False) -> Iterator[None]:
+        layers = self.adapter_layers()
+        with contextlib.ExitStack() as stack:
+            for part, acting in adapters.items():
+                if acting:
+                    stack.enter_context(installed(layers[part], acting, dropout, training))
+            yield
 
 
 @contextlib.contextmanager

@@ -61,6 +61,9 @@ class TrainConfig:
                                 group="outputs")
     save_every: int = option(0, "Save every N steps", "0 saves only at the end.", minimum=0, maximum=MAX_STEPS,
                              step=1, group="outputs")
+    adapters: bool = option(False, "PN adapters (DreamArtist++)",
+                            "Also train a LoRA for each CFG branch: phi^p on the S^p rows, phi^n on the S^n rows. "
+                            "Stronger likeness, larger files.", group="adapters")
     # Advanced
     neg_lr_mult: float = option(1.0, "S^n lr multiplier", minimum=0.0, maximum=100.0, advanced=True,
                                 group="optimiser")
@@ -77,6 +80,19 @@ class TrainConfig:
     ema_neg: float = option(0.0, "EMA decay of S^n", minimum=0.0, maximum=0.99999, advanced=True, group="ema")
     neg_noise: float = option(1e-3, "S^n init noise", "Std of the noise added to the empty-text init.",
                               minimum=0.0, maximum=1.0, advanced=True, group="init")
+    unet_lr_pos: float = option(1e-4, "UNet adapter lr, phi^p", minimum=0.0, maximum=1.0, advanced=True,
+                                group="adapter_lr")
+    unet_lr_neg: float = option(4e-5, "UNet adapter lr, phi^n", "Low, so that phi^n does not collapse.",
+                                minimum=0.0, maximum=1.0, advanced=True, group="adapter_lr")
+    text_lr: float = option(2e-5, "Text-encoder adapter lr", minimum=0.0, maximum=1.0, advanced=True,
+                            group="adapter_lr")
+    unet_rank: float = option(0.01875, "UNet adapter rank (share of width)",
+                              "Each UNet layer's rank is this share of its output width, at least 1.",
+                              minimum=0.0001, maximum=1.0, advanced=True, group="adapter_shape")
+    text_rank: int = option(2, "Text-encoder adapter rank", minimum=1, maximum=128, step=1, advanced=True,
+                            group="adapter_shape")
+    adapter_dropout: float = option(0.1, "Adapter dropout", minimum=0.0, maximum=0.9, advanced=True,
+                                    group="adapter_shape")
     gradient_checkpointing: bool = option(False, "Gradient checkpointing", "Less memory, slower.", advanced=True,
                                           group="memory")
     file_format: str = option("pt", "File format", choices=FILE_FORMATS, advanced=True, group="files")

@@ -1,7 +1,10 @@
 """The DreamArtist objective (paper sec. 4): what it trains, and the loss of one micro-batch.
 
-Trainable groups: ``pos_words`` (S^p) and ``neg_words`` (S^n), each a dict encoder key -> (n, dim) tensor.
-One micro-batch: t and eps shared by both branches; ONE UNet call on the rows [S^n rows; S^p rows];
+Trainable groups: ``pos_words`` (S^p) and ``neg_words`` (S^n), each a dict encoder key -> (n, dim) tensor; with
+adapters (DreamArtist++) also ``unet_pos`` / ``unet_neg`` (phi^p_mu / phi^n_mu) and ``te_pos`` / ``te_neg``
+(phi^p_t / phi^n_t), each a dict "<layer>.lora_down|up" -> tensor.
+One micro-batch: t and eps shared by both branches; ONE UNet call on the rows [S^n rows; S^p rows], phi^n acting
+on the S^n rows and phi^p on the S^p rows (also in the text encoder's call);
 eps_hat = eps_n + gamma(t) (eps_p - eps_n); L = L_da (eq. 3) + w_rec L_rec (eqs. 5, 6).
 """
 from __future__ import annotations
@@ -10,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import losses
+from . import adapters, losses
 from .backend import Backend, WordVectors
 from .config import TrainConfig
 from .images import Reference
@@ -18,6 +21,7 @@ from .names import negative_name
 from .templates import fill
 
 POS, NEG = "pos_words", "neg_words"
+BRANCHES = ("pos", "neg")  # the row labels of the two CFG branches, and the adapters' ids
 Params = dict[str, dict[str, torch.Tensor]]  # group name -> encoder key (or layer name) -> leaf tensor
 
 
@@ -41,8 +45,14 @@ class DreamArtistObjective:
 
     def settings(self) -> dict[str, GroupSettings]:
         c = self.config
-        return {POS: GroupSettings(c.lr, c.weight_decay, c.ema_pos),
-                NEG: GroupSettings(c.lr * c.neg_lr_mult, c.weight_decay, c.ema_neg)}
+        groups = {POS: GroupSettings(c.lr, c.weight_decay, c.ema_pos),
+                  NEG: GroupSettings(c.lr * c.neg_lr_mult, c.weight_decay, c.ema_neg)}
+        if c.adapters:
+            groups |= {"unet_pos": GroupSettings(c.unet_lr_pos, c.weight_decay, 0.0),
+                       "unet_neg": GroupSettings(c.unet_lr_neg, c.weight_decay, 0.0),
+                       "te_pos": GroupSettings(c.text_lr, c.weight_decay, 0.0),
+                       "te_neg": GroupSettings(c.text_lr, c.weight_decay, 0.0)}
+        return groups
 
     def lengths(self) -> dict[str, int]:
         """Vectors per pseudo-word, which a resumed run cannot change."""
@@ -60,7 +70,23 @@ class DreamArtistObjective:
             pos[key] = init[[i % init.shape[0] for i in range(self.config.pos_len)]].float()
             noise = torch.randn((self.config.neg_len, end.shape[-1]), generator=generator)
             neg[key] = end.float().cpu().expand(self.config.neg_len, -1) + self.config.neg_noise * noise
-        return {POS: pos, NEG: neg}
+        groups = {POS: pos, NEG: neg}
+        if self.config.adapters:
+            layers = self.backend.adapter_layers()
+            ranks = {adapters.UNET: lambda layer: adapters.unet_rank(layer.out_features, self.config.unet_rank),
+                     adapters.TEXT: lambda layer: self.config.text_rank}
+            for branch in BRANCHES:
+                for part, rank_of in ranks.items():
+                    fresh = adapters.new_adapter(layers[part], rank_of, generator)
+                    groups[f"{part}_{branch}"] = adapters.flatten(fresh)
+        return groups
+
+    def patches(self, params: Params, strengths: dict[str, float] | None = None, training: bool = False) -> dict:
+        """What ``Backend.patched`` installs: each branch's adapters, acting on the rows labelled with it."""
+        strengths = strengths or {branch: 1.0 for branch in BRANCHES}
+        return {part: {branch: (adapters.unflatten(params[f"{part}_{branch}"]), strengths[branch])
+                       for branch in BRANCHES if f"{part}_{branch}" in params}
+                for part in (adapters.UNET, adapters.TEXT)}
 
     def words(self, params: Params) -> WordVectors:
         return {self.name: params[POS], self.neg_name: params[NEG]}
@@ -77,8 +103,10 @@ class DreamArtistObjective:
         z_t = losses.add_noise(latents, noise, abar)
         pos_text = [fill(self.templates[j], self.name, r.caption) for j, r in zip(lines, references)]
         neg_text = [fill(self.templates[j], self.neg_name, r.caption) for j, r in zip(lines, references)]
-        cond = backend.encode(neg_text + pos_text, self.words(params), ("neg",) * b + ("pos",) * b)
-        out_neg, out_pos = backend.unet(torch.cat([z_t, z_t]), torch.cat([t, t]).to(device), cond).chunk(2)
+        rows = ("neg",) * b + ("pos",) * b
+        with backend.patched(self.patches(params), self.config.adapter_dropout, training=True):
+            cond = backend.encode(neg_text + pos_text, self.words(params), rows)
+            out_neg, out_pos = backend.unet(torch.cat([z_t, z_t]), torch.cat([t, t]).to(device), cond).chunk(2)
         guided = losses.guide(out_neg, out_pos, self.gamma(t, T).to(device))
         loss = losses.da_loss(guided, losses.target(backend.prediction_type, latents, noise, abar),
                               _weights(references, device))

@@ -32,6 +32,7 @@ FILE_FORMATS = {"pt": ".pt", "safetensors": ".safetensors"}
 LOADABLE_EXTS = (".pt", ".bin", ".safetensors")
 EMBEDDING_EXTS = LOADABLE_EXTS + (".png", ".webp", ".jxl", ".avif")  # everything the webui reads as an embedding
 STATE_SUFFIX = ".dreamartist-state"  # an extension the webui's embedding loader skips
+ADAPTERS_SUFFIX = ".dreamartist-lora"  # safetensors inside; neither the embedding nor the Lora loader reads it
 _RECORD_KEY = "dreamartist"
 # Tensor types every webui's safe loader accepts (its allowlist of storages), which is all a resume state needs.
 _PLAIN_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int32, torch.int64, torch.uint8)
@@ -107,7 +108,7 @@ def own_files(folder: str | Path, name: str) -> list[Path]:
     """The files of pair ``name`` directly in ``folder`` that saving it may replace: NAME and NAME-neg as .pt,
     .bin or .safetensors, and NAME's resume state (names compared case-insensitively, links not followed)."""
     wanted = {n.lower() + ext for n in (name, negative_name(name)) for ext in LOADABLE_EXTS}
-    wanted.add(name.lower() + STATE_SUFFIX)
+    wanted |= {name.lower() + STATE_SUFFIX, name.lower() + ADAPTERS_SUFFIX}
     folder = Path(folder)
     return sorted(p for p in folder.iterdir() if p.name.lower() in wanted) if folder.is_dir() else []
 
@@ -133,8 +134,10 @@ def check_can_save(folder: str | Path, name: str, overwrite: bool) -> None:
 def save_pair(folder: str | Path, name: str, pos: Mapping[str, torch.Tensor], neg: Mapping[str, torch.Tensor], *,
               gamma: str = "", step: int = 0, total_steps: int = 0, checkpoint_hash: str = "",
               checkpoint_name: str = "", fmt: str = "pt", overwrite: bool = False,
-              state: Mapping[str, Any] | None = None) -> list[Path]:
-    """Write NAME and NAME-neg (and the resume ``state``) as one commit: all files appear, or nothing changes.
+              state: Mapping[str, Any] | None = None,
+              adapters: Mapping[str, Mapping[str, torch.Tensor]] | None = None) -> list[Path]:
+    """Write NAME and NAME-neg (and the resume ``state``, and the ``adapters``: group -> named tensors) as one
+    commit: all files appear, or nothing changes.
 
     Refuses as ``check_can_save`` does. With ``overwrite`` the pair's own files are replaced (removed when their
     extension differs); a resume state left from an earlier save is removed when no ``state`` is given. Each
@@ -163,12 +166,16 @@ def save_pair(folder: str | Path, name: str, pos: Mapping[str, torch.Tensor], ne
                             checkpoint_hash, checkpoint_name))]
     if state is not None:
         payloads.append((folder / f"{name}{STATE_SUFFIX}", _state_bytes(state)))
+    if adapters:
+        tensors = {f"{group}/{key}": _plain_tensor(t) for group, named in adapters.items() for key, t in named.items()}
+        metadata = {f"{_RECORD_KEY}.{k}": str(v) for k, v in common.items()} | {f"{_RECORD_KEY}.name": name}
+        payloads.append((folder / f"{name}{ADAPTERS_SUFFIX}", safetensors_bytes(tensors, metadata=metadata)))
     make_folder(folder)
     temps: list[Path] = []
     try:
         for target, payload in payloads:
             temps.append(write_temp(folder, name, payload))
-            if target.suffix != ".safetensors":
+            if payload.startswith(b"PK"):  # a torch file (a zip): read it back the way it will be read
                 _torch_load(temps[-1], target.name)
         targets = [target for target, _ in payloads]
         stale = [f for f in own_files(folder, name) if _replaced_by_none_of(f, targets)]
@@ -225,6 +232,19 @@ def _replaced_by_none_of(path: Path, targets: list[Path]) -> bool:
     return True
 
 
+def load_adapters(folder: str | Path, name: str) -> dict[str, dict[str, torch.Tensor]] | None:
+    """The adapters saved with pair ``name`` (group -> named tensors), or None when it has none."""
+    path = Path(folder) / f"{name}{ADAPTERS_SUFFIX}"
+    if not path.is_file():
+        return None
+    tensors, _ = _read_safetensors(path)
+    groups: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in tensors.items():
+        group, _, param = key.partition("/")
+        groups.setdefault(group, {})[param] = tensor.float()
+    return groups
+
+
 def load_state(folder: str | Path, name: str) -> dict | None:
     """The resume state saved for NAME, or None when there is none."""
     path = Path(folder) / f"{name}{STATE_SUFFIX}"
@@ -256,6 +276,13 @@ def _plain(vectors: Mapping[str, torch.Tensor], name: str) -> dict[str, torch.Te
         if not torch.isfinite(out[key]).all():
             raise InputError(f"The vectors of {name} contain NaN or infinity; nothing was written.")
     return out
+
+
+def _plain_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    plain = tensor.detach().to("cpu", torch.float32).contiguous().clone()
+    if not torch.isfinite(plain).all():
+        raise InputError("The adapters contain NaN or infinity; nothing was written.")
+    return plain
 
 
 def _length(vectors: Mapping[str, torch.Tensor]) -> int:

@@ -5,7 +5,7 @@ scale may be a gamma schedule, so a preview samples with exactly the gamma the p
 """
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import numpy as np
 import torch
@@ -26,8 +26,16 @@ def ddim_timesteps(num_timesteps: int, steps: int) -> list[int]:
 @torch.no_grad()
 def sample(backend: Backend, prompt: str, negative_prompt: str = "", words: WordVectors | None = None,
            guidance: GammaSchedule | float | str = 7.0, steps: int = 20, width: int = 512, height: int = 512,
-           seed: int = 0, batch: int = 1, on_step: Callable[[int, int], None] | None = None) -> list[Image.Image]:
-    """Sample ``batch`` images for one prompt; the same seed gives the same images."""
+           seed: int = 0, batch: int = 1, on_step: Callable[[int, int], None] | None = None,
+           patches: Mapping | None = None) -> list[Image.Image]:
+    """Sample ``batch`` images for one prompt; the same seed gives the same images. ``patches`` are per-branch
+    adapters (``Backend.patched``): ids "pos" act on the prompt's rows, "neg" on the negative prompt's."""
+    with backend.patched(patches or {}):
+        return _sample(backend, prompt, negative_prompt, words, guidance, steps, width, height, seed, batch, on_step)
+
+
+def _sample(backend, prompt, negative_prompt, words, guidance, steps, width, height, seed, batch,
+            on_step) -> list[Image.Image]:
     schedule = guidance if isinstance(guidance, GammaSchedule) else parse_gamma(guidance)
     abar_all = backend.alphas_cumprod.to(torch.float32)
     T = abar_all.shape[0]

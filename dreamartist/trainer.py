@@ -127,16 +127,16 @@ class Trainer:
         self.generator = torch.Generator().manual_seed(self.seed)
         live, ema, state = self.objective.initial(self.generator), None, None
         if config.resume:
-            live, ema, state = self._resume()
+            live, ema, state = self._resume(live)
         fileops.check_writable(self.out_dir, state_bytes_estimate(live))
         device = self.backend.device
         self.params = _leaves(live, device)
         settings = self.objective.settings()
         self.ema = {g: {k: v.detach().clone() for k, v in self.params[g].items()} for g, s in settings.items()
                     if s.ema}
-        for group, vectors in (ema or {}).items():
+        for group, values in (ema or {}).items():
             if group in self.ema:  # an EMA kept by the saved run continues; one switched on now starts from live
-                self.ema[group] = {k: v.to(device, torch.float32) for k, v in vectors.items()}
+                self.ema[group] = {k: v.to(device, torch.float32) for k, v in values.items()}
         self.optimizer = torch.optim.AdamW(
             [{"params": list(self.params[g].values()), "name": g, "lr": s.lr, "weight_decay": s.weight_decay}
              for g, s in settings.items()], betas=(config.beta1, config.beta2))
@@ -144,65 +144,74 @@ class Trainer:
         if state is not None:
             self._load_optimizer(state)
 
-    def _resume(self) -> tuple[Params, Params | None, dict | None]:
-        """The saved pair as the run's starting point; options that cannot change are refused by name."""
+    def _resume(self, fresh: Params) -> tuple[Params, Params | None, dict | None]:
+        """The saved pair (and its adapters) as the run's starting point. A group this run adds starts fresh, a
+        group it drops is left out; a group whose shapes changed (vector count, adapter rank) is refused."""
         try:
             pos_file, neg_file = pairfiles.load_pair(self.out_dir, self.name)
         except InputError as e:
             raise InputError(f"{e} Nothing to resume: turn off Resume to train a new pair.") from None
         for file in (pos_file, neg_file):
             pairfiles.check_compatible(file.vectors, self.backend.embedding_dims, file.path)
-        files = {POS: pos_file.vectors, NEG: neg_file.vectors}
-        for group, wanted in self.objective.lengths().items():
-            have = next(iter(files[group].values())).shape[0]
-            if have != wanted:
-                word = "S^p" if group == POS else "S^n"
-                raise InputError(f"The saved {word} has {have} vectors, but Vectors in {word} is {wanted}; a resumed "
-                                 f"pair keeps its length, so set it to {have}, or train a new pair.")
+        saved = {POS: pos_file.vectors, NEG: neg_file.vectors, **(pairfiles.load_adapters(self.out_dir, self.name)
+                                                                   or {})}
         self.step = self.saved_step = int(pos_file.step or 0)
         if self.step >= self.config.steps:
             raise InputError(f"{self.name} has already been trained for {self.step} steps; ask for more than "
                              f"{self.step} steps to continue it.")
         state = pairfiles.load_state(self.out_dir, self.name)
+        ema = None
         if not state or state.get("version") != STATE_VERSION or state.get("step") != self.step:
             self.notes.append(f"No optimiser state matches step {self.step} of {self.name}: resuming from the "
-                              "pair files with a fresh optimiser.")
-            return files, None, None
-        groups = state["groups"]
-        if set(groups) != set(files):
-            raise InputError(f"The resume state of {self.name} holds {', '.join(sorted(groups))}, not the groups "
-                             f"this run trains ({', '.join(sorted(files))}); train a new pair.")
-        self.losses = list(state.get("losses", []))
-        self.generator.set_state(state["generator"])
-        if self.config.seed >= 0 and self.config.seed != state.get("seed"):
-            self.generator.manual_seed(self.config.seed + self.step)  # a new seed drives the rest of the run
-            self.seed = self.config.seed
+                              "saved files with a fresh optimiser.")
+            state = None
         else:
-            self.seed = int(state.get("seed", self.seed))
-        live = {g: groups[g]["live"] for g in groups}
-        ema = {g: groups[g]["ema"] for g in groups if groups[g].get("ema") is not None}
+            saved |= {g: values["live"] for g, values in state["groups"].items()}  # the files may hold EMA values
+            ema = {g: values["ema"] for g, values in state["groups"].items() if values.get("ema") is not None}
+            self.losses = list(state.get("losses", []))
+            self.generator.set_state(state["generator"])
+            if self.config.seed >= 0 and self.config.seed != state.get("seed"):
+                self.generator.manual_seed(self.config.seed + self.step)  # a new seed drives the rest of the run
+                self.seed = self.config.seed
+            else:
+                self.seed = int(state.get("seed", self.seed))
+        live = {}
+        for group, tensors in fresh.items():
+            if group not in saved:
+                live[group] = tensors
+                self.notes.append(f"{group} is new in this run and starts fresh.")
+                continue
+            self._check_shapes(group, saved[group], tensors)
+            live[group] = saved[group]
         return live, ema, state
 
+    def _check_shapes(self, group: str, saved: dict[str, torch.Tensor], fresh: dict[str, torch.Tensor]) -> None:
+        if group in (POS, NEG):
+            have, wanted = next(iter(saved.values())).shape[0], next(iter(fresh.values())).shape[0]
+            if have != wanted:
+                word = "S^p" if group == POS else "S^n"
+                raise InputError(f"The saved {word} has {have} vectors, but Vectors in {word} is {wanted}; a resumed "
+                                 f"pair keeps its length, so set it to {have}, or train a new pair.")
+        elif {k: tuple(v.shape) for k, v in saved.items()} != {k: tuple(v.shape) for k, v in fresh.items()}:
+            raise InputError(f"The saved adapters ({group}) have other layers or ranks than this run's; set the "
+                             "adapter ranks as they were, or train a new pair.")
+
     def _load_optimizer(self, state: dict) -> None:
-        """The saved moments, matched to the current groups by name; this run's lr, betas and weight decay
-        replace the saved ones, so options changed on resume take effect."""
+        """The saved moments, matched to the current groups by name (a new group starts without); this run's lr,
+        betas and weight decay replace the saved ones, so options changed on resume take effect."""
         saved = state["optimizer"]
         by_name = {g["name"]: g for g in saved["param_groups"]}
-        groups = self.optimizer.param_groups
         remapped = {"state": {}, "param_groups": []}
         index = 0
-        for group in groups:
-            old = by_name[group["name"]]
-            for old_id, param in zip(old["params"], group["params"], strict=True):
-                moments = saved["state"].get(old_id)
-                if moments is not None:
-                    if moments["exp_avg"].shape != param.shape:
-                        raise InputError(f"The resume state of {self.name} does not fit this run's "
-                                         f"{group['name']}; train a new pair.")
-                    remapped["state"][index] = moments
-                index += 1
-            remapped["param_groups"].append({**old, "params": list(range(index - len(group["params"]), index))})
-        current = [{k: v for k, v in g.items() if k != "params"} for g in groups]
+        current = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
+        for group in self.optimizer.param_groups:
+            old = by_name.get(group["name"], {"params": []})
+            ids = list(range(index, index + len(group["params"])))
+            for old_id, new_id in zip(old["params"], ids):
+                if old_id in saved["state"]:
+                    remapped["state"][new_id] = saved["state"][old_id]
+            remapped["param_groups"].append({**group, "params": ids})
+            index += len(ids)
         self.optimizer.load_state_dict(remapped)
         for group, settings in zip(self.optimizer.param_groups, current, strict=True):
             group.update(settings)
@@ -261,19 +270,21 @@ class Trainer:
         self.saved_files = pairfiles.save_pair(
             self.out_dir, self.name, saved[POS], saved[NEG], fmt=self.config.file_format, overwrite=True,
             step=self.step, total_steps=self.config.steps, gamma=str(self.objective.gamma),
-            checkpoint_hash=self.backend.model_hash, checkpoint_name=self.backend.model_name, state=state)
+            checkpoint_hash=self.backend.model_hash, checkpoint_name=self.backend.model_name, state=state,
+            adapters={g: values for g, values in saved.items() if g not in (POS, NEG)})
         self.saved_step = self.step
         return self.saved_files
 
     def preview(self, on_step: Callable[[], None] | None = None) -> Image.Image:
         """Samples with the pair as it is saved (EMA values when on), at the training gamma (up to 4);
         ``on_step`` is called after each sampling step."""
-        words = self.objective.words(self._saved_params())
+        params = self._saved_params()
+        words, patches = self.objective.words(params), self.objective.patches(params)
         images = []
         for i, (prompt, negative) in enumerate(self.objective.preview_prompts()):
             images += sample(self.backend, prompt, negative, words, guidance=self.objective.gamma,
                              steps=PREVIEW_STEPS, width=self.config.width, height=self.config.height,
-                             seed=self.seed + i, on_step=on_step and (lambda i, n: on_step()))
+                             seed=self.seed + i, on_step=on_step and (lambda i, n: on_step()), patches=patches)
         return grid(images)
 
     def _kept(self) -> str:

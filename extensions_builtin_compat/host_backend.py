@@ -16,9 +16,11 @@ import torch.utils.checkpoint
 from modules import devices, extra_networks, processing, sd_hijack, shared
 from modules.textual_inversion.textual_inversion import Embedding
 
-from dreamartist.backend import EPSILON, V_PREDICTION, Conditioning, WordVectors, frozen
+from dreamartist import adapters
+from dreamartist.backend import EPSILON, V_PREDICTION, Conditioning, PatchSlot, WordVectors, frozen
 from dreamartist.errors import InputError, ModelError
 from dreamartist.families import FAMILIES
+from dreamartist.layer_names import named_layers, text_name, unet_name
 
 from . import host
 
@@ -33,7 +35,7 @@ def _token_embedding(clip: torch.nn.Module) -> torch.nn.Embedding:
     raise ModelError("The text encoder is not hijacked by the webui; reload the checkpoint and try again.")
 
 
-class HostBackend:
+class HostBackend(PatchSlot):
     """Training and sampling operations on ``shared.sd_model``; see dreamartist.backend.Backend."""
 
     def __init__(self, sd_model=None):
@@ -108,11 +110,12 @@ class HostBackend:
                     self.db.ids_lookup[first_id] = entries
 
     def encode(self, prompts: list[str], words: WordVectors | None = None,
-               branches: tuple[str, ...] = ()) -> Conditioning:
+               branches: tuple = ()) -> Conditioning:
         """The webui's prompt encoding with ``words`` as temporary embeddings; differentiable in those only."""
         if branches and len(branches) != len(prompts):
             raise ValueError(f"{len(branches)} branches for {len(prompts)} prompts")
-        with self._registered(self._vectors_of(words or {})), devices.autocast():
+        with self._registered(self._vectors_of(words or {})), devices.autocast(), \
+                adapters.row_labels(branches or None):
             context = self.clip(list(prompts))  # (B, 77k, dim)
         return Conditioning(context=context, branches=tuple(branches))
 
@@ -122,9 +125,12 @@ class HostBackend:
             raise ValueError(f"{latents.shape[0]} latents for {len(cond)} conditioning rows")
         x = latents.to(self.device, devices.dtype_unet)
         context = cond.context.to(self.device, devices.dtype_unet)
-        with devices.autocast():
+        with devices.autocast(), adapters.row_labels(cond.branches or None):
             out = self.sd_model.apply_model(x, timesteps.to(self.device), {"c_crossattn": [context]})
         return out.float()
+
+    def adapter_layers(self) -> dict[str, dict[str, torch.nn.Module]]:
+        return layers_of(self.sd_model)
 
     def _vae_dtype(self) -> torch.dtype:
         return next(self.sd_model.first_stage_model.parameters()).dtype
@@ -172,6 +178,14 @@ class HostBackend:
             finally:
                 if undo_attention:
                     sd_hijack.apply_optimizations()
+
+
+def layers_of(sd_model) -> dict[str, dict[str, torch.nn.Module]]:
+    """The adapter layers of a loaded SD1/SD2 model, by canonical name (ldm's and OpenCLIP's modules mapped)."""
+    unet = named_layers(sd_model.model.diffusion_model.named_modules(), unet_name)
+    text = named_layers(sd_model.cond_stage_model.named_modules(), text_name)
+    return {adapters.UNET: adapters.target_layers(unet, adapters.UNET),
+            adapters.TEXT: adapters.target_layers(text, adapters.TEXT)}
 
 
 @contextlib.contextmanager

@@ -19,7 +19,7 @@ from torch_api import missing, project_files
 
 from dreamartist.config import TrainConfig
 from dreamartist.images import prepare_reference
-from dreamartist.pairfiles import load_pair, load_state
+from dreamartist.pairfiles import load_adapters, load_pair, load_state
 from dreamartist.trainer import train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -50,9 +50,12 @@ def test_the_training_loop_saves_and_resumes_on_plain_torch(tmp_path):
     config = TrainConfig(name="walle", steps=2, width=64, height=64, init_words="abc", template="a [name]")
     result = train(TinyBackend(), config, references, tmp_path)
     assert result.step == 2 and all(torch.isfinite(torch.tensor(result.losses)))
-    resumed = train(TinyBackend(), config.replace(steps=4, resume=True), references, tmp_path)
+    resumed = train(TinyBackend(), config.replace(steps=4, resume=True, adapters=True), references, tmp_path)
     pos, neg = load_pair(tmp_path, "walle")
     assert resumed.step == pos.step == neg.step == 4 and load_state(tmp_path, "walle")["step"] == 4
+    saved = load_adapters(tmp_path, "walle")
+    assert sorted(saved) == ["te_neg", "te_pos", "unet_neg", "unet_pos"]
+    assert all(t.abs().sum() > 0 for key, t in saved["unet_pos"].items() if key.endswith("lora_up"))  # trained
 
 
 def _webui_interpreters() -> list[str]:

@@ -11,7 +11,8 @@ import contextlib
 import torch
 from torch import nn
 
-from dreamartist.backend import EPSILON, Conditioning, frozen
+from dreamartist import adapters
+from dreamartist.backend import EPSILON, Conditioning, PatchSlot, frozen
 from dreamartist.prompts import WordFinder, chunk_prompt, empty_chunk
 
 DIM, CONTEXT = 16, 77
@@ -29,10 +30,13 @@ class _Text(nn.Module):
         self.table = nn.Embedding(32, DIM)
         self.position = nn.Parameter(torch.randn(CONTEXT, DIM) * 0.02)
         self.attention = nn.MultiheadAttention(DIM, 2, batch_first=True)
+        self.fc1 = nn.Linear(DIM, 2 * DIM)
+        self.fc2 = nn.Linear(2 * DIM, DIM)
 
     def forward(self, embeddings: torch.Tensor) -> torch.Tensor:
         x = embeddings + self.position
-        return x + self.attention(x, x, x, need_weights=False)[0]
+        x = x + self.attention(x, x, x, need_weights=False)[0]
+        return x + self.fc2(torch.relu(self.fc1(x)))
 
 
 class _UNet(nn.Module):
@@ -40,6 +44,7 @@ class _UNet(nn.Module):
         super().__init__()
         self.stem = nn.Conv2d(4, DIM, 3, padding=1)
         self.time = nn.Linear(1, DIM)
+        self.to_k, self.to_v = nn.Linear(DIM, DIM, bias=False), nn.Linear(DIM, DIM, bias=False)
         self.cross = nn.MultiheadAttention(DIM, 2, batch_first=True)
         self.head = nn.Conv2d(DIM, 4, 3, padding=1)
 
@@ -47,7 +52,7 @@ class _UNet(nn.Module):
         h = self.stem(x) + self.time(t.float().view(-1, 1) / 1000).view(-1, DIM, 1, 1)
         b, c, height, width = h.shape
         tokens = h.flatten(2).transpose(1, 2)  # (B, hw, C)
-        tokens = tokens + self.cross(tokens, context, context, need_weights=False)[0]
+        tokens = tokens + self.cross(tokens, self.to_k(context), self.to_v(context), need_weights=False)[0]
         return self.head(tokens.transpose(1, 2).reshape(b, c, height, width))
 
 
@@ -64,7 +69,7 @@ class _VAE(nn.Module):
         return torch.nn.functional.pixel_shuffle(self.up(latents), 8)
 
 
-class TinyBackend:
+class TinyBackend(PatchSlot):
     """The Backend protocol over three small seeded modules; see dreamartist.backend."""
 
     family = "sd1"
@@ -92,6 +97,12 @@ class TinyBackend:
     def eos_vector(self) -> dict[str, torch.Tensor]:
         return {"clip_l": self.text.table.weight.detach()[EOS].clone()}
 
+    def adapter_layers(self) -> dict[str, dict[str, nn.Module]]:
+        block = "mid_block.attentions.0.transformer_blocks.0.attn2."
+        layer = "text_model.encoder.layers.0.mlp."
+        return {adapters.UNET: {block + "to_k": self.unet_model.to_k, block + "to_v": self.unet_model.to_v},
+                adapters.TEXT: {layer + "fc1": self.text.fc1, layer + "fc2": self.text.fc2}}
+
     def encode(self, prompts, words=None, branches=()) -> Conditioning:
         vectors = {word: v["clip_l"] for word, v in (words or {}).items()}
         finder = WordFinder({word: v.shape[0] for word, v in vectors.items()}, letters)
@@ -102,10 +113,12 @@ class TinyBackend:
             for offset, word in chunk.words:
                 row = torch.cat([row[:offset + 1], vectors[word], row[offset + 1 + vectors[word].shape[0]:]])
             rows.append(row)
-        return Conditioning(context=self.text(torch.stack(rows)), branches=tuple(branches))
+        with adapters.row_labels(branches or None):
+            return Conditioning(context=self.text(torch.stack(rows)), branches=tuple(branches))
 
     def unet(self, latents, timesteps, cond) -> torch.Tensor:
-        return self.unet_model(latents, timesteps, cond.context).float()
+        with adapters.row_labels(cond.branches or None):
+            return self.unet_model(latents, timesteps, cond.context).float()
 
     def vae_encode(self, pixels) -> torch.Tensor:
         with torch.no_grad():

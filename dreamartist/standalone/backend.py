@@ -6,9 +6,11 @@ from collections.abc import Iterator
 
 import torch
 
-from dreamartist.backend import EPSILON, Conditioning, WordVectors, frozen
+from dreamartist import adapters
+from dreamartist.backend import EPSILON, Conditioning, PatchSlot, WordVectors, frozen
 from dreamartist.errors import InputError
 from dreamartist.families import FAMILIES
+from dreamartist.layer_names import named_layers, text_name, unet_name
 from dreamartist.prompts import WordFinder, chunk_prompt, empty_chunk
 
 _MISSING = object()
@@ -26,7 +28,7 @@ def _place(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) ->
     return torch.nn.Module.to(module, device=device, dtype=dtype)
 
 
-class StandaloneBackend:
+class StandaloneBackend(PatchSlot):
     """The Backend protocol over a diffusers UNet and VAE and a transformers CLIP text encoder.
 
     SD1's context is CLIP-L's last hidden state after the final layer norm. SD2's text encoder config keeps
@@ -96,7 +98,7 @@ class StandaloneBackend:
         return vectors
 
     def encode(self, prompts: list[str], words: WordVectors | None = None,
-               branches: tuple[str, ...] = ()) -> Conditioning:
+               branches: tuple = ()) -> Conditioning:
         """Encode prompts as the webui does (dreamartist.prompts: weights, 75-token chunks, pseudo-words spliced in
         at their slots); differentiable in the pseudo-words' vectors only. Context: (B, 77 x chunks, dim)."""
         if branches and len(branches) != len(prompts):
@@ -106,8 +108,9 @@ class StandaloneBackend:
         per_prompt = [chunk_prompt(prompt, self.token_ids, finder, **self.special_ids) for prompt in prompts]
         blank = empty_chunk(self.special_ids["bos"], self.special_ids["eos"])
         count = max(len(chunks) for chunks in per_prompt)
-        context = torch.cat([self._encode_chunks([chunks[i] if i < len(chunks) else blank for chunks in per_prompt],
-                                                 vectors) for i in range(count)], dim=1)
+        with adapters.row_labels(branches or None):
+            context = torch.cat([self._encode_chunks([chunks[i] if i < len(chunks) else blank
+                                                      for chunks in per_prompt], vectors) for i in range(count)], dim=1)
         return Conditioning(context=context, branches=tuple(branches))
 
     def _encode_chunks(self, chunks: list, vectors: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -146,9 +149,16 @@ class StandaloneBackend:
         """One UNet call returning eps or v (per ``prediction_type``) as float32."""
         if latents.shape[0] != len(cond):
             raise ValueError(f"{latents.shape[0]} latents for {len(cond)} conditioning rows")
-        output = self.unet_model(latents.to(self.device, self.dtype), timesteps.to(self.device),
-                                 encoder_hidden_states=cond.context.to(self.device, self.dtype)).sample
+        with adapters.row_labels(cond.branches or None):
+            output = self.unet_model(latents.to(self.device, self.dtype), timesteps.to(self.device),
+                                     encoder_hidden_states=cond.context.to(self.device, self.dtype)).sample
         return output.float()
+
+    def adapter_layers(self) -> dict[str, dict[str, torch.nn.Module]]:
+        return {adapters.UNET: adapters.target_layers(named_layers(self.unet_model.named_modules(), unet_name),
+                                                      adapters.UNET),
+                adapters.TEXT: adapters.target_layers(named_layers(self.text_encoder.named_modules(), text_name),
+                                                      adapters.TEXT)}
 
     def vae_encode(self, pixels: torch.Tensor) -> torch.Tensor:
         """Pixels in [-1,1] -> posterior mean times the scaling factor: (B, 4, H/8, W/8), no gradient."""

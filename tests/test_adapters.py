@@ -1,0 +1,160 @@
+"""PN adapters (DreamArtist++): each branch's LoRA acts on its own rows only, in the UNet and the text encoder,
+in value and in gradient; they train with the pair, are saved beside it, and leave the model as it was."""
+from __future__ import annotations
+
+import pytest
+import torch
+from PIL import Image
+
+from dreamartist import adapters
+from dreamartist.adapters import Lora, installed, row_labels
+from dreamartist.backend import Conditioning
+from dreamartist.config import TrainConfig
+from dreamartist.images import prepare_reference
+from dreamartist.layer_names import text_name, unet_name
+from dreamartist.pairfiles import load_adapters, load_pair
+from dreamartist.trainer import train
+
+
+def random_adapter(layers, rank: int, seed: int) -> dict[str, Lora]:
+    """Non-identity adapters (up is not zero), so that every test can see them act."""
+    g = torch.Generator().manual_seed(seed)
+    return {name: Lora(torch.randn(rank, m.in_features, generator=g) * 0.2,
+                       torch.randn(m.out_features, rank, generator=g) * 0.2, alpha=float(rank))
+            for name, m in layers.items()}
+
+
+@pytest.fixture
+def pn(demo_backend):
+    layers = demo_backend.adapter_layers()
+    return {part: {"pos": random_adapter(layers[part], 2, 1), "neg": random_adapter(layers[part], 2, 2)}
+            for part in (adapters.UNET, adapters.TEXT)}
+
+
+def patches(pn, branches=("pos", "neg"), strength=1.0):
+    return {part: {b: (pn[part][b], strength) for b in branches} for part in pn}
+
+
+def test_a_batched_unet_call_equals_each_row_with_only_its_own_adapter(demo_backend, pn):
+    g = torch.Generator().manual_seed(0)
+    latents, context = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 77, 32, generator=g)
+    t = torch.tensor([300, 300])
+    with torch.no_grad(), demo_backend.patched(patches(pn)):
+        batched = demo_backend.unet(latents, t, Conditioning(context, branches=("neg", "pos")))
+    with torch.no_grad():
+        with demo_backend.patched(patches(pn, ("neg",))):
+            neg = demo_backend.unet(latents[:1], t[:1], Conditioning(context[:1], branches=("neg",)))
+        with demo_backend.patched(patches(pn, ("pos",))):
+            pos = demo_backend.unet(latents[1:], t[1:], Conditioning(context[1:], branches=("pos",)))
+        plain = demo_backend.unet(latents, t, Conditioning(context))
+    torch.testing.assert_close(batched, torch.cat([neg, pos]), atol=1e-5, rtol=0)
+    assert (batched - plain).abs().amax(dim=(1, 2, 3)).min() > 1e-3  # both rows changed by their adapter
+
+
+def test_a_batched_text_encoder_call_equals_each_prompt_with_only_its_own_adapter(demo_backend, pn):
+    prompts = ["a photo of a cat", "a dog on the moon"]
+    with torch.no_grad(), demo_backend.patched(patches(pn)):
+        batched = demo_backend.encode(prompts, branches=("neg", "pos")).context
+        neg = demo_backend.encode(prompts[:1], branches=("neg",)).context
+        pos = demo_backend.encode(prompts[1:], branches=("pos",)).context
+    with torch.no_grad():
+        plain = demo_backend.encode(prompts).context
+    torch.testing.assert_close(batched, torch.cat([neg, pos]), atol=1e-5, rtol=0)
+    assert (batched - plain).abs().amax(dim=(1, 2)).min() > 1e-3
+
+
+@pytest.mark.parametrize("loss_rows, still", [(slice(1, 2), "neg"), (slice(0, 1), "pos")])
+def test_an_adapter_gets_exactly_zero_gradient_from_the_other_branchs_rows(demo_backend, pn, loss_rows, still):
+    for part in pn.values():
+        for adapter in part.values():
+            for lora in adapter.values():
+                lora.down.requires_grad_(True)
+                lora.up.requires_grad_(True)
+    g = torch.Generator().manual_seed(1)
+    latents = torch.randn(2, 4, 8, 8, generator=g)
+    with demo_backend.patched(patches(pn)):
+        cond = demo_backend.encode(["a photo of a cat", "a photo of a cat"], branches=("neg", "pos"))
+        out = demo_backend.unet(latents, torch.tensor([500, 500]), cond)
+    out[loss_rows].square().mean().backward()
+    acting = "pos" if still == "neg" else "neg"
+    for part in pn.values():
+        for lora in part[still].values():
+            assert torch.count_nonzero(lora.up.grad) == 0 and torch.count_nonzero(lora.down.grad) == 0
+        assert any(torch.count_nonzero(lora.up.grad) for lora in part[acting].values())
+
+
+def test_hooks_leave_with_the_block_and_unlabelled_calls_are_untouched(demo_backend, pn):
+    layers = demo_backend.adapter_layers()
+    modules = [m for part in layers.values() for m in part.values()]
+    with demo_backend.patched(patches(pn)):
+        assert all(len(m._forward_hooks) == 1 for m in modules)
+        with torch.no_grad():
+            labelled_off = demo_backend.encode(["a cat"]).context  # no branches: no adapter acts
+    assert all(not m._forward_hooks for m in modules)
+    with torch.no_grad():
+        torch.testing.assert_close(labelled_off, demo_backend.encode(["a cat"]).context, atol=0, rtol=0)
+
+
+def test_strength_scales_the_delta_and_labels_may_name_several_adapters():
+    layer = torch.nn.Linear(4, 3)
+    x = torch.randn(2, 4)
+    a = Lora(torch.randn(1, 4), torch.randn(3, 1), alpha=2.0)  # scale alpha / rank = 2
+    b = Lora(torch.randn(1, 4), torch.randn(3, 1), alpha=1.0)
+    with installed({"l": layer}, {"a": ({"l": a}, 0.5), "b": ({"l": b}, 1.0)}), \
+            row_labels([frozenset({"a", "b"}), "b"]), torch.no_grad():
+        out = layer(x)
+    base = x @ layer.weight.T + layer.bias
+    expected = base + torch.stack([0.5 * 2 * (x[0] @ a.down.T @ a.up.T) + x[0] @ b.down.T @ b.up.T,
+                                   x[1] @ b.down.T @ b.up.T])
+    torch.testing.assert_close(out, expected)
+
+
+@pytest.mark.parametrize("path, name", [
+    ("model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn1.to_k",
+     "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_k"),
+    ("input_blocks.8.1.transformer_blocks.0.ff.net.2", "down_blocks.2.attentions.1.transformer_blocks.0.ff.net.2"),
+    ("middle_block.1.transformer_blocks.0.attn2.to_v", "mid_block.attentions.0.transformer_blocks.0.attn2.to_v"),
+    ("output_blocks.11.1.transformer_blocks.0.ff.net.0.proj",
+     "up_blocks.3.attentions.2.transformer_blocks.0.ff.net.0.proj"),
+    ("unet.up_blocks.1.attentions.0.transformer_blocks.0.attn1.to_k",
+     "up_blocks.1.attentions.0.transformer_blocks.0.attn1.to_k"),
+    ("input_blocks.1.0.in_layers.2", None),
+])
+def test_unet_names_are_the_same_for_ldm_and_diffusers_modules(path, name):
+    assert unet_name(path) == name
+
+
+@pytest.mark.parametrize("path, name", [
+    ("wrapped.transformer.text_model.encoder.layers.3.self_attn.k_proj",
+     "text_model.encoder.layers.3.self_attn.k_proj"),
+    ("encoder.layers.0.mlp.fc2", "text_model.encoder.layers.0.mlp.fc2"),  # transformers 5: no text_model level
+    ("wrapped.model.transformer.resblocks.22.mlp.c_fc", "text_model.encoder.layers.22.mlp.fc1"),
+    ("wrapped.model.transformer.resblocks.0.attn.out_proj", "text_model.encoder.layers.0.self_attn.out_proj"),
+    ("wrapped.model.transformer.resblocks.0.attn", None),
+])
+def test_text_encoder_names_are_the_same_for_transformers_and_openclip(path, name):
+    assert text_name(path) == name
+
+
+def test_training_with_adapters_writes_them_beside_the_pair_and_leaves_the_model(demo_backend, tmp_path):
+    image = Image.new("RGB", (64, 64), (200, 120, 40))
+    references = [prepare_reference(image, 64, 64)]
+    before = {k: v.clone() for m in demo_backend.modules for k, v in m.state_dict().items()}
+    config = TrainConfig(name="walle", steps=3, width=64, height=64, adapters=True, reconstruction=False,
+                         unet_lr_pos=1e-2, unet_lr_neg=1e-2, text_lr=1e-2)
+    result = train(demo_backend, config, references, tmp_path)
+    assert [f.name for f in result.files] == ["walle.pt", "walle-neg.pt"]
+    saved = load_adapters(tmp_path, "walle")
+    layers = demo_backend.adapter_layers()
+    for part in (adapters.UNET, adapters.TEXT):
+        for branch in ("pos", "neg"):
+            group = saved[f"{part}_{branch}"]
+            assert {key.rsplit(".", 1)[0] for key in group} == set(layers[part])
+            assert any(v.abs().sum() > 0 for k, v in group.items() if k.endswith("lora_up"))  # it learned
+    ranks = {k.rsplit(".", 1)[0]: v.shape[0] for k, v in saved["unet_pos"].items() if k.endswith("lora_down")}
+    assert ranks == {name: max(1, round(0.01875 * m.out_features)) for name, m in layers[adapters.UNET].items()}
+    assert all(v.shape[0] == 2 for k, v in saved["te_pos"].items() if k.endswith("lora_down"))
+    after = {k: v for m in demo_backend.modules for k, v in m.state_dict().items()}
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert all(not m._forward_hooks for m in demo_backend.modules for m in m.modules())
+    assert load_pair(tmp_path, "walle")[0].step == 3
