@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from modules import script_callbacks, scripts
 
-from extensions_builtin_compat import api, embeddings, prompt_hook, settings, ui_tab
+from extensions_builtin_compat import adapter_hook, api, embeddings, prompt_hook, settings, ui_tab
 from extensions_builtin_compat.callbacks import name_kw
 
 embeddings.recover()  # scripts load before the model, so before the webui first reads the embeddings folder
@@ -17,10 +17,13 @@ script_callbacks.on_ui_settings(settings.on_ui_settings, **name_kw(script_callba
 script_callbacks.on_app_started(api.on_app_started, **name_kw(script_callbacks.on_app_started, "api"))
 script_callbacks.on_infotext_pasted(prompt_hook.on_infotext_pasted,
                                     **name_kw(script_callbacks.on_infotext_pasted, "infotext"))
+script_callbacks.on_cfg_denoiser(adapter_hook.on_cfg_denoiser, **name_kw(script_callbacks.on_cfg_denoiser, "adapters"))
+script_callbacks.on_script_unloaded(adapter_hook.end, **name_kw(script_callbacks.on_script_unloaded, "adapters"))
 
 
 class DreamArtistScript(scripts.Script):
-    """Adds each DreamArtist word's negative partner to the negative prompt (see prompt_hook)."""
+    """Adds each DreamArtist word's negative partner to the negative prompt and applies the pairs' PN adapters
+    (see prompt_hook)."""
 
     def title(self):
         return "DreamArtist"
@@ -33,3 +36,12 @@ class DreamArtistScript(scripts.Script):
 
     def process(self, p, *args):
         prompt_hook.process(p, *args)
+
+    def process_batch(self, p, *args, **kwargs):
+        prompt_hook.process_batch(p, *args, **kwargs)
+
+    def before_hr(self, p, *args):
+        prompt_hook.before_hr(p, *args)
+
+    def postprocess(self, p, processed, *args):
+        prompt_hook.postprocess(p, processed, *args)

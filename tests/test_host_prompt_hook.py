@@ -95,10 +95,15 @@ def test_pasting_the_infotext_restores_the_checkbox(hooked, enabled):
     _, processed = generate(hooked, enabled=enabled, prompt="walle")
     (script,) = scripts.scripts_txt2img.alwayson_scripts
     with gr.Blocks():  # the txt2img tab builds each script's controls; the runner collects infotext_fields
-        (checkbox,) = script.ui(False)
-    assert script.infotext_fields == [(checkbox, "DreamArtist auto-negative")]
-    assert paste.paste_values(processed.infotexts[0], script.infotext_fields) == [gr.update(value=enabled)]
-    assert paste.paste_values("a\nSteps: 3, Seed: 1, Size: 64x64", script.infotext_fields) == [gr.update()]
+        checkbox, mode, pos, neg = script.ui(False)
+    assert script.infotext_fields == [(checkbox, "DreamArtist auto-negative"), (mode, "DreamArtist adapters mode"),
+                                      (pos, "DreamArtist phi^p"), (neg, "DreamArtist phi^n")]
+    pasted = paste.paste_values(processed.infotexts[0], script.infotext_fields)
+    assert pasted == [gr.update(value=enabled), gr.update(), gr.update(), gr.update()]
+    assert paste.paste_values("a\nSteps: 3, Seed: 1, Size: 64x64", script.infotext_fields) == [gr.update()] * 4
+    with_adapters = "a\nSteps: 3, Seed: 1, DreamArtist: walle, DreamArtist adapters: \"DA++, 0.7, 0.5\""
+    assert paste.paste_values(with_adapters, script.infotext_fields) == [
+        gr.update(value=True), gr.update(value="DA++"), gr.update(value=0.7), gr.update(value=0.5)]
 
 
 def test_words_without_a_partner_are_ignored(hooked):

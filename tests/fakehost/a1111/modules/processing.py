@@ -6,7 +6,7 @@ import random
 
 import numpy as np
 import torch
-from modules import devices, extra_networks, sd_samplers, shared
+from modules import devices, extra_networks, prompt_parser, sd_samplers, shared
 from modules._variant import FLAGS
 from modules.generation_parameters_copypaste import quote
 from PIL import Image
@@ -72,7 +72,7 @@ class StableDiffusionProcessing:
     def parse_extra_network_prompts(self) -> None:
         self.prompts, self.extra_network_data = extra_networks.parse_prompts(self.prompts)
 
-    def get_conds_with_caching(self, required_prompts, steps, caches):
+    def get_conds_with_caching(self, function, required_prompts, steps, caches):
         """Reuse a cached cond when the key (prompts, steps, clip skip, checkpoint, networks) matches."""
         key = (tuple(required_prompts), steps, shared.opts.CLIP_stop_at_last_layers,
                getattr(shared.sd_model, "sd_checkpoint_info", None), self.extra_network_data)
@@ -81,13 +81,16 @@ class StableDiffusionProcessing:
                 return cache[1]
         cache = caches[0]
         with devices.autocast():
-            cache[1] = shared.sd_model.get_learned_conditioning(list(required_prompts))
+            cache[1] = function(shared.sd_model, required_prompts, steps)
         cache[0] = key
         return cache[1]
 
     def setup_conds(self) -> None:
-        self.uc = self.get_conds_with_caching(self.negative_prompts, self.steps, [self.cached_uc])
-        self.c = self.get_conds_with_caching(self.prompts, self.steps, [self.cached_c])
+        negatives = prompt_parser.SdConditioning(self.negative_prompts, is_negative_prompt=True)
+        self.uc = self.get_conds_with_caching(prompt_parser.get_learned_conditioning, negatives, self.steps,
+                                              [self.cached_uc])
+        self.c = self.get_conds_with_caching(prompt_parser.get_multicond_learned_conditioning,
+                                             prompt_parser.SdConditioning(self.prompts), self.steps, [self.cached_c])
 
     def close(self) -> None:
         if not shared.opts.persistent_cond_cache:
@@ -134,11 +137,16 @@ class StableDiffusionProcessingTxt2Img(StableDiffusionProcessing):
         if not hasattr(self.sd_model, "apply_model"):
             return noise  # a Forge-shaped stand-in engine has no UNet to sample with
         samples = sd_samplers.sample_ddim(self, noise, conditioning, unconditional_conditioning)
-        if self.enable_hr:  # the stand-in encodes the hires conds (what a hook edits) but runs no second pass
+        if self.enable_hr:  # the stand-in's second pass samples again at the same size, with the hires conds
             if self.scripts is not None:
                 self.scripts.before_hr(self)
-            self.hr_uc = self.get_conds_with_caching(self.hr_negative_prompts, self.steps, [self.cached_hr_uc])
-            self.hr_c = self.get_conds_with_caching(self.hr_prompts, self.steps, [self.cached_hr_c])
+            negatives = prompt_parser.SdConditioning(self.hr_negative_prompts, is_negative_prompt=True)
+            self.hr_uc = self.get_conds_with_caching(prompt_parser.get_learned_conditioning, negatives, self.steps,
+                                                     [self.cached_hr_uc])
+            self.hr_c = self.get_conds_with_caching(prompt_parser.get_multicond_learned_conditioning,
+                                                    prompt_parser.SdConditioning(self.hr_prompts), self.steps,
+                                                    [self.cached_hr_c])
+            samples = sd_samplers.sample_ddim(self, noise, self.hr_c, self.hr_uc)
         return samples
 
 

@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import re
+from collections import namedtuple
 
 import lark
+import torch
 
 _TOKEN = re.compile(r"\\[()\[\]\\]|\(|\[|:\s*([+-]?(?:\d+\.?\d*|\.\d+))\s*\)|\)|\]|[^\\()\[\]:]+|[\\:]")
 ROUND, SQUARE = 1.1, 1 / 1.1
@@ -105,3 +107,84 @@ def get_learned_conditioning_prompt_schedules(prompts, base_steps, hires_steps=N
         return [[step, text_at(tree, step)] for step in boundaries(tree)]
 
     return [schedule(prompt) for prompt in prompts]
+
+
+class SdConditioning(list):
+    """A list of prompts for the conditioner, marked as negative ones or not (the text encoder's hooks see it)."""
+
+    def __init__(self, prompts, is_negative_prompt=False, width=None, height=None, copy_from=None):
+        super().__init__(prompts)
+        self.is_negative_prompt = is_negative_prompt or getattr(copy_from, "is_negative_prompt", False)
+        self.width = width or getattr(copy_from, "width", None)
+        self.height = height or getattr(copy_from, "height", None)
+
+
+ScheduledPromptConditioning = namedtuple("ScheduledPromptConditioning", ["end_at_step", "cond"])
+re_AND = re.compile(r"\bAND\b")
+re_weight = re.compile(r"^((?:\s|.)*?)(?:\s*:\s*([-+]?(?:\d+\.?|\d*\.\d+)))?\s*$")
+
+
+def get_learned_conditioning(model, prompts, steps, hires_steps=None, use_old_scheduling=False):
+    """Per prompt, its schedule with each text encoded; each distinct prompt's texts in one encoder call."""
+    res, cache = [], {}
+    schedules = get_learned_conditioning_prompt_schedules(prompts, steps, hires_steps, use_old_scheduling)
+    for prompt, schedule in zip(prompts, schedules, strict=True):
+        if prompt not in cache:
+            conds = model.get_learned_conditioning(SdConditioning([text for _, text in schedule], copy_from=prompts))
+            cache[prompt] = [ScheduledPromptConditioning(end, conds[i]) for i, (end, _) in enumerate(schedule)]
+        res.append(cache[prompt])
+    return res
+
+
+def get_multicond_prompt_list(prompts):
+    """Per prompt, (index, weight) of each AND sub-prompt in one de-duplicated flat list of sub-prompts."""
+    res_indexes, flat, indexes = [], SdConditioning([], copy_from=prompts), {}
+    for prompt in prompts:
+        found = []
+        for subprompt in re_AND.split(prompt):
+            text, weight = re_weight.search(subprompt).groups()
+            if text not in indexes:
+                indexes[text] = len(flat)
+                flat.append(text)
+            found.append((indexes[text], float(weight) if weight is not None else 1.0))
+        res_indexes.append(found)
+    return res_indexes, flat, indexes
+
+
+class ComposableScheduledPromptConditioning:
+    def __init__(self, schedules, weight=1.0):
+        self.schedules, self.weight = schedules, weight
+
+
+class MulticondLearnedConditioning:
+    def __init__(self, shape, batch):
+        self.shape, self.batch = shape, batch
+
+
+def get_multicond_learned_conditioning(model, prompts, steps, hires_steps=None, use_old_scheduling=False):
+    res_indexes, flat, _ = get_multicond_prompt_list(prompts)
+    learned = get_learned_conditioning(model, flat, steps, hires_steps, use_old_scheduling)
+    batch = [[ComposableScheduledPromptConditioning(learned[i], w) for i, w in indexes] for indexes in res_indexes]
+    return MulticondLearnedConditioning(shape=(len(prompts),), batch=batch)
+
+
+def _at_step(schedule, step):
+    return next((entry.cond for entry in schedule if step <= entry.end_at_step), schedule[-1].cond)
+
+
+def reconstruct_cond_batch(c, current_step):
+    return torch.stack([_at_step(schedule, current_step) for schedule in c])
+
+
+def reconstruct_multicond_batch(c, current_step):
+    """(conds_list, tensor): per image, (row, weight) of each AND sub-prompt; the rows image-major."""
+    tensors, conds_list = [], []
+    for composable_prompts in c.batch:
+        conds_for_batch = []
+        for composable in composable_prompts:
+            conds_for_batch.append((len(tensors), composable.weight))
+            tensors.append(_at_step(composable.schedules, current_step))
+        conds_list.append(conds_for_batch)
+    width = max(t.shape[0] for t in tensors)  # prompts of other lengths: the last vector repeated, as 1.6+ does
+    tensors = [torch.cat([t, t[-1:].expand(width - t.shape[0], -1)]) if t.shape[0] < width else t for t in tensors]
+    return conds_list, torch.stack(tensors)

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import torch
-from modules import script_callbacks, shared
+from modules import prompt_parser, script_callbacks, shared
 
 
 class CFGDenoiser:
@@ -18,17 +18,53 @@ def ddim_timesteps(steps: int, total: int = 1000) -> list[int]:
     return [t + 1 for t in range(0, total, total // steps)][:steps]
 
 
-def _model_eps(sd_model, x_in, t_in, c, uc):
-    rows = x_in.shape[0] - uc.shape[0]
-    if c.shape[1] == uc.shape[1]:
-        return sd_model.apply_model(x_in, t_in, cond={"c_crossattn": [torch.cat([c, uc])]})
-    cond_out = sd_model.apply_model(x_in[:rows], t_in[:rows], cond={"c_crossattn": [c]})
-    uncond_out = sd_model.apply_model(x_in[rows:], t_in[rows:], cond={"c_crossattn": [uc]})
-    return torch.cat([cond_out, uncond_out])
+def cfg_denoise(p, denoiser, x: torch.Tensor, t: int, cond, uncond) -> torch.Tensor:
+    """One step of the webui's CFGDenoiser: the cond rows (image-major, one per AND sub-prompt) then one uncond
+    row per image; on_cfg_denoiser; uncond skipped early (1.10's skip_early_cond) or on odd steps below
+    s_min_uncond; one UNet call, or calls of batch-size rows (batch_cond_uncond off), or, when cond and uncond
+    differ in length, the cond rows in chunks and then the uncond rows; the combine. Returns the guided output."""
+    opts = shared.opts
+    conds_list, tensor = prompt_parser.reconstruct_multicond_batch(cond, denoiser.step)
+    uncond = prompt_parser.reconstruct_cond_batch(uncond, denoiser.step)
+    batch_size = len(conds_list)
+    repeats = [len(conds) for conds in conds_list]
+    x_in = torch.cat([torch.stack([x[i]] * n) for i, n in enumerate(repeats)] + [x])
+    t_in = torch.full((x_in.shape[0],), t, dtype=torch.long)
+    params = script_callbacks.CFGDenoiserParams(x_in, torch.zeros(x_in.shape[0], 5, 1, 1), t_in, denoiser.step,
+                                                denoiser.total_steps, tensor, uncond, denoiser)
+    script_callbacks.cfg_denoiser_callback(params)
+    x_in, t_in, tensor, uncond = params.x, params.sigma, params.text_cond, params.text_uncond
+    early = getattr(opts, "skip_early_cond", 0.0)
+    skip = bool(early and denoiser.step / denoiser.total_steps <= early) or bool(
+        denoiser.step % 2 and opts.s_min_uncond > 0 and t < opts.s_min_uncond)
+    if skip:
+        x_in, t_in = x_in[:-batch_size], t_in[:-batch_size]
+
+    def unet(a, b, context):
+        return p.sd_model.apply_model(x_in[a:b], t_in[a:b], cond={"c_crossattn": [context]})
+
+    if tensor.shape[1] == uncond.shape[1] or skip:
+        cond_in = tensor if skip else torch.cat([tensor, uncond])
+        if opts.batch_cond_uncond:
+            x_out = unet(0, x_in.shape[0], cond_in)
+        else:
+            x_out = torch.cat([unet(a, a + batch_size, cond_in[a:a + batch_size])
+                               for a in range(0, x_in.shape[0], batch_size)])
+    else:
+        chunk = 2 * batch_size if opts.batch_cond_uncond else batch_size
+        x_out = torch.cat([unet(a, min(a + chunk, tensor.shape[0]), tensor[a:min(a + chunk, tensor.shape[0])])
+                           for a in range(0, tensor.shape[0], chunk)]
+                          + [unet(tensor.shape[0], x_in.shape[0], uncond)])
+    if skip:
+        x_out = torch.cat([x_out, torch.cat([x_out[conds[0][0]:conds[0][0] + 1] for conds in conds_list])])
+    scale = 1.0 if skip else p.cfg_scale
+    uncond_out = x_out[-batch_size:]
+    return torch.stack([uncond_out[i] + sum((x_out[row] - uncond_out[i]) * (weight * scale) for row, weight in conds)
+                        for i, conds in enumerate(conds_list)])
 
 
-def sample_ddim(p, x: torch.Tensor, c: torch.Tensor, uc: torch.Tensor) -> torch.Tensor:
-    """Deterministic DDIM (eta 0) from noise ``x``; eps = uncond + cfg_scale * (cond - uncond)."""
+def sample_ddim(p, x: torch.Tensor, c, uc) -> torch.Tensor:
+    """Deterministic DDIM (eta 0) from noise ``x`` through ``cfg_denoise``."""
     sd_model = p.sd_model
     alphas = sd_model.alphas_cumprod.float()
     timesteps = ddim_timesteps(p.steps)
@@ -41,17 +77,10 @@ def sample_ddim(p, x: torch.Tensor, c: torch.Tensor, uc: torch.Tensor) -> torch.
         t = timesteps[index]
         a_t = alphas[t]
         a_prev = alphas[timesteps[index - 1]] if index > 0 else alphas[0]
-        batch = x.shape[0]
-        x_in, t_in = torch.cat([x, x]), torch.full((2 * batch,), t, dtype=torch.long)
-        image_cond = torch.zeros(2 * batch, 5, 1, 1)
-        params = script_callbacks.CFGDenoiserParams(x_in, image_cond, t_in, i, len(timesteps), c, uc, denoiser)
-        script_callbacks.cfg_denoiser_callback(params)
-        out = _model_eps(sd_model, params.x, params.sigma, params.text_cond, params.text_uncond)
-        script_callbacks.cfg_denoised_callback(script_callbacks.CFGDenoisedParams(out, i, len(timesteps), sd_model))
+        out = cfg_denoise(p, denoiser, x, t, c, uc)
         if sd_model.parameterization == "v":
-            out = a_t.sqrt() * out + (1 - a_t).sqrt() * params.x
-        eps = out[batch:] + p.cfg_scale * (out[:batch] - out[batch:])
-        after = script_callbacks.AfterCFGCallbackParams(eps, i, len(timesteps))
+            out = a_t.sqrt() * out + (1 - a_t).sqrt() * x
+        after = script_callbacks.AfterCFGCallbackParams(out, i, len(timesteps))
         script_callbacks.cfg_after_cfg_callback(after)
         eps = after.x
         pred_x0 = (x - (1 - a_t).sqrt() * eps) / a_t.sqrt()

@@ -23,6 +23,10 @@ options_templates.update(options_section(("optimizations", "Optimizations"), {
     "persistent_cond_cache": OptionInfo(True, "Persistent cond cache"),
     "batch_cond_uncond": OptionInfo(True, "Batch cond/uncond"),
 }))
+if FLAGS.before_every_sampling:  # 1.10
+    options_templates.update(options_section(("optimizations", "Optimizations"), {
+        "skip_early_cond": OptionInfo(0.0, "Ignore negative prompt during early sampling"),
+    }))
 if not FLAGS.alphas_follow_half:
     options_templates.update(options_section(("optimizations", "Optimizations"), {
         "use_downcasted_alpha_bar": OptionInfo(False, "Downcast model alphas_cumprod to fp16 before sampling."),
