@@ -73,9 +73,18 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--height", type=int, default=512, help="image height, a multiple of 8 (default: 512)")
     generate.add_argument("--seed", type=int, default=0, help="noise seed (default: 0)")
     generate.add_argument("--batch", type=int, default=1, help="images to sample, tiled in a grid (default: 1)")
+    generate.add_argument("--adapters", choices=("pair", "DA++", "off"), default="pair",
+                          help="PN adapters of the pairs in the prompt that have them: pair (S^n and phi^n on the "
+                               "negative side), DA++ (phi^n alone there, no S^n) or off (default: pair)")
+    generate.add_argument("--strengths", type=float, nargs=2, default=(0.8, 0.65), metavar=("POS", "NEG"),
+                          help="strengths of phi^p and phi^n (default: 0.8 0.65)")
     generate.add_argument("--output", default="generated.png",
                           help="image file to write: .png, .jpg or .webp; a PNG carries the parameters as the webui's "
                                "do (default: generated.png)")
+    export = commands.add_parser("export-lora", help="write a pair's positive adapter as a standard LoRA file")
+    export.add_argument("--name", required=True, help="the pair's name (NAME of NAME / NAME-neg)")
+    export.add_argument("--embeddings", default="embeddings", help="folder that holds the pair (default: ./embeddings)")
+    export.add_argument("--output", required=True, help="the LoRA file to write (.safetensors)")
     info = commands.add_parser("info", help="show what an embedding file holds")
     info.add_argument("file", help="a .pt, .bin or .safetensors embedding")
     return parser
@@ -204,6 +213,8 @@ def _check_generate_args(args: argparse.Namespace) -> None:
     make_folder(output.parent)
     if args.embeddings is not None and not Path(args.embeddings).is_dir():
         raise InputError(f"--embeddings {args.embeddings} is not a folder.")
+    if not all(0 <= s <= 2 for s in args.strengths):
+        raise InputError("--strengths must be between 0 and 2.")
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -226,8 +237,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
             files.setdefault(path.stem, []).append(path)
     backend = _load_backend(args.ckpt)
     tokenize, ids = backend.token_ids, backend.special_ids
-    negative, added = add_partners(args.prompt, args.negative, pairfiles.list_pairs(folder) if folder else {},
-                                   tokenize, **ids)
+    partners = pairfiles.list_pairs(folder) if folder else {}
+    with_adapters = _pairs_with_adapters(args, folder, partners, tokenize, ids)
+    if args.adapters == "DA++":  # phi^n replaces S^n for the pairs that have adapters
+        partners = {name: partner for name, partner in partners.items() if name not in with_adapters}
+    negative, added = add_partners(args.prompt, args.negative, partners, tokenize, **ids)
     finder = WordFinder({name: 1 for name in files}, tokenize)
     words = {}
     for name, _ in words_used(args.prompt, tokenize, finder, **ids) + words_used(negative, tokenize, finder, **ids):
@@ -238,21 +252,81 @@ def cmd_generate(args: argparse.Namespace) -> int:
         embedding = pairfiles.load_embedding(files[name][0])
         pairfiles.check_compatible(embedding.vectors, backend.embedding_dims, embedding.path)
         words[name] = {k: v.to(backend.device) for k, v in embedding.vectors.items()}
-    if added:
+    if negative != args.negative:
         print(f"negative prompt: {negative}")
+    patches, labels = _adapter_patches(with_adapters, args.strengths)
     with tqdm(total=args.steps, desc="sampling", unit="step") as bar:
         images = sample(backend, args.prompt, negative, words, guidance=args.cfg, steps=args.steps, width=args.width,
-                        height=args.height, seed=args.seed, batch=args.batch, on_step=lambda i, n: bar.update(1))
+                        height=args.height, seed=args.seed, batch=args.batch, on_step=lambda i, n: bar.update(1),
+                        patches=patches, labels=labels)
+    used = list(dict.fromkeys(added + sorted(with_adapters)))
     parameters = (f"{args.prompt}\nNegative prompt: {negative}\nSteps: {args.steps}, Sampler: DDIM, CFG scale: "
                   f"{args.cfg}, Seed: {args.seed}, Size: {args.width}x{args.height}, Model hash: "
                   f"{backend.model_hash}, Model: {backend.model_name}"
-                  + (f", DreamArtist: {', '.join(added)}" if added else ""))
+                  + (f", DreamArtist: {', '.join(used)}" if used else "")
+                  + (f", DreamArtist adapters: \"{args.adapters}, {args.strengths[0]:g}, {args.strengths[1]:g}\""
+                     if with_adapters else ""))
     png = args.output.lower().endswith(".png")
     try:
         grid(images).save(args.output, pnginfo=parameters_png_info(parameters) if png else None)
     except OSError as e:
         raise InputError(f"Could not write {args.output} ({e.strerror or e}).") from None
     print(f"wrote {args.output}")
+    return 0
+
+
+def _pairs_with_adapters(args, folder: Path | None, partners: dict, tokenize, ids: dict) -> dict[str, dict]:
+    """The pairs the prompt uses that have adapters (name -> adapter groups), unless adapters are off."""
+    from . import pairfiles
+    from .prompts import WordFinder, words_used
+
+    if args.adapters == "off" or folder is None:
+        return {}
+    used = {name for name, _ in words_used(args.prompt, tokenize, WordFinder(dict.fromkeys(partners, 1), tokenize),
+                                           **ids)}
+    found = {}
+    for name in sorted(used):
+        groups = pairfiles.load_adapters(folder, name)
+        if groups:
+            found[name] = groups
+    return found
+
+
+def _adapter_patches(pairs: dict[str, dict], strengths) -> tuple[dict, tuple]:
+    """What ``sample`` installs: each pair's phi^p on the prompt's rows and phi^n on the negative prompt's."""
+    from .adapters import TEXT, UNET, unflatten
+
+    patches = {part: {f"{name}:{branch}": (unflatten(groups[f"{part}_{branch}"]), strength)
+                      for name, groups in pairs.items()
+                      for branch, strength in zip(("pos", "neg"), strengths, strict=True)
+                      if f"{part}_{branch}" in groups}
+               for part in (UNET, TEXT)}
+    labels = tuple(frozenset(f"{name}:{branch}" for name in pairs) for branch in ("neg", "pos"))
+    return patches, labels
+
+
+def cmd_export_lora(args: argparse.Namespace) -> int:
+    from safetensors.torch import save_file
+
+    from . import pairfiles
+    from .export import kohya_lora
+    from .families import family_of
+
+    output = Path(args.output)
+    if output.suffix.lower() != ".safetensors":
+        raise InputError(f"--output {output.name} must end in .safetensors.")
+    pos, _ = pairfiles.load_pair(args.embeddings, args.name)
+    groups = pairfiles.load_adapters(Path(pos.path).parent, pos.name)
+    if not groups:
+        raise InputError(f"{args.name} has no adapters; train it with --adapters to export phi^p.")
+    tensors, metadata = kohya_lora(groups, family_of(pos.vectors).key, args.name)
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        save_file(tensors, str(output), metadata=metadata)
+    except OSError as e:
+        raise InputError(f"Could not write {output} ({e.strerror or e}).") from None
+    print(f"wrote {output}: phi^p of {args.name} ({len(tensors) // 3} layers). Put it in the webui's models/Lora and "
+          f"use it with the embedding: <lora:{output.stem}:1> {args.name}")
     return 0
 
 
@@ -278,7 +352,8 @@ def cmd_info(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
-        return {"train": cmd_train, "generate": cmd_generate, "info": cmd_info}[args.command](args)
+        commands = {"train": cmd_train, "generate": cmd_generate, "export-lora": cmd_export_lora, "info": cmd_info}
+        return commands[args.command](args)
     except DreamArtistError as error:
         print(f"dreamartist: error: {error}", file=sys.stderr)
         return EXIT_USER_ERROR

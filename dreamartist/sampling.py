@@ -27,22 +27,25 @@ def ddim_timesteps(num_timesteps: int, steps: int) -> list[int]:
 def sample(backend: Backend, prompt: str, negative_prompt: str = "", words: WordVectors | None = None,
            guidance: GammaSchedule | float | str = 7.0, steps: int = 20, width: int = 512, height: int = 512,
            seed: int = 0, batch: int = 1, on_step: Callable[[int, int], None] | None = None,
-           patches: Mapping | None = None) -> list[Image.Image]:
+           patches: Mapping | None = None, labels: tuple = ("neg", "pos")) -> list[Image.Image]:
     """Sample ``batch`` images for one prompt; the same seed gives the same images. ``patches`` are per-branch
-    adapters (``Backend.patched``): ids "pos" act on the prompt's rows, "neg" on the negative prompt's."""
+    adapters (``Backend.patched``); the negative prompt's rows carry ``labels[0]``, the prompt's ``labels[1]``
+    (by default the ids "neg" and "pos")."""
     with backend.patched(patches or {}):
-        return _sample(backend, prompt, negative_prompt, words, guidance, steps, width, height, seed, batch, on_step)
+        return _sample(backend, prompt, negative_prompt, words, guidance, steps, width, height, seed, batch, on_step,
+                       labels)
 
 
 def _sample(backend, prompt, negative_prompt, words, guidance, steps, width, height, seed, batch,
-            on_step) -> list[Image.Image]:
+            on_step, labels) -> list[Image.Image]:
     schedule = guidance if isinstance(guidance, GammaSchedule) else parse_gamma(guidance)
     abar_all = backend.alphas_cumprod.to(torch.float32)
     T = abar_all.shape[0]
     generator = torch.Generator().manual_seed(seed)
     shape = (batch, backend.latent_channels, height // backend.vae_scale, width // backend.vae_scale)
     x = torch.randn(shape, generator=generator).to(backend.device)
-    cond = backend.encode([negative_prompt] * batch + [prompt] * batch, words, ("neg",) * batch + ("pos",) * batch)
+    rows = (labels[0],) * batch + (labels[1],) * batch
+    cond = backend.encode([negative_prompt] * batch + [prompt] * batch, words, rows)
     timesteps = ddim_timesteps(T, steps)
     for i, t in enumerate(timesteps):
         t_prev = timesteps[i + 1] if i + 1 < len(timesteps) else 0

@@ -307,3 +307,39 @@ def test_every_option_of_every_subcommand_has_help():
                 continue
             assert action.help, f"{name} {action.option_strings or action.dest} has no help"
             assert "(default: )" not in action.help and "(default: None)" not in action.help
+
+
+def test_adapters_train_with_the_pair_act_in_generate_and_export_as_a_lora(photo, tmp_path, capsys):
+    from safetensors import safe_open
+
+    out = tmp_path / "emb"
+    train = ["train", "--image", photo, "--name", "walle", "--out", out, "--adapters", "--no-final-preview",
+             "--unet-lr-pos", "0.01", "--unet-lr-neg", "0.01", *FAST]
+    assert run(train, capsys)[0] == 0
+    assert listing(out) == ["walle-neg.pt", "walle.dreamartist-lora", "walle.dreamartist-state", "walle.pt"]
+
+    def generate(prompt: str, mode: str, name: str) -> Image.Image:
+        image = tmp_path / f"{name}.png"
+        code, _, err = run(["generate", "--prompt", prompt, "--embeddings", out, "--steps", "2", "--width", "64",
+                            "--height", "64", "--adapters", mode, "--output", image], capsys)
+        assert code == 0, err
+        return Image.open(image)
+
+    on, off, da = generate("walle", "pair", "on"), generate("walle", "off", "off"), generate("walle", "DA++", "da")
+    assert not np.array_equal(np.asarray(on), np.asarray(off))
+    assert 'DreamArtist adapters: "pair, 0.8, 0.65"' in on.text["parameters"]
+    assert "Negative prompt: walle-neg\n" in on.text["parameters"] and "Negative prompt: \n" in da.text["parameters"]
+    cat, cat_off = generate("a cat", "pair", "cat"), generate("a cat", "off", "cat_off")
+    assert np.array_equal(np.asarray(cat), np.asarray(cat_off))  # a prompt without NAME is untouched
+
+    lora = tmp_path / "walle-pos.safetensors"
+    code, stdout, _ = run(["export-lora", "--name", "walle", "--embeddings", out, "--output", lora], capsys)
+    assert code == 0 and "<lora:walle-pos:1> walle" in stdout
+    with safe_open(str(lora), "pt") as f:
+        keys, metadata = set(f.keys()), f.metadata()
+        down = f.get_tensor("lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_k.lora_down.weight")
+    assert metadata["ss_network_module"] == "networks.lora" and metadata["ss_base_model_version"] == "sd_v1"
+    assert "lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_up.weight" in keys
+    assert not any("neg" in key for key in keys)  # phi^n is never an ordinary LoRA
+    assert {k.rsplit(".", 2)[0] for k in keys if k.endswith(".alpha")} == {k.rsplit(".", 2)[0] for k in keys}
+    assert down.shape[0] >= 1 and all(k.startswith(("lora_unet_", "lora_te_")) for k in keys)
