@@ -37,8 +37,3 @@ def validate_name(name: str) -> str:
 
 def negative_name(name: str) -> str:
     return name + NEG_SUFFIX
-
-
-def positive_name(neg: str) -> str | None:
-    """'walle-neg' -> 'walle'; None when ``neg`` is not a negative name."""
-    return neg[: -len(NEG_SUFFIX)] if neg.lower().endswith(NEG_SUFFIX) and len(neg) > len(NEG_SUFFIX) else None
