@@ -4,7 +4,7 @@ Two implementations exist: the webui's loaded model (``extensions_builtin_compat
 standalone diffusers model (``dreamartist.standalone``). The core never imports either.
 
 Learned words are passed as ``WordVectors``: for each pseudo-word, one tensor per text encoder, keyed by
-the encoder's name ("clip_l" for SD1, "clip_h" for SD2; SDXL will add "clip_g"). A prompt names the word
+the encoder's name ("clip_l" for SD1, "clip_h" for SD2, "clip_l" and "clip_g" for SDXL). A prompt names the word
 as plain text ("a photo of walle"); the backend splices the vectors in at that position, as the webui does
 for textual-inversion embeddings, so gradients reach those tensors and nothing else.
 """
@@ -25,6 +25,8 @@ WordVectors = Mapping[str, EncoderVectors]  # pseudo-word -> its vectors for eve
 
 EPSILON = "epsilon"
 V_PREDICTION = "v_prediction"
+POOLED = "pooled"  # Conditioning.extras: SDXL's pooled text embedding (OpenCLIP-G's projected EOS state), (rows, dim)
+TIME_IDS = "time_ids"  # Conditioning.extras: SDXL's size conditioning (dreamartist.size_conditioning), (rows, 6)
 
 
 @dataclass
@@ -33,7 +35,9 @@ class Conditioning:
 
     ``branches`` labels each row for per-row adapters (dreamartist.adapters): the ids of the adapters acting on
     it, "pos" or "neg" in training ("" or empty: none). The backend labels the rows of its UNet call with it.
-    ``extras`` carries what some families add beside the cross-attention states (SDXL: the pooled "vector").
+    ``extras`` carries what some families add beside the cross-attention states: SDXL's POOLED text embedding
+    (from ``encode``) and TIME_IDS (set by the caller; a backend that needs them and finds none uses sampling's
+    defaults for the latents' size). Backends of other families ignore them.
     """
 
     context: torch.Tensor  # (rows, tokens, dim)
@@ -46,7 +50,7 @@ class Conditioning:
 
 @runtime_checkable
 class Backend(Protocol):
-    family: str  # "sd1" | "sd2"
+    family: str  # "sd1" | "sd2" | "sdxl"
     device: torch.device
     prediction_type: str  # EPSILON | V_PREDICTION
     alphas_cumprod: torch.Tensor  # (T,) float32, on the CPU

@@ -54,7 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--image", required=True, help="reference image file, or a folder of images")
     train.add_argument("--mask", help="loss-weight mask for the image (greyscale: black 0x, mid-grey 1x, white 5x)")
     train.add_argument("--out", default="embeddings", help="folder for the pair (default: ./embeddings)")
-    train.add_argument("--ckpt", help="SD 1.x / 2.x checkpoint (.safetensors, .ckpt); default: the demo model")
+    train.add_argument("--ckpt", help="SD 1.x / 2.x / SDXL checkpoint (.safetensors, .ckpt); default: the demo model")
+    _add_prediction_option(train)
     train.add_argument("--previews", default="previews",
                        help="folder for preview images, kept apart from --out, where the webui would read PNG files "
                             "as embeddings (default: ./previews)")
@@ -64,7 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     generate = commands.add_parser("generate", help="sample with pairs: NAME-neg joins the negative prompt")
     generate.add_argument("--prompt", required=True, help="the prompt; (word:1.2), [word] and BREAK as in the webui")
     generate.add_argument("--negative", default="", help="negative prompt")
-    generate.add_argument("--ckpt", help="SD 1.x / 2.x checkpoint; default: the demo model")
+    generate.add_argument("--ckpt", help="SD 1.x / 2.x / SDXL checkpoint; default: the demo model")
+    _add_prediction_option(generate)
     generate.add_argument("--embeddings", help="folder of embeddings and pairs (subfolders too)")
     generate.add_argument("--cfg", default="7", help="guidance scale: a number or a schedule like 1.5-3.0:cos "
                                                      "(default: 7)")
@@ -90,11 +92,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _load_backend(ckpt: str | None):
+def _add_prediction_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--prediction-type", choices=("epsilon", "v_prediction"),
+                        help="what the checkpoint's UNet predicts, when the file does not say (v_pred key, model spec, "
+                             "a .yaml beside it); default: detected")
+
+
+def _load_backend(ckpt: str | None, prediction_type: str | None = None):
     from .standalone import build_demo_backend, load_checkpoint  # diffusers is imported only here
 
     if ckpt:
-        return load_checkpoint(ckpt)
+        return load_checkpoint(ckpt, prediction_type=prediction_type)
     print(f"{DEMO_NOTICE} It is tiny and random: it shows the pipeline, not good pictures.")
     return build_demo_backend()
 
@@ -145,7 +153,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         pairfiles.check_can_save(out, config.name, config.overwrite)
     if config.preview_every or args.final_preview:
         fileops.make_folder(previews)
-    backend = _load_backend(args.ckpt)
+    backend = _load_backend(args.ckpt, args.prediction_type)
 
     bar = None
 
@@ -235,9 +243,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
     for path in walk_files(folder) if folder else ():
         if path.suffix.lower() in pairfiles.LOADABLE_EXTS:
             files.setdefault(path.stem, []).append(path)
-    backend = _load_backend(args.ckpt)
+    backend = _load_backend(args.ckpt, args.prediction_type)
     tokenize, ids = backend.token_ids, backend.special_ids
-    partners = pairfiles.list_pairs(folder) if folder else {}
+    for note in _skip_other_families(files, args.prompt + "\n" + args.negative, backend):
+        print(note)
+    partners = {name: partner for name, partner in (pairfiles.list_pairs(folder) if folder else {}).items()
+                if name in files}
     with_adapters = _pairs_with_adapters(args, folder, partners, tokenize, ids)
     if args.adapters == "DA++":  # phi^n replaces S^n for the pairs that have adapters
         partners = {name: partner for name, partner in partners.items() if name not in with_adapters}
@@ -273,6 +284,25 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise InputError(f"Could not write {args.output} ({e.strerror or e}).") from None
     print(f"wrote {args.output}")
     return 0
+
+
+def _skip_other_families(files: dict[str, list[Path]], text: str, backend) -> list[str]:
+    """Drop from ``files`` the embeddings ``text`` names that were trained for another model family (an SD1 pair in
+    an SDXL prompt, or the other way round), as the webui skips embeddings of another shape; a line for each."""
+    from . import pairfiles
+    from .families import describe
+    from .prompts import WordFinder, words_used
+
+    finder = WordFinder(dict.fromkeys(files, 1), backend.token_ids)
+    notes = []
+    for name in dict.fromkeys(name for name, _ in words_used(text, backend.token_ids, finder, **backend.special_ids)):
+        if len(files[name]) == 1:
+            dims = {k: int(v.shape[-1]) for k, v in pairfiles.load_embedding(files[name][0]).vectors.items()}
+            if dims != dict(backend.embedding_dims):
+                del files[name]
+                notes.append(f"skipped {name}: it was trained for {describe(dims)}, the loaded model is "
+                             f"{describe(backend.embedding_dims)}")
+    return notes
 
 
 def _pairs_with_adapters(args, folder: Path | None, partners: dict, tokenize, ids: dict) -> dict[str, dict]:

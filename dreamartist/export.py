@@ -1,6 +1,7 @@
 """The positive adapter phi^p as a standard LoRA file (kohya's format), which the webui's built-in Lora, ComfyUI
 and kohya's tools load: ``lora_unet_<layer>`` / ``lora_te_<layer>`` keys (the diffusers module path with "_"),
-each with ``.lora_down.weight``, ``.lora_up.weight`` and ``.alpha``, and ``ss_*`` metadata.
+each with ``.lora_down.weight``, ``.lora_up.weight`` and ``.alpha``, and ``ss_*`` metadata. SDXL's two text
+encoders are ``lora_te1_`` (CLIP-L) and ``lora_te2_`` (OpenCLIP-G), as kohya names them.
 
 Only phi^p is exported: phi^n belongs on the negative branch of CFG, and an ordinary LoRA applies to both
 branches, which is exactly wrong for it.
@@ -14,7 +15,16 @@ import torch
 from .errors import InputError
 
 PREFIXES = {"unet_pos": "lora_unet_", "te_pos": "lora_te_"}
-BASE_MODELS = {"sd1": "sd_v1", "sd2": "sd_v2"}
+BASE_MODELS = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}
+TEXT_ENCODER_PREFIXES = {"clip_l.": "lora_te1_", "clip_g.": "lora_te2_"}  # SDXL's canonical names -> kohya's
+
+
+def _kohya_module(prefix: str, layer: str) -> str:
+    """kohya's module name of a canonical layer name ("." as "_"); SDXL's text layers name their encoder."""
+    for encoder, kohya in TEXT_ENCODER_PREFIXES.items():
+        if prefix == PREFIXES["te_pos"] and layer.startswith(encoder):
+            return kohya + layer.removeprefix(encoder).replace(".", "_")
+    return prefix + layer.replace(".", "_")
 
 
 def kohya_lora(groups: Mapping[str, Mapping[str, torch.Tensor]], family: str,
@@ -26,7 +36,7 @@ def kohya_lora(groups: Mapping[str, Mapping[str, torch.Tensor]], family: str,
     for group, prefix in PREFIXES.items():
         for key, tensor in groups.get(group, {}).items():
             layer, part = key.rsplit(".", 1)
-            module = prefix + layer.replace(".", "_")
+            module = _kohya_module(prefix, layer)
             tensors[f"{module}.{part}.weight"] = tensor.float().contiguous()
             if part == "lora_down":
                 tensors[f"{module}.alpha"] = torch.tensor(float(tensor.shape[0]))  # alpha = rank: scale 1

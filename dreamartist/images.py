@@ -36,6 +36,8 @@ class Reference:
     pixels: torch.Tensor  # (3, H, W) float32 in [-1, 1], CPU
     caption: str = ""
     weight: torch.Tensor | None = None  # (1, H/8, W/8) loss weight per latent cell; None means all ones
+    original_size: tuple[int, int] | None = None  # (height, width) before scaling (SDXL's size conditioning)
+    crop_top_left: tuple[int, int] = (0, 0)  # (top, left) of the crop in the scaled image, in pixels
 
 
 def load_image(source: str | Path | bytes | Image.Image) -> Image.Image:
@@ -104,7 +106,9 @@ def prepare_reference(image: Image.Image, width: int, height: int, mask: Image.I
         grey = grey.resize((width // vae_scale, height // vae_scale), Image.Resampling.BOX)
         g = np.clip(np.asarray(grey, dtype=np.float64) / 255.0, 0.0, 1.0)
         weight = torch.from_numpy(mask_weights(g)).float().unsqueeze(0)  # (1, h, w)
-    return Reference(pixels=pixels, caption=caption, weight=weight)
+    scale = width / (box[2] - box[0])  # the cover-resize factor, the same on both axes
+    return Reference(pixels=pixels, caption=caption, weight=weight, original_size=(image.height, image.width),
+                     crop_top_left=(round(box[1] * scale), round(box[0] * scale)))
 
 
 def parameters_png_info(parameters: str) -> PngInfo:

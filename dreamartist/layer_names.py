@@ -6,12 +6,13 @@ UNet: ldm's ``input_blocks.{i}.1`` is diffusers' ``down_blocks.{(i-1)//3}.attent
 ``up_blocks.{i//3}.attentions.{i%3}``; inside a transformer block both use the same names (attn1.to_k, ff.net.2).
 Text encoder: transformers' CLIP (``text_model.`` is absent from version 5 on); OpenCLIP's
 ``resblocks.{n}.attn.out_proj`` / ``mlp.c_fc`` / ``mlp.c_proj`` are ``layers.{n}.self_attn.out_proj`` /
-``mlp.fc1`` / ``mlp.fc2`` (its q, k, v live in one fused matrix, so they carry no adapter).
+``mlp.fc1`` / ``mlp.fc2`` (its q, k, v live in one fused matrix, so they carry no adapter). A model with two text
+encoders (SDXL) prefixes each encoder's names with its key: "clip_l.text_model...", "clip_g.text_model...".
 """
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 import torch
 
@@ -57,4 +58,14 @@ def named_layers(modules: Iterable[tuple[str, torch.nn.Module]], canonical) -> d
         name = canonical(path)
         if name is not None:
             named.setdefault(name, module)
+    return named
+
+
+def text_layers(encoders: Mapping[str, torch.nn.Module]) -> dict[str, torch.nn.Module]:
+    """canonical name -> module over every text encoder (encoder key -> module); prefixed by the key when there
+    are several, so that SDXL's two encoders, whose layers share their names, stay apart."""
+    named: dict[str, torch.nn.Module] = {}
+    for key, encoder in encoders.items():
+        prefix = f"{key}." if len(encoders) > 1 else ""
+        named |= {prefix + name: module for name, module in named_layers(encoder.named_modules(), text_name).items()}
     return named

@@ -4,7 +4,8 @@ Trainable groups: ``pos_words`` (S^p) and ``neg_words`` (S^n), each a dict encod
 adapters (DreamArtist++) also ``unet_pos`` / ``unet_neg`` (phi^p_mu / phi^n_mu) and ``te_pos`` / ``te_neg``
 (phi^p_t / phi^n_t), each a dict "<layer>.lora_down|up" -> tensor.
 One micro-batch: t and eps shared by both branches; ONE UNet call on the rows [S^n rows; S^p rows], phi^n acting
-on the S^n rows and phi^p on the S^p rows (also in the text encoder's call);
+on the S^n rows and phi^p on the S^p rows (also in the text encoder's call), each row with its reference's size
+conditioning (SDXL);
 eps_hat = eps_n + gamma(t) (eps_p - eps_n); L = L_da (eq. 3) + w_rec L_rec (eqs. 5, 6).
 """
 from __future__ import annotations
@@ -13,8 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
-from . import adapters, losses
-from .backend import Backend, WordVectors
+from . import adapters, losses, size_conditioning
+from .backend import TIME_IDS, Backend, WordVectors
 from .config import TrainConfig
 from .images import Reference
 from .names import negative_name
@@ -106,6 +107,7 @@ class DreamArtistObjective:
         rows = ("neg",) * b + ("pos",) * b
         with backend.patched(self.patches(params), self.config.adapter_dropout, training=True):
             cond = backend.encode(neg_text + pos_text, self.words(params), rows)
+            cond.extras[TIME_IDS] = size_conditioning.for_references(references).repeat(2, 1)  # SDXL: per image
             out_neg, out_pos = backend.unet(torch.cat([z_t, z_t]), torch.cat([t, t]).to(device), cond).chunk(2)
         guided = losses.guide(out_neg, out_pos, self.gamma(t, T).to(device))
         loss = losses.da_loss(guided, losses.target(backend.prediction_type, latents, noise, abar),

@@ -23,7 +23,7 @@ from safetensors import safe_open
 from safetensors.torch import save as safetensors_bytes
 
 from .errors import InputError, NameTaken
-from .families import FAMILIES, SINGLE_ENCODER_BY_WIDTH, describe, family_of
+from .families import SINGLE_ENCODER_BY_WIDTH, describe, family_of
 from .fileops import commit, make_folder, remove_quietly, walk_files, write_temp
 from .names import negative_name, validate_name
 
@@ -377,9 +377,8 @@ def _vectors_of(data: Any, path: Path, encoder: str) -> tuple[dict[str, torch.Te
             raise InputError(f"{path.name} must hold exactly one word in string_to_param.")
         return _single(next(iter(params.values())), path, encoder), "string_to_param"
     if "clip_l" in data and "clip_g" in data:
-        vectors = {k: _matrix(data[k], path) for k in ("clip_l", "clip_g")}
-        widths = {k: int(v.shape[1]) for k, v in vectors.items()}
-        if widths != FAMILIES["sdxl"].widths or vectors["clip_l"].shape[0] != vectors["clip_g"].shape[0]:
+        vectors = {k: _matrix(data[k], path) for k in ("clip_l", "clip_g")}  # any widths, as the webui reads them
+        if vectors["clip_l"].shape[0] != vectors["clip_g"].shape[0]:
             raise InputError(f"{path.name} has SDXL keys but shapes {[tuple(v.shape) for v in vectors.values()]}.")
         return vectors, "sdxl"
     if len(data) == 1 and isinstance(next(iter(data.values())), torch.Tensor):

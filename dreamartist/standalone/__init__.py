@@ -10,11 +10,12 @@ if TYPE_CHECKING:
     from .backend import StandaloneBackend
     from .checkpoint import load_checkpoint
     from .demo import build_demo_backend
+    from .sdxl import SDXLBackend
     from .tokenizer import clip_tokenizer
 
-__all__ = ["StandaloneBackend", "build_demo_backend", "clip_tokenizer", "load_checkpoint"]
-_HOMES = {"StandaloneBackend": "backend", "build_demo_backend": "demo", "clip_tokenizer": "tokenizer",
-          "load_checkpoint": "checkpoint"}
+__all__ = ["SDXLBackend", "StandaloneBackend", "build_demo_backend", "clip_tokenizer", "load_checkpoint"]
+_HOMES = {"StandaloneBackend": "backend", "SDXLBackend": "sdxl", "build_demo_backend": "demo",
+          "clip_tokenizer": "tokenizer", "load_checkpoint": "checkpoint"}
 
 
 def __getattr__(name: str) -> Any:

@@ -1,4 +1,4 @@
-"""Load a single-file SD 1.x / 2.x checkpoint (.safetensors, .ckpt) offline, with the configs shipped here."""
+"""Load a single-file SD 1.x / 2.x / SDXL checkpoint (.safetensors, .ckpt) offline, with the configs shipped here."""
 from __future__ import annotations
 
 import hashlib
@@ -20,6 +20,9 @@ CONFIG_ROOT = Path(__file__).parent / "configs"
 UNET_PREFIX = "model.diffusion_model."
 SD1_TEXT_PREFIX = "cond_stage_model.transformer."
 SD2_TEXT_PREFIX = "cond_stage_model.model."
+SDXL_PREFIX = "conditioner.embedders."
+SDXL_BASE_MARK = "conditioner.embedders.1.model.ln_final.weight"  # OpenCLIP-G as the second embedder: the base
+SDXL_REFINER_MARK = "conditioner.embedders.0.model.ln_final.weight"  # OpenCLIP-G alone: the refiner
 ASSIGN_SUPPORTED = "assign" in inspect.signature(torch.nn.Module.load_state_dict).parameters  # torch >= 2.1
 
 
@@ -78,12 +81,22 @@ def read_state_dict(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]
 
 
 def detect_family(state_dict: dict[str, torch.Tensor]) -> str:
-    """'sd1' (CLIP-L text encoder) or 'sd2' (OpenCLIP-H); ModelError for SDXL and anything else."""
-    if any(key.startswith("conditioner.embedders.") for key in state_dict):
-        raise ModelError("SDXL checkpoints are not supported yet.")
+    """'sd1' (CLIP-L text encoder), 'sd2' (OpenCLIP-H) or 'sdxl' (the base: CLIP-L and OpenCLIP-G); ModelError
+    for the SDXL refiner, inpainting models and anything else."""
     conv_in = state_dict.get(UNET_PREFIX + "input_blocks.0.0.weight")
+    if any(key.startswith(SDXL_PREFIX) for key in state_dict):
+        if SDXL_REFINER_MARK in state_dict:
+            raise ModelError("SDXL refiner checkpoints cannot be trained on or sampled with alone: the refiner has "
+                             "no CLIP-L text encoder and only finishes the base model's images; use the SDXL base "
+                             "checkpoint (or a model made from it).")
+        if SDXL_BASE_MARK not in state_dict:
+            raise ModelError("The SDXL checkpoint has no OpenCLIP-G text encoder (conditioner.embedders.1).")
+        if conv_in is not None and conv_in.shape[1] != 4:
+            raise ModelError(f"SDXL inpainting checkpoints ({conv_in.shape[1]} input channels) are not supported; "
+                             "use the SDXL base checkpoint (or a model made from it).")
+        return "sdxl"
     if conv_in is None:
-        raise ModelError("The file is not a Stable Diffusion 1.x or 2.x checkpoint (it has no UNet).")
+        raise ModelError("The file is not a Stable Diffusion 1.x, 2.x or SDXL checkpoint (it has no UNet).")
     if conv_in.shape[1] != 4:
         raise ModelError(f"UNets with {conv_in.shape[1]} input channels (inpainting, depth) are not supported.")
     if any(key.startswith(SD2_TEXT_PREFIX) for key in state_dict):
@@ -98,7 +111,7 @@ def read_config(folder: Path, part: str) -> dict:
     return json.loads((folder / part / "config.json").read_text(encoding="utf-8"))
 
 
-def _materialize(model: torch.nn.Module, weights: dict[str, torch.Tensor], part: str) -> torch.nn.Module:
+def materialize(model: torch.nn.Module, weights: dict[str, torch.Tensor], part: str) -> torch.nn.Module:
     """Load ``weights`` into a model from ``empty_models``; every parameter and persistent buffer must be given."""
     # CLIP's position ids are rebuilt, never read: newer transformers do not save them, and some merged
     # checkpoints carry them damaged (as floats).
@@ -123,17 +136,20 @@ def _materialize(model: torch.nn.Module, weights: dict[str, torch.Tensor], part:
     return model
 
 
-def _text_encoder_weights(family: str, state_dict: dict, text_encoder) -> dict[str, torch.Tensor]:
-    """The text encoder's weights under the key layout of the installed transformers version."""
+def text_encoder_weights(state_dict: dict, text_encoder, openclip_prefix: str | None) -> dict[str, torch.Tensor]:
+    """A text encoder's weights under the key layout of the installed transformers version: CLIP-L (SD1, SDXL's
+    first encoder), or OpenCLIP's layout under ``openclip_prefix`` (SD2, SDXL's second encoder)."""
     from diffusers.loaders.single_file_utils import convert_ldm_clip_checkpoint, convert_open_clip_checkpoint
 
-    if family == "sd2":
-        converted = convert_open_clip_checkpoint(text_encoder, state_dict, prefix=SD2_TEXT_PREFIX)
+    if openclip_prefix:
+        converted = convert_open_clip_checkpoint(text_encoder, state_dict, prefix=openclip_prefix)
     else:
         converted = convert_ldm_clip_checkpoint(state_dict)
-    # transformers 5 dropped the "text_model." level of CLIPTextModel; 4.x keeps it (and so do most files).
+    # transformers 5 dropped the "text_model." level of CLIPTextModel; 4.x keeps it (and so do most files). Keys
+    # outside it (the projection of CLIPTextModelWithProjection) stay as they are.
     level = "text_model." if any(key.startswith("text_model.") for key in text_encoder.state_dict()) else ""
-    return {level + key.removeprefix("text_model."): value for key, value in converted.items()}
+    return {level + key.removeprefix("text_model.") if key.startswith("text_model.") else key: value
+            for key, value in converted.items()}
 
 
 def sidecar_prediction(path: Path, metadata: dict[str, str]) -> str | None:
@@ -148,6 +164,7 @@ def sidecar_prediction(path: Path, metadata: dict[str, str]) -> str | None:
         except OSError as error:
             raise ModelError(f"Cannot read {yaml.name} next to the checkpoint: {error.strerror}.") from None
         v = re.search(r"^\s*parameterization:\s*[\"']?v[\"']?\s*$", text, re.MULTILINE)
+        v = v or re.search(r"denoiser_scaling\.VScaling\b", text)  # an SDXL (sgm) config's v-prediction
         return V_PREDICTION if v else EPSILON
     return None
 
@@ -194,17 +211,17 @@ def convert_weights(state_dict: dict[str, torch.Tensor], family: str, unet, vae,
     try:
         return (convert_ldm_unet_checkpoint(state_dict, dict(unet.config)),
                 convert_ldm_vae_checkpoint(state_dict, dict(vae.config)),
-                _text_encoder_weights(family, state_dict, text_encoder))
+                text_encoder_weights(state_dict, text_encoder, SD2_TEXT_PREFIX if family == "sd2" else None))
     except (KeyError, IndexError, RuntimeError) as error:
         raise ModelError(f"The checkpoint does not have the layout of an {family.upper()} model.") from error
 
 
 def load_checkpoint(path: str | Path, *, config_dir: str | Path | None = None, prediction_type: str | None = None,
                     device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> StandaloneBackend:
-    """A StandaloneBackend from a local SD 1.x / 2.x checkpoint file, without the network.
+    """A StandaloneBackend (SDXLBackend for SDXL) from a local checkpoint file, without the network.
 
     ``config_dir`` replaces the shipped configs of the detected family (unet/, vae/, text_encoder/,
-    scheduler/ each with a config.json); ``prediction_type`` overrides the detection for SD 2.x files.
+    scheduler/, and text_encoder_2/ for SDXL, each with a config.json); ``prediction_type`` overrides the detection.
     """
     if prediction_type not in (None, EPSILON, V_PREDICTION):
         raise InputError(f"The prediction type must be '{EPSILON}' or '{V_PREDICTION}', not {prediction_type!r}.")
@@ -215,14 +232,19 @@ def load_checkpoint(path: str | Path, *, config_dir: str | Path | None = None, p
     scheduler = read_config(folder, "scheduler")
     if scheduler.get("beta_schedule") != "scaled_linear":
         raise ModelError(f"The scheduler config in {folder} is not Stable Diffusion's 'scaled_linear' schedule.")
+    if family == "sdxl":
+        from .sdxl import load_sdxl
+
+        return load_sdxl(path, state_dict, metadata, folder, prediction_type=prediction_type, device=device,
+                         dtype=dtype)
     unet, vae, text_encoder = empty_models(folder)
     unet_weights, vae_weights, text_weights = convert_weights(state_dict, family, unet, vae, text_encoder)
     del state_dict
     backend = StandaloneBackend(
         family=family,
-        unet=_materialize(unet, unet_weights, "UNet"),
-        vae=_materialize(vae, vae_weights, "VAE"),
-        text_encoder=_materialize(text_encoder, text_weights, "text encoder"),
+        unet=materialize(unet, unet_weights, "UNet"),
+        vae=materialize(vae, vae_weights, "VAE"),
+        text_encoder=materialize(text_encoder, text_weights, "text encoder"),
         tokenizer=clip_tokenizer(),
         alphas_cumprod=scaled_linear_alphas_cumprod(scheduler["beta_start"], scheduler["beta_end"],
                                                     scheduler["num_train_timesteps"]),
