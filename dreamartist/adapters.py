@@ -116,13 +116,23 @@ def installed(layers: Mapping[str, torch.nn.Module], adapters: Mapping[str, tupl
             handle.remove()
 
 
+def _batch_dim(output: torch.Tensor, rows: int) -> int:
+    """Where the rows are: dimension 0, or 1 for the sequence-first (L, N, D) layers of OpenCLIP's text tower in
+    ldm/sgm. Dimension 0 wins a tie, which only a sequence-first call of exactly 77 prompts could get wrong (a
+    training call has an even number of rows)."""
+    if output.shape[0] == rows:
+        return 0
+    if output.ndim == 3 and output.shape[1] == rows:
+        return 1
+    raise RuntimeError(f"{rows} row labels for a batch of {output.shape[0]} rows")
+
+
 def _hook(acting: list[tuple[str, Lora, float]], dropout: float, training: bool):
     def hook(module, inputs, output):
         labels = _rows.get()
         if not labels:
             return None
-        if len(labels) != output.shape[0]:
-            raise RuntimeError(f"{len(labels)} row labels for a batch of {output.shape[0]} rows")
+        dim = _batch_dim(output, len(labels))
         x = inputs[0]
         for adapter_id, lora, strength in acting:
             rows = [i for i, label in enumerate(labels) if _acts_on(label, adapter_id)]
@@ -132,8 +142,8 @@ def _hook(acting: list[tuple[str, Lora, float]], dropout: float, training: bool)
                 output = output + strength * lora.delta(x, dropout, training).to(output.dtype)
                 continue
             index = torch.tensor(rows, device=output.device)
-            delta = strength * lora.delta(x.index_select(0, index), dropout, training).to(output.dtype)
-            output = output.index_add(0, index, delta)
+            delta = strength * lora.delta(x.index_select(dim, index), dropout, training).to(output.dtype)
+            output = output.index_add(dim, index, delta)
         return output
     return hook
 

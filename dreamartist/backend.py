@@ -19,6 +19,7 @@ from typing import Protocol, runtime_checkable
 import torch
 
 from .adapters import Adapter, installed
+from .errors import InputError
 
 EncoderVectors = Mapping[str, torch.Tensor]  # encoder key -> (n_vectors, dim)
 WordVectors = Mapping[str, EncoderVectors]  # pseudo-word -> its vectors for every text encoder
@@ -91,6 +92,24 @@ class Backend(Protocol):
                 training: bool = False) -> contextlib.AbstractContextManager:
         """The patch slot: install per-row adapters (part -> adapter id -> (adapter, strength)) on the model for
         a with-block; removed on exit and on error."""
+
+
+def checked_words(words: WordVectors, embedding_dims: Mapping[str, int]) -> dict[str, dict[str, torch.Tensor]]:
+    """``words`` restricted to the model's text encoders, each (n, width) with the same n for every encoder;
+    InputError naming the word otherwise."""
+    checked = {}
+    for word, per_encoder in words.items():
+        for key, width in embedding_dims.items():
+            if key not in per_encoder:
+                raise InputError(f"The embedding '{word}' has no vectors for this model's text encoder ({key}).")
+            vector = per_encoder[key]
+            if vector.ndim != 2 or vector.shape[1] != width:
+                raise InputError(f"The embedding '{word}' has vectors of shape {tuple(vector.shape)}, "
+                                 f"but this model needs (n, {width}).")
+        if len({per_encoder[key].shape[0] for key in embedding_dims}) > 1:
+            raise InputError(f"The embedding '{word}' has a different number of vectors per text encoder.")
+        checked[word] = {key: per_encoder[key] for key in embedding_dims}
+    return checked
 
 
 class PatchSlot(abc.ABC):

@@ -1,4 +1,4 @@
-"""PN adapters at generation time (webui 1.6-1.10, SD1/SD2): phi^p on the cond rows and phi^n on the uncond rows
+"""PN adapters at generation time (webui 1.6-1.10, SD1/SD2/SDXL): phi^p on the cond rows and phi^n on the uncond rows
 of every UNet call of the CFG denoiser, for the images whose prompt uses the pair; phi^p on the text-encoder rows
 of prompts that use S^p, phi^n on those of negative prompts that carry S^n ("pair" mode).
 
@@ -26,7 +26,7 @@ from modules import prompt_parser
 from dreamartist import adapters, pairfiles
 
 from . import embeddings, host_pairing
-from .host_backend import layers_of
+from .host_backend import layers_of, text_encoders
 
 MODES = ("pair", "DA++", "off")
 log = logging.getLogger("dreamartist")
@@ -80,8 +80,9 @@ class GenerationAdapters:
                     if f"{part}_{branch}" in groups:
                         acting[self.id(pair, branch)] = (adapters.unflatten(groups[f"{part}_{branch}"]), strength)
             self.stack.enter_context(adapters.installed(layers[part], acting))
-        unet, text = model.model.diffusion_model, model.cond_stage_model
-        for module, before in ((unet, self._label_unet_call), (text, self._label_text_call)):
+        labelled = [(model.model.diffusion_model, self._label_unet_call)]
+        labelled += [(encoder, self._label_text_call) for encoder in text_encoders(model).values()]  # SDXL: two
+        for module, before in labelled:
             handles = (module.register_forward_pre_hook(before), module.register_forward_hook(self._unlabel))
             self.stack.callback(lambda hs=handles: [h.remove() for h in hs])
         self._tokens: list = []
@@ -150,8 +151,8 @@ class GenerationAdapters:
 def plan_for(p, mode: str, strengths: tuple[float, float]) -> Plan | None:
     """The adapters this generation uses (None when there are none, or the mode is off)."""
     encoder = host_pairing.prompt_encoder(p.sd_model)
-    if mode == "off" or encoder is None or not getattr(p.sd_model, "is_sd1", False) and \
-            not getattr(p.sd_model, "is_sd2", False):
+    if mode == "off" or encoder is None or not any(getattr(p.sd_model, f"is_{family}", False)
+                                                    for family in ("sd1", "sd2", "sdxl")):
         return None
     partners = {name.lower(): partner for name, partner in embeddings.partners().items()}
     groups: dict[str, dict] = {}

@@ -75,6 +75,18 @@ def partners() -> dict[str, str]:
             if negative_name(name).lower() in by_lower and not name.lower().endswith("-neg")}
 
 
+def skipped_pairs() -> dict[str, tuple[int, int]]:
+    """NAME -> (its width, the loaded model's) for every pair the webui skipped because it was made for another model
+    family (an SD1/SD2 pair with an SDXL model loaded, or the other way round)."""
+    found = {}
+    for db in databases():
+        skipped = {name.lower(): e for name, e in getattr(db, "skipped_embeddings", {}).items()}
+        for key, embedding in skipped.items():
+            if not key.endswith("-neg") and negative_name(key) in skipped:
+                found[embedding.name] = (int(embedding.shape), int(getattr(db, "expected_shape", -1)))
+    return found
+
+
 def saved_pairs() -> list[str]:
     """The positive names of the pairs in the embeddings folder, from the files (whether or not loaded yet)."""
     return sorted(list_pairs(embeddings_dir()), key=str.lower)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 
+import torch
 from modules import sd_hijack, shared
 
 
@@ -42,17 +43,34 @@ def model_unsupported_reason(model) -> str | None:
     if getattr(model, "forge_objects", None) is not None:
         return host_unsupported_reason() or "This model was loaded by Forge's backend, which cannot be trained."
     if getattr(model, "is_sdxl", False) or hasattr(model, "conditioner"):
-        return "SDXL checkpoints are not supported yet; load an SD1.x or SD2.x checkpoint to train a pair."
-    if not (getattr(model, "is_sd1", False) or getattr(model, "is_sd2", False)):
-        return "Only SD1.x and SD2.x checkpoints can be trained on; load one of those."
+        reason = sdxl_unsupported_reason(model)
+        if reason:
+            return reason
+    elif not (getattr(model, "is_sd1", False) or getattr(model, "is_sd2", False)):
+        return "Only SD1.x, SD2.x and SDXL checkpoints can be trained on; load one of those."
     if getattr(getattr(model, "model", None), "conditioning_key", "crossattn") != "crossattn":  # wants c_concat/c_adm
         return ("This checkpoint is an inpainting, depth, instruct-pix2pix or unCLIP model, which cannot be "
-                "trained on; load a plain SD1.x or SD2.x checkpoint.")
+                "trained on; load a plain SD1.x, SD2.x or SDXL checkpoint.")
     if getattr(model, "lowvram", False):
         return ("Training needs the whole model on the GPU; restart the webui without --lowvram/--medvram "
                 "to train.")
     if not hasattr(getattr(model, "cond_stage_model", None), "encode_embedding_init_text"):
         return "The loaded model's text encoder is not the webui's prompt encoder; reload the checkpoint."
+    return None
+
+
+def sdxl_unsupported_reason(model) -> str | None:
+    """Why an SDXL-family model cannot be trained on (the refiner, inpainting UNets), or None for the base."""
+    embedders = list(getattr(getattr(model, "conditioner", None), "embedders", []))
+    keys = [getattr(embedder, "input_key", None) for embedder in embedders]
+    if keys.count("txt") != 2 or "aesthetic_score" in keys:
+        return ("SDXL refiner checkpoints cannot be trained on: the refiner has no CLIP-L text encoder and only "
+                "finishes the base model's images; load the SDXL base checkpoint (or a model made from it).")
+    unet = getattr(getattr(model, "model", None), "diffusion_model", None)
+    conv_in = next((m for m in unet.modules() if isinstance(m, torch.nn.Conv2d)), None) if unet is not None else None
+    if getattr(model, "is_sdxl_inpaint", False) or (conv_in is not None and conv_in.in_channels != 4):
+        return ("SDXL inpainting checkpoints cannot be trained on; load the SDXL base checkpoint (or a model made "
+                "from it).")
     return None
 
 

@@ -1,8 +1,10 @@
-"""The Backend protocol over the webui's loaded SD1/SD2 model (ldm LatentDiffusion behind the webui's hijack).
+"""The Backend protocol over the webui's loaded SD1/SD2 model (ldm LatentDiffusion behind the webui's hijack); SDXL
+(sgm's DiffusionEngine) builds on it in host_backend_sdxl.
 
 Learned words go through the webui's own path: each is registered for the duration of one encode call as a
-textual-inversion Embedding whose ``vec`` IS the learned tensor, so the webui's chunking, emphasis and
-EmbeddingsWithFixes splice it in exactly as at generation time and gradients reach that tensor.
+textual-inversion Embedding whose ``vec`` IS the learned tensor (for SDXL a dict of the clip_l and clip_g tensors,
+as the webui holds SDXL embeddings), so the webui's chunking, emphasis and EmbeddingsWithFixes splice it in
+exactly as at generation time and gradients reach that tensor.
 """
 from __future__ import annotations
 
@@ -13,26 +15,49 @@ from collections.abc import Iterator, Mapping
 
 import torch
 import torch.utils.checkpoint
-from modules import devices, extra_networks, processing, sd_hijack, shared
+from modules import devices, extra_networks, processing, sd_hijack, sd_models, shared
 from modules.textual_inversion.textual_inversion import Embedding
 
 from dreamartist import adapters
-from dreamartist.backend import EPSILON, V_PREDICTION, Conditioning, PatchSlot, WordVectors, frozen
-from dreamartist.errors import InputError, ModelError
+from dreamartist.backend import EPSILON, V_PREDICTION, Conditioning, PatchSlot, WordVectors, checked_words, frozen
+from dreamartist.errors import ModelError
 from dreamartist.families import FAMILIES
-from dreamartist.layer_names import named_layers, text_name, unet_name
+from dreamartist.layer_names import named_layers, text_layers, unet_name
 
 from . import host
 
 MAX_INIT_TOKENS = 75  # one prompt chunk
 
 
-def _token_embedding(clip: torch.nn.Module) -> torch.nn.Embedding:
-    """The text encoder's token table: the ``wrapped`` of the hijack's EmbeddingsWithFixes."""
-    for module in clip.modules():
-        if isinstance(module, sd_hijack.EmbeddingsWithFixes):
-            return module.wrapped
-    raise ModelError("The text encoder is not hijacked by the webui; reload the checkpoint and try again.")
+def _fixes(encoder: torch.nn.Module) -> sd_hijack.EmbeddingsWithFixes | None:
+    """The hijack's EmbeddingsWithFixes inside a prompt encoder (its ``wrapped`` is the token table)."""
+    return next((m for m in encoder.modules() if isinstance(m, sd_hijack.EmbeddingsWithFixes)), None)
+
+
+def model_family(sd_model) -> str:
+    return "sdxl" if getattr(sd_model, "is_sdxl", False) else "sd2" if getattr(sd_model, "is_sd2", False) else "sd1"
+
+
+def text_encoders(sd_model) -> dict[str, torch.nn.Module]:
+    """The webui's prompt encoders of a loaded model by encoder key: SD1/SD2's cond_stage_model; SDXL's conditioner
+    embedders, each known by the key its EmbeddingsWithFixes splices ("clip_l", "clip_g"), in the conditioner's
+    order (the order in which their outputs are concatenated)."""
+    family = model_family(sd_model)
+    if family != "sdxl":
+        (key,) = FAMILIES[family].widths
+        return {key: sd_model.cond_stage_model}
+    return {fixes.textual_inversion_key: embedder for embedder in sd_model.conditioner.embedders
+            if (fixes := _fixes(embedder)) is not None}
+
+
+def training_alphas(sd_model) -> torch.Tensor:
+    """The schedule the webui samples with, float32 on the CPU: the fp32 original that 1.8+ keeps beside a downcast
+    copy, rescaled to zero terminal SNR when its noise-schedule setting (1.8+) asks for it."""
+    alphas = getattr(sd_model, "alphas_cumprod_original", None)
+    alphas = (sd_model.alphas_cumprod if alphas is None else alphas).detach().to("cpu", torch.float32).clone()
+    if getattr(shared.opts, "sd_noise_schedule", "Default") == "Zero Terminal SNR":
+        alphas = sd_models.rescale_zero_terminal_snr_abar(alphas)
+    return alphas
 
 
 class HostBackend(PatchSlot):
@@ -46,15 +71,17 @@ class HostBackend(PatchSlot):
         self.sd_model = model
         self.clip = model.cond_stage_model
         self.db = sd_hijack.model_hijack.embedding_db
-        self.family = "sd2" if model.is_sd2 else "sd1"
-        (self.encoder_key,) = FAMILIES[self.family].widths  # one text encoder
+        self.family = model_family(model)
+        self.encoders = text_encoders(model)
+        fixes = {key: _fixes(encoder) for key, encoder in self.encoders.items()}
+        if set(self.encoders) != set(FAMILIES[self.family].widths) or None in fixes.values():
+            raise ModelError("The text encoder is not hijacked by the webui; reload the checkpoint and try again.")
+        self.token_tables = {key: fix.wrapped for key, fix in fixes.items()}
+        self.embedding_dims = {key: table.weight.shape[1] for key, table in self.token_tables.items()}
+        self.eos_id = next(iter(self.encoders.values())).id_end  # CLIP's and OpenCLIP's vocabularies agree
         self.device = devices.device
         self.prediction_type = V_PREDICTION if getattr(model, "parameterization", "eps") == "v" else EPSILON
-        alphas = getattr(model, "alphas_cumprod_original", None)  # 1.8+ keeps an fp32 copy beside overrides
-        alphas = model.alphas_cumprod if alphas is None else alphas
-        self.alphas_cumprod = alphas.detach().to("cpu", torch.float32).clone()  # (T,)
-        self.token_table = _token_embedding(self.clip)
-        self.embedding_dims = {self.encoder_key: self.token_table.weight.shape[1]}
+        self.alphas_cumprod = training_alphas(model)  # (T,)
         self.latent_channels = int(getattr(model, "latent_channels", 4))
         self.vae_scale = 8
         info = getattr(model, "sd_checkpoint_info", None)
@@ -63,31 +90,21 @@ class HostBackend(PatchSlot):
 
     # -- text ----------------------------------------------------------------------------------------
     def word_vectors(self, text: str) -> dict[str, torch.Tensor]:
-        """Raw token embeddings of ``text`` (no BOS/EOS) as the webui computes them: (n_tokens, dim), CPU."""
+        """Raw token embeddings of ``text`` (no BOS/EOS) as the webui computes them: (n_tokens, dim) per encoder, CPU.
+        The SDXL conditioner returns both encoders' rows side by side, in the order of ``embedding_dims``."""
         with torch.no_grad():
             rows = self.clip.encode_embedding_init_text(text, MAX_INIT_TOKENS)
-        return {self.encoder_key: rows.detach().float().cpu().reshape(-1, self.token_table.weight.shape[1])}
+        widths = list(self.embedding_dims.values())
+        parts = rows.detach().float().cpu().reshape(-1, sum(widths)).split(widths, dim=1)
+        return {key: part.contiguous() for key, part in zip(self.embedding_dims, parts, strict=True)}
 
     def eos_vector(self) -> dict[str, torch.Tensor]:
-        return {self.encoder_key: self.token_table.weight.detach()[self.clip.id_end].float().cpu().clone()}
-
-    def _vectors_of(self, words: WordVectors) -> dict[str, torch.Tensor]:
-        width = self.embedding_dims[self.encoder_key]
-        vectors = {}
-        for word, per_encoder in words.items():
-            vector = per_encoder.get(self.encoder_key)
-            if vector is None:
-                raise InputError(f"The embedding '{word}' has no vectors for this model's text encoder "
-                                 f"({self.encoder_key}).")
-            if vector.ndim != 2 or vector.shape[1] != width:
-                raise InputError(f"The embedding '{word}' has vectors of shape {tuple(vector.shape)}, "
-                                 f"but this model needs (n, {width}).")
-            vectors[word] = vector
-        return vectors
+        return {key: table.weight.detach()[self.eos_id].float().cpu().clone()
+                for key, table in self.token_tables.items()}
 
     @contextlib.contextmanager
-    def _registered(self, vectors: Mapping[str, torch.Tensor]) -> Iterator[None]:
-        """Register each word as an Embedding over its live tensor; put the database back exactly after."""
+    def _registered(self, vectors: Mapping[str, Mapping[str, torch.Tensor]]) -> Iterator[None]:
+        """Register each word as an Embedding over its live tensor(s); put the database back exactly after."""
         saved_words = dict(self.db.word_embeddings)
         saved_lookup: dict[int, list | None] = {}
         try:
@@ -96,8 +113,9 @@ class HostBackend(PatchSlot):
                 if first_id not in saved_lookup:
                     entries = self.db.ids_lookup.get(first_id)
                     saved_lookup[first_id] = None if entries is None else list(entries)
-                embedding = Embedding(vector, name)
-                embedding.vectors, embedding.shape = vector.shape[0], vector.shape[1]
+                tensors = list(vector.values())
+                embedding = Embedding(tensors[0] if len(tensors) == 1 else dict(vector), name)  # SDXL: a dict
+                embedding.vectors, embedding.shape = tensors[0].shape[0], sum(t.shape[1] for t in tensors)
                 self.db.register_embedding(embedding, self.sd_model)
             yield
         finally:
@@ -114,20 +132,27 @@ class HostBackend(PatchSlot):
         """The webui's prompt encoding with ``words`` as temporary embeddings; differentiable in those only."""
         if branches and len(branches) != len(prompts):
             raise ValueError(f"{len(branches)} branches for {len(prompts)} prompts")
-        with self._registered(self._vectors_of(words or {})), devices.autocast(), \
+        with self._registered(checked_words(words or {}, self.embedding_dims)), devices.autocast(), \
                 adapters.row_labels(branches or None):
-            context = self.clip(list(prompts))  # (B, 77k, dim)
-        return Conditioning(context=context, branches=tuple(branches))
+            cond = self._text_conditioning(list(prompts))
+        cond.branches = tuple(branches)
+        return cond
+
+    def _text_conditioning(self, prompts: list[str]) -> Conditioning:
+        return Conditioning(context=self.clip(prompts))  # (B, 77k, dim)
 
     # -- UNet and VAE --------------------------------------------------------------------------------
     def unet(self, latents: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         if latents.shape[0] != len(cond):
             raise ValueError(f"{latents.shape[0]} latents for {len(cond)} conditioning rows")
         x = latents.to(self.device, devices.dtype_unet)
-        context = cond.context.to(self.device, devices.dtype_unet)
         with devices.autocast(), adapters.row_labels(cond.branches or None):
-            out = self.sd_model.apply_model(x, timesteps.to(self.device), {"c_crossattn": [context]})
+            out = self.sd_model.apply_model(x, timesteps.to(self.device), self._unet_cond(latents, cond))
         return out.float()
+
+    def _unet_cond(self, latents: torch.Tensor, cond: Conditioning) -> dict:
+        """The cond dict ``apply_model`` takes."""
+        return {"c_crossattn": [cond.context.to(self.device, devices.dtype_unet)]}
 
     def adapter_layers(self) -> dict[str, dict[str, torch.nn.Module]]:
         return layers_of(self.sd_model)
@@ -181,9 +206,9 @@ class HostBackend(PatchSlot):
 
 
 def layers_of(sd_model) -> dict[str, dict[str, torch.nn.Module]]:
-    """The adapter layers of a loaded SD1/SD2 model, by canonical name (ldm's and OpenCLIP's modules mapped)."""
+    """The adapter layers of a loaded model, by canonical name (ldm's, sgm's and OpenCLIP's modules mapped)."""
     unet = named_layers(sd_model.model.diffusion_model.named_modules(), unet_name)
-    text = named_layers(sd_model.cond_stage_model.named_modules(), text_name)
+    text = text_layers(text_encoders(sd_model))
     return {adapters.UNET: adapters.target_layers(unet, adapters.UNET),
             adapters.TEXT: adapters.target_layers(text, adapters.TEXT)}
 

@@ -39,6 +39,21 @@ def embedding_uses(encoder, text: str) -> list[tuple[str, float]]:
     return [(fix.embedding.name, chunk.multipliers[fix.offset + 1]) for chunk in chunks for fix in chunk.fixes]
 
 
+def names_in(encoder, text: str, names: list[str]) -> list[str]:
+    """Which of ``names`` (words the host does not know as embeddings) ``text`` spells, matched by the host's token
+    ids as it matches embeddings."""
+    tokenize = getattr(encoder, "tokenize", None)
+    if not names or tokenize is None:
+        return []
+    tokens = [t for chunk in tokenize([text]) for t in chunk]
+    found = []
+    for name in names:
+        ids = tokenize([name])[0]
+        if ids and any(tokens[i:i + len(ids)] == ids for i in range(len(tokens) - len(ids) + 1)):
+            found.append(name)
+    return found
+
+
 class _Mirror:
     """The partner text of one prompt: its syntax tree with each plain run replaced by the partners in it."""
 

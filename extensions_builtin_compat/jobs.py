@@ -12,7 +12,7 @@ from dreamartist.images import Reference
 from dreamartist.trainer import Progress, TrainResult, train
 
 from . import embeddings, host
-from .host_backend import HostBackend
+from .host_backend_sdxl import backend_for
 
 JOB_NAME = "dreamartist-train"
 _training = threading.Lock()  # one training at a time; a second waits for the first
@@ -59,7 +59,7 @@ def run_training(config: TrainConfig, references: list[Reference],
         reason = host.training_unavailable_reason()
         if reason:
             raise ModelError(reason)
-        backend = HostBackend()
+        backend = backend_for()
         state = shared.state
         owns_job = not state.job
         if owns_job:

@@ -9,7 +9,11 @@ labelled for them) until the next generation removes them.
 """
 from __future__ import annotations
 
+import logging
+
 from . import adapter_hook, embeddings, host_pairing, jobs, settings
+
+log = logging.getLogger("dreamartist")
 
 INFOTEXT_KEY = "DreamArtist"  # "walle, robo": partners added; "off": the pairs were left alone
 ADAPTERS_KEY = "DreamArtist adapters"  # "pair, 0.8, 0.65": mode and the strengths of phi^p, phi^n
@@ -48,6 +52,8 @@ def process(p, *args) -> None:
     adapter_hook.end()  # a generation that failed may have left its (inert) hooks
     partners = {name.lower(): partner for name, partner in embeddings.partners().items()}
     encoder = host_pairing.prompt_encoder(getattr(p, "sd_model", None))
+    if encoder is not None:
+        _report_skipped(p, encoder)
     if not partners or encoder is None:
         return
     plan = adapter_hook.plan_for(p, mode, (pos, neg)) if enabled else None
@@ -78,6 +84,23 @@ def process(p, *args) -> None:
         p.extra_generation_params[ADAPTERS_KEY] = adapter_hook.describe(mode, (pos, neg))
         jobs.reset_cond_caches()  # cached conds were encoded without these adapters
         adapter_hook.begin(p, plan)
+
+
+def _report_skipped(p, encoder) -> None:
+    """Say so when a prompt names a pair the webui skipped as made for another model family: it then adds no
+    partner either (a comment under the image, as the webui's own notes, and the console)."""
+    skipped = embeddings.skipped_pairs()
+    if not skipped:
+        return
+    prompts = list(dict.fromkeys(getattr(p, "all_prompts", None) or []))
+    named = dict.fromkeys(name for prompt in prompts for name in host_pairing.names_in(encoder, prompt, list(skipped)))
+    for name in named:
+        width, expected = skipped[name]
+        note = (f"DreamArtist: {name} was made for another model family ({width}-wide vectors, this model takes "
+                f"{expected}), so the webui skipped it and no {name}-neg was added.")
+        log.warning(note)
+        if hasattr(p, "comment"):
+            p.comment(note)
 
 
 def process_batch(p, *args, batch_number: int, prompts: list[str], **kwargs) -> None:

@@ -181,9 +181,9 @@ def test_training_holds_the_webui_queue_lock(client, host_v1101, monkeypatch):
 
 
 def test_an_unusable_model_is_503(client, host_v1101):
-    host_v1101.load_model("sdxl")
+    host_v1101.load_model("sdxl-refiner")
     response = client.post("/dreamartist/v1/train", json={"image": B64_PNG, "name": "walle", **TINY})
-    assert response.status_code == 503 and "SDXL" in response.json()["detail"]
+    assert response.status_code == 503 and "SDXL refiner" in response.json()["detail"]
 
 
 def test_forge_answers_501_with_the_reason(host_forge):

@@ -147,14 +147,15 @@ def test_sd2_is_v_prediction_with_its_own_encoder(host):
     assert cond.context.shape == (1, 77, 48)
 
 
-def test_sdxl_is_refused_with_a_clear_message(host):
-    host.load_model("sdxl")
+@pytest.mark.parametrize("kind, message", [("sdxl-refiner", "SDXL refiner"), ("sdxl-inpainting", "SDXL inpainting")])
+def test_sdxl_refiner_and_inpainting_are_refused_with_a_clear_message(host, kind, message):
+    host.load_model(kind)
     from extensions_builtin_compat import host as probes
     from extensions_builtin_compat.host_backend import HostBackend
 
-    with pytest.raises(ModelError, match="SDXL"):
+    with pytest.raises(ModelError, match=message):
         HostBackend()
-    assert "SDXL" in probes.training_unavailable_reason()
+    assert message in probes.training_unavailable_reason()
 
 
 def test_inpainting_checkpoint_is_refused_with_a_clear_message(host):

@@ -8,8 +8,7 @@ from collections.abc import Iterator
 import torch
 
 from dreamartist import adapters
-from dreamartist.backend import EPSILON, Conditioning, PatchSlot, WordVectors, frozen
-from dreamartist.errors import InputError
+from dreamartist.backend import EPSILON, Conditioning, PatchSlot, WordVectors, checked_words, frozen
 from dreamartist.families import FAMILIES
 from dreamartist.layer_names import named_layers, text_layers, unet_name
 from dreamartist.prompts import WordFinder, chunk_prompt, empty_chunk
@@ -99,29 +98,13 @@ class StandaloneBackend(PatchSlot):
         return {key: self._token_table(key).detach()[self.tokenizer.eos_token_id].float().cpu()
                 for key in self.text_encoders}
 
-    def _vectors_of(self, words: WordVectors) -> dict[str, dict[str, torch.Tensor]]:
-        """word -> encoder key -> (n, dim), checked against every text encoder (the same n for all)."""
-        vectors = {}
-        for word, per_encoder in words.items():
-            for key, width in self.embedding_dims.items():
-                if key not in per_encoder:
-                    raise InputError(f"The embedding '{word}' has no vectors for this model's text encoder ({key}).")
-                vector = per_encoder[key]
-                if vector.ndim != 2 or vector.shape[1] != width:
-                    raise InputError(f"The embedding '{word}' has vectors of shape {tuple(vector.shape)}, "
-                                     f"but this model needs (n, {width}).")
-            if len({per_encoder[key].shape[0] for key in self.embedding_dims}) > 1:
-                raise InputError(f"The embedding '{word}' has a different number of vectors per text encoder.")
-            vectors[word] = {key: per_encoder[key] for key in self.embedding_dims}
-        return vectors
-
     def encode(self, prompts: list[str], words: WordVectors | None = None,
                branches: tuple = ()) -> Conditioning:
         """Encode prompts as the webui does (dreamartist.prompts: weights, 75-token chunks, pseudo-words spliced in
         at their slots); differentiable in the pseudo-words' vectors only. Context: (B, 77 x chunks, dim)."""
         if branches and len(branches) != len(prompts):
             raise ValueError(f"{len(branches)} branches for {len(prompts)} prompts")
-        vectors = self._vectors_of(words or {})
+        vectors = checked_words(words or {}, self.embedding_dims)
         finder = WordFinder({word: next(iter(v.values())).shape[0] for word, v in vectors.items()}, self.token_ids)
         per_prompt = [chunk_prompt(prompt, self.token_ids, finder, **self.special_ids) for prompt in prompts]
         blank = empty_chunk(self.special_ids["bos"], self.special_ids["eos"])

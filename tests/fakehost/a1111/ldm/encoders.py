@@ -1,4 +1,4 @@
-"""Text encoders as ldm/sgm hold them: CLIP (SD1), OpenCLIP-shaped (SD2), a two-encoder conditioner (SDXL)."""
+"""Text encoders as ldm holds them: CLIP (SD1), OpenCLIP-shaped (SD2); SDXL's conditioner is in ldm/sdxl.py."""
 from __future__ import annotations
 
 import torch
@@ -65,20 +65,3 @@ class FrozenOpenCLIPEmbedder(torch.nn.Module):
             x = block(x, src_mask=self.model.attn_mask)
         return self.model.ln_final(x)
 
-
-class GeneralConditioner(torch.nn.Module):
-    """sgm GeneralConditioner holding two text embedders (CLIP-L ‖ OpenCLIP-G), shrunk to 16 + 24 wide."""
-
-    def __init__(self):
-        super().__init__()
-        self.embedders = torch.nn.ModuleList([FrozenCLIPEmbedder(16), FrozenOpenCLIPEmbedder(24)])
-        self.wrapped = torch.nn.Module()
-
-    def tokenize(self, texts):
-        return self.embedders[0].tokenizer(texts, truncation=False, add_special_tokens=False)["input_ids"]
-
-    def encode_embedding_init_text(self, init_text: str, nvpt: int) -> torch.Tensor:
-        ids = torch.tensor(self.tokenize([init_text])[0][:nvpt], dtype=torch.long)
-        clip_l = self.embedders[0].transformer.get_input_embeddings()(ids)
-        clip_g = self.embedders[1].model.token_embedding(ids)
-        return torch.cat([clip_l, clip_g], dim=1)

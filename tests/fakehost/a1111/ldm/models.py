@@ -1,4 +1,5 @@
-"""ldm-shaped model classes around tiny diffusers modules: LatentDiffusion, DiffusionWrapper, UNetModel, VAE."""
+"""ldm-shaped model classes around tiny diffusers modules: LatentDiffusion, DiffusionWrapper, UNetModel, VAE (sgm's
+SDXL classes, which share UNetModel, are in ldm/sdxl.py)."""
 from __future__ import annotations
 
 import contextlib
@@ -79,12 +80,14 @@ def _reclass(root: torch.nn.Module, base: type, cls: type) -> None:
 
 
 class UNetModel(torch.nn.Module):
-    """ldm's UNetModel call signature over a tiny diffusers UNet2DConditionModel."""
+    """ldm's (and sgm's) UNetModel call signature over a tiny diffusers UNet2DConditionModel (``unet``, or a fresh
+    one); ``y`` (sgm's "vector") goes to a class-projection embedding added to the time embedding, as label_emb."""
 
-    def __init__(self, context_dim: int, in_channels: int = 4, use_checkpoint: bool = False):
+    def __init__(self, context_dim: int, in_channels: int = 4, use_checkpoint: bool = False,
+                 unet: UNet2DConditionModel | None = None):
         super().__init__()
         self.use_checkpoint = use_checkpoint
-        self.unet = UNet2DConditionModel(
+        self.unet = unet or UNet2DConditionModel(
             sample_size=8, in_channels=in_channels, out_channels=4, block_out_channels=(8, 16), layers_per_block=1,
             down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
             up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
@@ -100,7 +103,7 @@ class UNetModel(torch.nn.Module):
                 module.use_checkpoint = use_checkpoint
 
     def forward(self, x, timesteps=None, context=None, y=None, **kwargs):
-        return self.unet(x, timesteps, encoder_hidden_states=context).sample
+        return self.unet(x, timesteps, encoder_hidden_states=context, class_labels=y).sample
 
 
 class DiffusionWrapper(torch.nn.Module):
@@ -185,18 +188,3 @@ class LatentDiffusion(torch.nn.Module):
     def ema_scope(self, context=None):
         yield
 
-
-class DiffusionEngine(torch.nn.Module):
-    """sgm DiffusionEngine, shaped just enough for SDXL detection: a conditioner, no ldm helpers."""
-
-    def __init__(self, conditioner: torch.nn.Module):
-        super().__init__()
-        self.conditioner = conditioner
-        self.model = DiffusionWrapper(UNetModel(context_dim=40))
-        self.first_stage_model = FirstStageModel()
-        self.scale_factor = 0.13025
-        self.parameterization = "eps"
-        self.register_buffer("alphas_cumprod", scaled_linear_alphas_cumprod())
-
-    def apply_model(self, x, t, cond):
-        return self.model(x, t, c_crossattn=[cond["crossattn"]])

@@ -1,18 +1,22 @@
-"""Builds the tiny seeded models a test host loads: "sd1", "sd2" (v-prediction), and for refusals "sdxl" and
-"sd1-inpainting" (9 input channels, conditioning_key 'hybrid')."""
+"""Builds the tiny seeded models a test host loads: "sd1", "sd2" (v-prediction), "sdxl" (sgm-shaped, ldm/sdxl.py;
+also "sdxl-vpred"), and for refusals "sdxl-refiner", "sdxl-inpainting" and "sd1-inpainting" (9 input channels,
+conditioning_key 'hybrid')."""
 from __future__ import annotations
 
 import torch
 from modules._variant import FLAGS
 
-from .encoders import FrozenCLIPEmbedder, FrozenOpenCLIPEmbedder, GeneralConditioner
-from .models import DiffusionEngine, LatentDiffusion, UNetModel
+from . import sdxl
+from .encoders import FrozenCLIPEmbedder, FrozenOpenCLIPEmbedder
+from .models import LatentDiffusion, UNetModel
 
-SEEDS = {"sd1": 1, "sd2": 2, "sdxl": 3, "sd1-inpainting": 4}
+SEEDS = {"sd1": 1, "sd2": 2, "sd1-inpainting": 4}
 
 
 def build(kind: str) -> torch.nn.Module:
     """A fresh model of ``kind`` with the same seeded weights every time, leaving the global RNG untouched."""
+    if kind.startswith("sdxl"):
+        return sdxl.build(kind)  # the weights of tests/tiny_sdxl.parts(0)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(SEEDS[kind])
         if kind == "sd1":
@@ -24,6 +28,4 @@ def build(kind: str) -> torch.nn.Module:
         if kind == "sd1-inpainting":
             return LatentDiffusion(UNetModel(context_dim=32, in_channels=9), FrozenCLIPEmbedder(32),
                                    conditioning_key="hybrid")
-        if kind == "sdxl":
-            return DiffusionEngine(GeneralConditioner())
     raise ValueError(f"unknown model kind {kind!r}")

@@ -39,6 +39,7 @@ class StableDiffusionProcessing:
         self.main_prompt = self.main_negative_prompt = None
         self.prompts = self.negative_prompts = self.seeds = self.subseeds = None
         self.extra_network_data: dict = {}
+        self.comments: dict = {}
         self.iteration = 0
         self.c = self.uc = None
         for key, value in kwargs.items():
@@ -61,6 +62,9 @@ class StableDiffusionProcessing:
         self._script_args = value
         if self.scripts is not None:
             self.scripts.setup_scrips(self, is_ui=False)
+
+    def comment(self, text: str) -> None:
+        self.comments[text] = 1
 
     def setup_prompts(self) -> None:
         count = self.batch_size * self.n_iter
@@ -86,11 +90,13 @@ class StableDiffusionProcessing:
         return cache[1]
 
     def setup_conds(self) -> None:
-        negatives = prompt_parser.SdConditioning(self.negative_prompts, is_negative_prompt=True)
+        negatives = prompt_parser.SdConditioning(self.negative_prompts, width=self.width, height=self.height,
+                                                 is_negative_prompt=True)
         self.uc = self.get_conds_with_caching(prompt_parser.get_learned_conditioning, negatives, self.steps,
                                               [self.cached_uc])
-        self.c = self.get_conds_with_caching(prompt_parser.get_multicond_learned_conditioning,
-                                             prompt_parser.SdConditioning(self.prompts), self.steps, [self.cached_c])
+        prompts = prompt_parser.SdConditioning(self.prompts, width=self.width, height=self.height)
+        self.c = self.get_conds_with_caching(prompt_parser.get_multicond_learned_conditioning, prompts, self.steps,
+                                             [self.cached_c])
 
     def close(self) -> None:
         if not shared.opts.persistent_cond_cache:
@@ -161,6 +167,7 @@ class Processed:
         self.all_prompts, self.all_negative_prompts = p.all_prompts, p.all_negative_prompts
         self.all_seeds, self.extra_generation_params = p.all_seeds, p.extra_generation_params
         self.width, self.height, self.batch_size = p.width, p.height, p.batch_size
+        self.comments = "".join(f"{comment}\n" for comment in p.comments)
 
 
 def get_fixed_seed(seed) -> int:

@@ -131,7 +131,9 @@ def get_learned_conditioning(model, prompts, steps, hires_steps=None, use_old_sc
     for prompt, schedule in zip(prompts, schedules, strict=True):
         if prompt not in cache:
             conds = model.get_learned_conditioning(SdConditioning([text for _, text in schedule], copy_from=prompts))
-            cache[prompt] = [ScheduledPromptConditioning(end, conds[i]) for i, (end, _) in enumerate(schedule)]
+            cache[prompt] = [ScheduledPromptConditioning(end, {k: v[i] for k, v in conds.items()}
+                                                         if isinstance(conds, dict) else conds[i])
+                             for i, (end, _) in enumerate(schedule)]
         res.append(cache[prompt])
     return res
 
@@ -168,12 +170,32 @@ def get_multicond_learned_conditioning(model, prompts, steps, hires_steps=None, 
     return MulticondLearnedConditioning(shape=(len(prompts),), batch=batch)
 
 
+class DictWithShape(dict):
+    """SDXL's conds: {"crossattn": (rows, 77k, 2048), "vector": (rows, 2816)}, with the crossattn's shape."""
+
+    def __init__(self, x, shape=None):
+        super().__init__()
+        self.update(x)
+
+    @property
+    def shape(self):
+        return self["crossattn"].shape
+
+
 def _at_step(schedule, step):
     return next((entry.cond for entry in schedule if step <= entry.end_at_step), schedule[-1].cond)
 
 
+def _stacked(tensors: list):
+    """torch.stack, per key for SDXL's dict conds (a DictWithShape)."""
+    if isinstance(tensors[0], dict):
+        stacked = {k: torch.stack([t[k] for t in tensors]) for k in tensors[0]}
+        return DictWithShape(stacked, stacked["crossattn"].shape)
+    return torch.stack(tensors)
+
+
 def reconstruct_cond_batch(c, current_step):
-    return torch.stack([_at_step(schedule, current_step) for schedule in c])
+    return _stacked([_at_step(schedule, current_step) for schedule in c])
 
 
 def reconstruct_multicond_batch(c, current_step):
@@ -185,6 +207,11 @@ def reconstruct_multicond_batch(c, current_step):
             conds_for_batch.append((len(tensors), composable.weight))
             tensors.append(_at_step(composable.schedules, current_step))
         conds_list.append(conds_for_batch)
-    width = max(t.shape[0] for t in tensors)  # prompts of other lengths: the last vector repeated, as 1.6+ does
-    tensors = [torch.cat([t, t[-1:].expand(width - t.shape[0], -1)]) if t.shape[0] < width else t for t in tensors]
-    return conds_list, torch.stack(tensors)
+    def padded(ts: list) -> list:  # prompts of other lengths: the last vector repeated, as 1.6+ does
+        width = max(t.shape[0] for t in ts)
+        return [torch.cat([t, t[-1:].expand(width - t.shape[0], -1)]) if t.shape[0] < width else t for t in ts]
+
+    if isinstance(tensors[0], dict):
+        return conds_list, _stacked([dict(zip(tensors[0], values))
+                                     for values in zip(*(padded([t[k] for t in tensors]) for k in tensors[0]))])
+    return conds_list, torch.stack(padded(tensors))

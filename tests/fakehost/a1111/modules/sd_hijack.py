@@ -64,8 +64,23 @@ class StableDiffusionModelHijack:
         from ldm.encoders import FrozenCLIPEmbedder, FrozenOpenCLIPEmbedder
         from modules import sd_hijack_clip, sd_hijack_open_clip
 
-        if hasattr(m, "conditioner"):
-            m.cond_stage_model = m.conditioner  # SDXL: the stand-in does not splice into its two encoders
+        conditioner = getattr(m, "conditioner", None)
+        if conditioner is not None:  # SDXL: each text embedder wrapped by its type name, as the webui does
+            text_cond_models = []
+            for i, embedder in enumerate(conditioner.embedders):
+                typename = type(embedder).__name__
+                if typename == "FrozenCLIPEmbedder":
+                    encoder = embedder.transformer
+                    encoder.set_input_embeddings(EmbeddingsWithFixes(encoder.get_input_embeddings(), self))
+                    conditioner.embedders[i] = sd_hijack_clip.FrozenCLIPEmbedderForSDXLWithCustomWords(embedder, self)
+                    text_cond_models.append(conditioner.embedders[i])
+                if typename == "FrozenOpenCLIPEmbedder2":
+                    embedder.model.token_embedding = EmbeddingsWithFixes(embedder.model.token_embedding, self,
+                                                                         textual_inversion_key="clip_g")
+                    conditioner.embedders[i] = sd_hijack_open_clip.FrozenOpenCLIPEmbedder2WithCustomWords(embedder,
+                                                                                                         self)
+                    text_cond_models.append(conditioner.embedders[i])
+            m.cond_stage_model = text_cond_models[0] if len(text_cond_models) == 1 else conditioner
         elif isinstance(m.cond_stage_model, FrozenCLIPEmbedder):
             encoder = m.cond_stage_model.transformer
             encoder.set_input_embeddings(EmbeddingsWithFixes(encoder.get_input_embeddings(), self))
@@ -78,8 +93,21 @@ class StableDiffusionModelHijack:
         self.clip = m.cond_stage_model
 
     def undo_hijack(self, m) -> None:
+        conditioner = getattr(m, "conditioner", None)
         wrapped = getattr(m.cond_stage_model, "wrapped", None)
-        if hasattr(wrapped, "transformer"):
+        if conditioner is not None:
+            from modules import sd_hijack_clip, sd_hijack_open_clip
+
+            for i, embedder in enumerate(conditioner.embedders):
+                if isinstance(embedder, sd_hijack_open_clip.FrozenOpenCLIPEmbedder2WithCustomWords):
+                    embedder.wrapped.model.token_embedding = embedder.wrapped.model.token_embedding.wrapped
+                    conditioner.embedders[i] = embedder.wrapped
+                if isinstance(embedder, sd_hijack_clip.FrozenCLIPEmbedderForSDXLWithCustomWords):
+                    transformer = embedder.wrapped.transformer
+                    transformer.set_input_embeddings(transformer.get_input_embeddings().wrapped)
+                    conditioner.embedders[i] = embedder.wrapped
+            del m.cond_stage_model
+        elif hasattr(wrapped, "transformer"):
             wrapped.transformer.set_input_embeddings(wrapped.transformer.get_input_embeddings().wrapped)
             m.cond_stage_model = wrapped
         elif hasattr(wrapped, "model"):

@@ -34,8 +34,9 @@ class FrozenCLIPEmbedderWithCustomWordsBase(torch.nn.Module):
         self.hijack = hijack
         self.chunk_length = 75
         self.is_trainable = getattr(wrapped, "is_trainable", False)
-        self.input_key = "txt"
-        self.return_pooled = False
+        self.input_key = getattr(wrapped, "input_key", "txt")
+        self.return_pooled = getattr(wrapped, "return_pooled", False)
+        self.legacy_ucg_val = None  # for sgm's conditioner
 
     def empty_chunk(self) -> PromptChunk:
         chunk = PromptChunk()
@@ -111,6 +112,8 @@ class FrozenCLIPEmbedderWithCustomWordsBase(torch.nn.Module):
             hashes = [f"{name}: {e.shorthash}" for name, e in used_embeddings.items() if e.shorthash]
             if hashes:
                 self.hijack.extra_generation_params["TI hashes"] = ", ".join(hashes)
+        if self.return_pooled:  # SDXL's OpenCLIP-G: the first chunk's pooled vector too
+            return torch.hstack(zs), zs[0].pooled
         return torch.hstack(zs)
 
     def process_tokens(self, remade_batch_tokens: list[list[int]], batch_multipliers: list[list[float]]):
@@ -119,11 +122,14 @@ class FrozenCLIPEmbedderWithCustomWordsBase(torch.nn.Module):
             for row, row_tokens in enumerate(remade_batch_tokens):
                 tokens[row, row_tokens.index(self.id_end) + 1:] = self.id_pad
         z = self.encode_with_transformers(tokens)
+        pooled = getattr(z, "pooled", None)
         if _emphasis_enabled():
             multipliers = torch.asarray(batch_multipliers).to(devices.device)
             original_mean = z.mean()
             z = z * multipliers.reshape(multipliers.shape + (1,)).expand(z.shape)
             z = z * (original_mean / z.mean())
+        if pooled is not None:
+            z.pooled = pooled
         return z
 
 
@@ -154,3 +160,16 @@ class FrozenCLIPEmbedderWithCustomWords(FrozenCLIPEmbedderWithCustomWordsBase):
         ids = self.tokenizer(init_text, max_length=nvpt, truncation=True, return_tensors="pt",
                              add_special_tokens=False)["input_ids"]
         return embedding_layer.wrapped(ids.to(embedding_layer.wrapped.weight.device)).squeeze(0)
+
+
+class FrozenCLIPEmbedderForSDXLWithCustomWords(FrozenCLIPEmbedderWithCustomWords):
+    """SDXL's CLIP-L: sgm's FrozenCLIPEmbedder at its ``layer`` ("hidden": hidden_states[layer_idx], no final norm);
+    1.10's "Clip skip SDXL" setting counts layers from the end instead."""
+
+    def encode_with_transformers(self, tokens: torch.Tensor) -> torch.Tensor:
+        outputs = self.wrapped.transformer(input_ids=tokens, output_hidden_states=self.wrapped.layer == "hidden")
+        if getattr(shared.opts, "sdxl_clip_l_skip", False) is True:
+            return outputs.hidden_states[-shared.opts.CLIP_stop_at_last_layers]
+        if self.wrapped.layer == "last":
+            return outputs.last_hidden_state
+        return outputs.hidden_states[self.wrapped.layer_idx]

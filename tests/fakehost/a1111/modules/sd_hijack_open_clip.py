@@ -10,6 +10,8 @@ _tokenizer = None  # open_clip keeps one module-level tokenizer; its ids equal C
 
 
 class FrozenOpenCLIPEmbedderWithCustomWords(sd_hijack_clip.FrozenCLIPEmbedderWithCustomWordsBase):
+    """SD2's OpenCLIP-H (and the base of SDXL's OpenCLIP-G wrapper)."""
+
     def __init__(self, wrapped, hijack):
         global _tokenizer
         super().__init__(wrapped, hijack)
@@ -29,3 +31,16 @@ class FrozenOpenCLIPEmbedderWithCustomWords(sd_hijack_clip.FrozenCLIPEmbedderWit
         weight = self.wrapped.model.token_embedding.wrapped.weight
         ids = torch.tensor([self.tokenize([init_text])[0]], dtype=torch.long, device=weight.device)
         return self.wrapped.model.token_embedding.wrapped(ids).squeeze(0)
+
+
+class FrozenOpenCLIPEmbedder2WithCustomWords(FrozenOpenCLIPEmbedderWithCustomWords):
+    """SDXL's OpenCLIP-G: sgm's FrozenOpenCLIPEmbedder2 at its ``layer``, with its pooled vector attached to the
+    output as ``z.pooled``."""
+
+    def encode_with_transformers(self, tokens: torch.Tensor) -> torch.Tensor:
+        d = self.wrapped.encode_with_transformer(tokens)
+        z = d[self.wrapped.layer]
+        pooled = d.get("pooled")
+        if pooled is not None:
+            z.pooled = pooled
+        return z

@@ -18,6 +18,18 @@ def ddim_timesteps(steps: int, total: int = 1000) -> list[int]:
     return [t + 1 for t in range(0, total, total // steps)][:steps]
 
 
+def catenate_conds(conds: list):
+    if not isinstance(conds[0], dict):
+        return torch.cat(conds)
+    return {key: torch.cat([c[key] for c in conds]) for key in conds[0]}
+
+
+def subscript_cond(cond, a: int, b: int):
+    if not isinstance(cond, dict):
+        return cond[a:b]
+    return {key: value[a:b] for key, value in cond.items()}
+
+
 def cfg_denoise(p, denoiser, x: torch.Tensor, t: int, cond, uncond) -> torch.Tensor:
     """One step of the webui's CFGDenoiser: the cond rows (image-major, one per AND sub-prompt) then one uncond
     row per image; on_cfg_denoiser; uncond skipped early (1.10's skip_early_cond) or on odd steps below
@@ -40,19 +52,20 @@ def cfg_denoise(p, denoiser, x: torch.Tensor, t: int, cond, uncond) -> torch.Ten
     if skip:
         x_in, t_in = x_in[:-batch_size], t_in[:-batch_size]
 
-    def unet(a, b, context):
-        return p.sd_model.apply_model(x_in[a:b], t_in[a:b], cond={"c_crossattn": [context]})
+    def unet(a, b, context):  # make_condition_dict: SDXL's dict conds go in as they are
+        cond = context if isinstance(context, dict) else {"c_crossattn": [context]}
+        return p.sd_model.apply_model(x_in[a:b], t_in[a:b], cond=cond)
 
     if tensor.shape[1] == uncond.shape[1] or skip:
-        cond_in = tensor if skip else torch.cat([tensor, uncond])
+        cond_in = tensor if skip else catenate_conds([tensor, uncond])
         if opts.batch_cond_uncond:
             x_out = unet(0, x_in.shape[0], cond_in)
         else:
-            x_out = torch.cat([unet(a, a + batch_size, cond_in[a:a + batch_size])
+            x_out = torch.cat([unet(a, a + batch_size, subscript_cond(cond_in, a, a + batch_size))
                                for a in range(0, x_in.shape[0], batch_size)])
     else:
         chunk = 2 * batch_size if opts.batch_cond_uncond else batch_size
-        x_out = torch.cat([unet(a, min(a + chunk, tensor.shape[0]), tensor[a:min(a + chunk, tensor.shape[0])])
+        x_out = torch.cat([unet(a, min(a + chunk, tensor.shape[0]), subscript_cond(tensor, a, a + chunk))
                            for a in range(0, tensor.shape[0], chunk)]
                           + [unet(tensor.shape[0], x_in.shape[0], uncond)])
     if skip:

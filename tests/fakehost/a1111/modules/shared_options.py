@@ -17,6 +17,16 @@ if FLAGS.infotext_utils:
     options_templates.update(options_section(("sd", "Stable Diffusion"), {
         "emphasis": OptionInfo("Original", "Emphasis mode"),
     }))
+if FLAGS.before_every_sampling:  # 1.10
+    options_templates.update(options_section(("sd", "Stable Diffusion"), {
+        "sdxl_clip_l_skip": OptionInfo(False, "Clip skip SDXL"),
+    }))
+options_templates.update(options_section(("sdxl", "Stable Diffusion XL"), {
+    "sdxl_crop_top": OptionInfo(0, "crop top coordinate"),
+    "sdxl_crop_left": OptionInfo(0, "crop left coordinate"),
+    "sdxl_refiner_low_aesthetic_score": OptionInfo(2.5, "SDXL low aesthetic score"),
+    "sdxl_refiner_high_aesthetic_score": OptionInfo(6.0, "SDXL high aesthetic score"),
+}))
 options_templates.update(options_section(("optimizations", "Optimizations"), {
     "cross_attention_optimization": OptionInfo("Automatic", "Cross attention optimization"),
     "s_min_uncond": OptionInfo(0.0, "Negative Guidance minimum sigma"),
@@ -30,6 +40,9 @@ if FLAGS.before_every_sampling:  # 1.10
 if not FLAGS.alphas_follow_half:
     options_templates.update(options_section(("optimizations", "Optimizations"), {
         "use_downcasted_alpha_bar": OptionInfo(False, "Downcast model alphas_cumprod to fp16 before sampling."),
+    }))
+    options_templates.update(options_section(("sampler-params", "Sampler parameters"), {
+        "sd_noise_schedule": OptionInfo("Default", "Noise schedule for sampling"),  # or "Zero Terminal SNR"
     }))
 options_templates.update(options_section(("training", "Training"), {
     "unload_models_when_training": OptionInfo(False, "Move VAE and CLIP to RAM when training if possible"),
