@@ -94,8 +94,7 @@ def collect_references(config: train_config.TrainConfig, image, folder: str, mas
 
 
 def train_handler(names: list[str]):
-    """The Train click handler: (task id, image, folder, mask, *field values) ->
-    (gallery, loss curve, resume choices, result line)."""
+    """The Train click handler: (task id, image, folder, mask, *field values) -> (gallery, loss plot, result line)."""
     def train(id_task, image, folder, mask, *values):
         previews: deque = deque(maxlen=GALLERY_PREVIEWS)
 
@@ -108,16 +107,15 @@ def train_handler(names: list[str]):
             references = collect_references(config, image, folder, mask)
             result = jobs.run_training(config, references, on_progress=lambda progress: keep_preview(progress.preview))
         except DreamArtistError as e:
-            return gr.update(), "", gr.update(), ui_render.error_html(str(e))
+            return gr.update(), "", ui_render.error_html(str(e))
         except Exception as e:  # not ours: one readable line here, the traceback in the console
             log.exception("DreamArtist training failed")
-            return gr.update(), "", gr.update(), ui_render.error_html(f"Training failed: {type(e).__name__}: {e}")
+            return gr.update(), "", ui_render.error_html(f"Training failed: {type(e).__name__}: {e}")
         keep_preview(result.preview)
         result_line = ui_render.result_html(
             config.name, negative_name(config.name), result.files, result.step, config.steps,
             result.final_loss, result.stopped, settings.auto_negative_default(), result.notes)
-        return (list(previews), ui_render.loss_curve_html(result.losses), gr.update(choices=embeddings.saved_pairs()),
-                result_line)
+        return list(previews), ui_render.loss_curve_html(result.losses), result_line
     return train
 
 
@@ -165,11 +163,13 @@ def create_tab() -> gr.Blocks:
                 loss = gr.HTML(elem_id=elem_id("loss"))
         names = list(controls)
         resume.change(fn=resume_handler(names), inputs=[resume], outputs=list(controls.values()))
-        ui_compat.click(
-            train, fn=call_queue.wrap_gradio_gpu_call(train_handler(names), extra_outputs=[gr.update()] * 3),
+        started = ui_compat.click(
+            train, fn=call_queue.wrap_gradio_gpu_call(train_handler(names), extra_outputs=[gr.update()] * 2),
             js="dreamartist_start_training",
             inputs=[ui_compat.task_id_input(elem_id("task_id")), image, folder, mask, *controls.values()],
-            outputs=[gallery, loss, resume, result])  # the last output takes the webui's timing HTML
+            outputs=[gallery, loss, result])  # the last output takes the webui's timing HTML
+        # Afterwards, not as an output of the run: an output shows gradio's "processing" overlay the whole time.
+        started.then(fn=lambda: gr.update(choices=embeddings.saved_pairs()), inputs=[], outputs=[resume])
         interrupt.click(fn=jobs.interrupt, inputs=[], outputs=[])
     return tab
 

@@ -66,8 +66,11 @@ def test_train_button_is_wired_like_the_webui_train_tab(host_v1101):
     assert inputs[:4] == ["dreamartist_task_id", "dreamartist_reference", "dreamartist_folder", "dreamartist_mask"]
     assert inputs[4:] == [f"dreamartist_{f.name}" for f in sorted(FIELDS, key=lambda f: f.metadata["advanced"])]
     assert controls["dreamartist_task_id"].visible is False
-    outputs = ("dreamartist_gallery", "dreamartist_loss", "dreamartist_resume_pair", "dreamartist_result")
+    outputs = ("dreamartist_gallery", "dreamartist_loss", "dreamartist_result")
     assert [controls[e]._id for e in outputs] == dep["outputs"]
+    then = next(d for d in tab.dependencies if d["trigger"] == "then" and d.get("trigger_after") is not None
+                and tab.dependencies[d["trigger_after"]] is dep)
+    assert then["outputs"] == [controls["dreamartist_resume_pair"]._id]  # refreshed after, not during, the run
     assert controls["dreamartist_train"].interactive is not False
     assert "dreamartist_notice" not in controls
 
@@ -86,14 +89,13 @@ def test_train_click_trains_a_pair_and_says_what_to_type(host):
     args = click_args(tab, dep, dreamartist_task_id="task(dreamartist-test)", dreamartist_reference=reference_image(),
                       dreamartist_name=" walle ", dreamartist_steps=3, dreamartist_width=64, dreamartist_height=64,
                       dreamartist_preview_every=2)
-    gallery, loss, resume, result = train(*args)
+    gallery, loss, result = train(*args)
     text = plain_text(result)
     assert "Type walle in your prompt; walle-neg is added to the negative prompt automatically." in text
     assert "Trained 3 steps" in text and "walle.pt, walle-neg.pt" in text
     assert (host.embeddings_dir / "walle.pt").is_file() and (host.embeddings_dir / "walle-neg.pt").is_file()
     assert len(gallery) == 1 and gallery[0].size[0] > 0  # the preview made at step 2
     assert "<polyline" in loss and "over 3 steps" in loss and ">step</text>" in loss
-    assert resume["choices"] == ["walle"]
     progress = host.module("modules.progress")
     assert "task(dreamartist-test)" in progress.finished_tasks and progress.current_task is None
     assert host.shared.state.job == ""
@@ -111,7 +113,7 @@ def test_result_line_follows_the_auto_negative_setting(host_v1101):
     args = click_args(tab, dep, dreamartist_task_id="task(x)", dreamartist_reference=reference_image(),
                       dreamartist_name="robo", dreamartist_steps=1, dreamartist_width=64, dreamartist_height=64,
                       dreamartist_reconstruction=False)
-    result = train(*args)[3]
+    result = train(*args)[2]
     assert "Type robo in your prompt and robo-neg in your negative prompt." in plain_text(result)
 
 
@@ -129,7 +131,7 @@ def test_bad_input_is_one_line_and_writes_nothing(host_v160, values, message):
     values = {"dreamartist_task_id": "task(bad)", "dreamartist_reference": reference_image(),
               "dreamartist_name": "walle", "dreamartist_steps": 1, "dreamartist_width": 64,
               "dreamartist_height": 64, "dreamartist_reconstruction": False, **values}
-    result = train(*click_args(tab, dep, **values))[3]
+    result = train(*click_args(tab, dep, **values))[2]
     if message is None:
         assert "Trained 1 step, final loss" in plain_text(result)
         return
@@ -191,7 +193,7 @@ def test_an_unexpected_failure_is_one_readable_line(host_v160, monkeypatch):
     monkeypatch.setattr(jobs, "run_training", broken)
     train, dep = click_handler(tab, "dreamartist_train")
     result = train(*click_args(tab, dep, dreamartist_task_id="task(x)", dreamartist_reference=reference_image(),
-                               dreamartist_name="walle", dreamartist_width=64, dreamartist_height=64))[3]
+                               dreamartist_name="walle", dreamartist_width=64, dreamartist_height=64))[2]
     assert plain_text(result).startswith("Training failed: RuntimeError: CUDA error: device-side assert triggered")
     assert "Traceback" not in result
 
