@@ -71,8 +71,10 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--cfg", default="7", help="guidance scale: a number or a schedule like 1.5-3.0:cos "
                                                      "(default: 7)")
     generate.add_argument("--steps", type=int, default=20, help="DDIM steps (default: 20)")
-    generate.add_argument("--width", type=int, default=512, help="image width, a multiple of 8 (default: 512)")
-    generate.add_argument("--height", type=int, default=512, help="image height, a multiple of 8 (default: 512)")
+    generate.add_argument("--width", type=int, default=0, help="image width, a multiple of 8; 0: the model's own "
+                                                                 "size, 512 for SD1/SD2, 1024 for SDXL (default: 0)")
+    generate.add_argument("--height", type=int, default=0, help="image height, a multiple of 8; 0: the model's own "
+                                                                  "size (default: 0)")
     generate.add_argument("--seed", type=int, default=0, help="noise seed (default: 0)")
     generate.add_argument("--batch", type=int, default=1, help="images to sample, tiled in a grid (default: 1)")
     generate.add_argument("--adapters", choices=("pair", "DA++", "off"), default="pair",
@@ -142,7 +144,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     config = config_module.TrainConfig(**values)
     if args.mask and not Path(args.mask).exists():
         raise InputError(f"The mask {args.mask} does not exist.")
-    references = load_references(args.image, config.width, config.height, mask_path=args.mask)
+    size = config.size_for("sd1")  # checked now; read again at the model's own size once it is known
+    references = load_references(args.image, *size, mask_path=args.mask)
     out, previews = Path(args.out), Path(args.previews)
     if previews.resolve().is_relative_to(out.resolve()):
         raise InputError(f"--previews {previews} is inside --out {out}: the webui would try to load the preview "
@@ -154,6 +157,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     if config.preview_every or args.final_preview:
         fileops.make_folder(previews)
     backend = _load_backend(args.ckpt, args.prediction_type)
+    if config.size_for(backend.family) != size:
+        references = load_references(args.image, *config.size_for(backend.family), mask_path=args.mask)
 
     bar = None
 
@@ -207,9 +212,9 @@ def _check_generate_args(args: argparse.Namespace) -> None:
         raise InputError("--steps and --batch must be at least 1.")
     if args.steps > 1000 or args.batch > 64:
         raise InputError("--steps must be at most 1000 and --batch at most 64.")
-    if args.width % 8 or args.height % 8 or not (64 <= min(args.width, args.height) <= max(args.width, args.height)
-                                                 <= 2048):
-        raise InputError("--width and --height must be multiples of 8 between 64 and 2048.")
+    if any(side % 8 or not (side == 0 or 64 <= side <= 2048) for side in (args.width, args.height)):
+        raise InputError("--width and --height must be 0 (the model's own size) or multiples of 8 between 64 and "
+                         "2048.")
     if not 0 <= args.seed < 2**32:
         raise InputError("--seed must be between 0 and 4294967295.")
     parse_gamma(args.cfg)
@@ -229,6 +234,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from . import fileops, pairfiles
+    from .families import FAMILIES
     from .fileops import walk_files
     from .images import parameters_png_info
     from .pairing import add_partners
@@ -244,6 +250,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         if path.suffix.lower() in pairfiles.LOADABLE_EXTS:
             files.setdefault(path.stem, []).append(path)
     backend = _load_backend(args.ckpt, args.prediction_type)
+    args.width, args.height = (side or FAMILIES[backend.family].size for side in (args.width, args.height))
     tokenize, ids = backend.token_ids, backend.special_ids
     for note in _skip_other_families(files, args.prompt + "\n" + args.negative, backend):
         print(note)

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import InputError
+from .families import FAMILIES
 from .gamma import GammaSchedule, parse_gamma
 from .names import validate_name
 from .templates import template_lines
@@ -48,8 +49,10 @@ class TrainConfig:
     lr: float = option(0.0025, "Learning rate", minimum=1e-6, maximum=1.0, group="guidance")
     steps: int = option(1500, "Steps", "Optimiser steps.", minimum=1, maximum=MAX_STEPS, step=1, group="run")
     seed: int = option(0, "Seed", "-1 for a random seed.", minimum=-1, maximum=2**32 - 1, step=1, group="run")
-    width: int = option(512, "Width", minimum=64, maximum=2048, step=8, group="size")
-    height: int = option(512, "Height", minimum=64, maximum=2048, step=8, group="size")
+    width: int = option(0, "Width", "0: the model's own size (512 for SD1/SD2, 1024 for SDXL).", minimum=0,
+                        maximum=2048, step=8, group="size")
+    height: int = option(0, "Height", "0: the model's own size (512 for SD1/SD2, 1024 for SDXL).", minimum=0,
+                         maximum=2048, step=8, group="size")
     reconstruction: bool = option(True, "Reconstruction loss",
                                   "Decode the predicted z0 and compare it with the reference (eq. 6). "
                                   "Better fidelity, more memory.", group="reconstruction")
@@ -127,6 +130,14 @@ class TrainConfig:
     def _check_size(self) -> None:
         if self.width % 8 or self.height % 8:
             raise InputError(f"Width and height must be multiples of 8; got {self.width}x{self.height}.")
+        if any(0 < side < 64 for side in (self.width, self.height)):
+            raise InputError(f"Width and height must be 0 (the model's own size) or at least 64; got "
+                             f"{self.width}x{self.height}.")
+
+    def size_for(self, family: str) -> tuple[int, int]:
+        """(width, height) of training and previews on a model of ``family``: 0 stands for the family's own size."""
+        size = FAMILIES[family].size
+        return self.width or size, self.height or size
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:

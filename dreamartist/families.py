@@ -17,12 +17,12 @@ class Family:
     key: str  # "sd1" | "sd2" | "sdxl"
     label: str  # as users say it
     widths: Mapping[str, int]  # encoder key -> token-embedding width of the released models
-    size: int  # the resolution the released models were trained at (pixels per side)
+    size: int  # the default training size (pixels per side): the base model's, 512 for SD2 too
 
 
 FAMILIES = {
     "sd1": Family("sd1", "SD1", {"clip_l": 768}, 512),
-    "sd2": Family("sd2", "SD2", {"clip_h": 1024}, 768),
+    "sd2": Family("sd2", "SD2", {"clip_h": 1024}, 512),
     "sdxl": Family("sdxl", "SDXL", {"clip_l": 768, "clip_g": 1280}, 1024),
 }
 SINGLE_ENCODER_BY_WIDTH = {width: key for f in FAMILIES.values() if len(f.widths) == 1

@@ -92,6 +92,7 @@ class Trainer:
         self.should_stop = should_stop or (lambda: False)
         self.existing_names = {n.lower() for n in existing_names}
         self.objective = DreamArtistObjective(backend, config)
+        self.width, self.height = config.size_for(backend.family)
         self.name = config.name
         self.step, self.losses, self.notes = 0, [], []
         self.saved_files: list[Path] = []
@@ -283,7 +284,7 @@ class Trainer:
         images = []
         for i, (prompt, negative) in enumerate(self.objective.preview_prompts()):
             images += sample(self.backend, prompt, negative, words, guidance=self.objective.gamma,
-                             steps=PREVIEW_STEPS, width=self.config.width, height=self.config.height,
+                             steps=PREVIEW_STEPS, width=self.width, height=self.height,
                              seed=self.seed + i, on_step=on_step and (lambda i, n: on_step()), patches=patches)
         return grid(images)
 

@@ -84,7 +84,7 @@ async def train(request: Request) -> dict:
 def _train_in_turn(config: TrainConfig, image: bytes, mask: bytes | None) -> dict:
     try:
         with call_queue.queue_lock:
-            references = [prepare_reference(load_image(image), config.width, config.height,
+            references = [prepare_reference(load_image(image), *jobs.training_size(config),
                                             mask=load_image(mask) if mask is not None else None)]
             result = jobs.run_training(config, references)
     except (NameTaken, PairBusy) as e:

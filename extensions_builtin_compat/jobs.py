@@ -12,6 +12,7 @@ from dreamartist.images import Reference
 from dreamartist.trainer import Progress, TrainResult, train
 
 from . import embeddings, host
+from .host_backend import model_family
 from .host_backend_sdxl import backend_for
 
 JOB_NAME = "dreamartist-train"
@@ -46,6 +47,12 @@ def _report(progress: Progress) -> None:
                       f"about {int(progress.eta_seconds)} s left")
     if progress.preview is not None:
         state.assign_current_image(progress.preview)
+
+
+def training_size(config: TrainConfig) -> tuple[int, int]:
+    """(width, height) for the loaded model: a width or height of 0 is its family's own size (SDXL: 1024)."""
+    model = host.loaded_model()
+    return config.size_for(model_family(model) if model is not None else "sd1")
 
 
 def run_training(config: TrainConfig, references: list[Reference],

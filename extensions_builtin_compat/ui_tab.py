@@ -84,13 +84,13 @@ def collect_references(config: train_config.TrainConfig, image, folder: str, mas
     if image is not None and folder:
         raise InputError("Give either an uploaded reference image or a folder path, not both.")
     if image is not None:
-        return [prepare_reference(image, config.width, config.height, mask=mask)]
+        return [prepare_reference(image, *jobs.training_size(config), mask=mask)]
     if not folder:
         raise InputError("Upload a reference image or give the path of an image or a folder of images.")
     if mask is not None:
         raise InputError("An uploaded mask goes with an uploaded image; next to files on disk, "
                          "name the mask <image name>.mask.png instead.")
-    return load_references(folder, config.width, config.height)
+    return load_references(folder, *jobs.training_size(config))
 
 
 def train_handler(names: list[str]):

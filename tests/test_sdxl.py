@@ -330,3 +330,12 @@ def test_cli_trains_and_generates_with_an_sdxl_checkpoint(xl, tmp_path, monkeypa
     assert "negative prompt: walle-neg" in printed and "robo-neg" not in printed.split("negative prompt:")[1]
     assert re.search(r"skipped robo.*SD1 \(768-wide\).*SDXL", printed)
     assert Image.open(tmp_path / "out.png").size == (64, 64)
+
+
+def test_sizes_default_to_the_models_own():
+    config = TrainConfig(name="walle")
+    assert (config.width, config.height) == (0, 0)
+    assert config.size_for("sdxl") == (1024, 1024) and config.size_for("sd1") == config.size_for("sd2") == (512, 512)
+    assert TrainConfig(name="walle", height=768).size_for("sdxl") == (1024, 768)
+    with pytest.raises(InputError, match="at least 64"):
+        TrainConfig(name="walle", width=32)
