@@ -149,8 +149,8 @@ class StandaloneBackend(PatchSlot):
         finally:
             handle.remove()
         z = encoded.hidden_states[-2] if self.PENULTIMATE else encoded.last_hidden_state
-        weights = torch.tensor([chunk.weights for chunk in chunks], device=z.device, dtype=z.dtype)
-        if bool((weights != 1).any()):
+        if any(weight != 1 for chunk in chunks for weight in chunk.weights):  # decided on the host: no device sync
+            weights = torch.tensor([chunk.weights for chunk in chunks], device=z.device, dtype=z.dtype)
             mean = z.mean()
             z = z * weights.unsqueeze(-1)
             z = z * (mean / z.mean())
@@ -188,15 +188,19 @@ class StandaloneBackend(PatchSlot):
 
     @contextlib.contextmanager
     def training(self, gradient_checkpointing: bool = False) -> Iterator[None]:
-        """Freeze every weight and set UNet gradient checkpointing; restore flags, modes and settings on exit."""
+        """Freeze every weight and set gradient checkpointing of the UNet and of the VAE decoder (which eq. 6
+        differentiates at full resolution: at SDXL's 1024 px its activations outweigh the UNet's); restore flags,
+        modes and settings on exit."""
+        models = (self.unet_model, self.vae_model)
         switches = [(m, m.gradient_checkpointing, m.__dict__.get("_gradient_checkpointing_func", _MISSING))
-                    for m in self.unet_model.modules() if hasattr(m, "gradient_checkpointing")]
+                    for model in models for m in model.modules() if hasattr(m, "gradient_checkpointing")]
         try:
             with frozen(*self.modules):
-                if gradient_checkpointing:
-                    self.unet_model.enable_gradient_checkpointing()
-                else:
-                    self.unet_model.disable_gradient_checkpointing()
+                for model in models:
+                    if gradient_checkpointing:
+                        model.enable_gradient_checkpointing()
+                    else:
+                        model.disable_gradient_checkpointing()
                 yield
         finally:
             for module, enabled, function in switches:
