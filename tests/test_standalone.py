@@ -311,15 +311,21 @@ def _openclip_to_ldm(text_state: dict) -> dict:
     return out
 
 
+def _vae_to_ldm(vae) -> dict:
+    """The VAE's weights as single-file checkpoints hold them (``first_stage_model.`` in ldm's layout)."""
+    levels, sd = len(vae.config.block_out_channels), {}
+    for key, value in vae.state_dict().items():
+        if "mid_block.attentions" in key and key.endswith("weight") and value.ndim == 2:
+            value = value[:, :, None, None]  # ldm keeps these as 1x1 convolutions
+        sd["first_stage_model." + _vae_key_to_ldm(key, levels)] = value
+    return sd
+
+
 def _ldm_state_dict(backend, unet_config: dict, extra_openclip_layer: bool = False) -> dict:
     """A webui-style single-file state dict of ``backend``'s three models."""
     unet_state = backend.unet_model.state_dict()
     sd = {"model.diffusion_model." + _unet_key_to_ldm(k, unet_config): v for k, v in unet_state.items()}
-    levels = len(backend.vae_model.config.block_out_channels)
-    for key, value in backend.vae_model.state_dict().items():
-        if "mid_block.attentions" in key and key.endswith("weight") and value.ndim == 2:
-            value = value[:, :, None, None]  # ldm keeps these as 1x1 convolutions
-        sd["first_stage_model." + _vae_key_to_ldm(key, levels)] = value
+    sd.update(_vae_to_ldm(backend.vae_model))
     text_state = backend.text_encoder.state_dict()
     if backend.family == "sd1":
         for key, value in text_state.items():

@@ -80,7 +80,7 @@ def write_configs(folder: Path) -> Path:
 def sgm_state_dict(models) -> dict[str, torch.Tensor]:
     """``models`` (an SDXL backend, or anything with unet_model, vae_model and text_encoders) in the original
     single-file layout, as the webui and ComfyUI read SDXL checkpoints."""
-    from test_standalone import _openclip_to_ldm, _unet_key_to_ldm, _vae_key_to_ldm
+    from test_standalone import _openclip_to_ldm, _unet_key_to_ldm, _vae_to_ldm
 
     config = dict(models.unet_model.config)
     sd = {}
@@ -88,11 +88,7 @@ def sgm_state_dict(models) -> dict[str, torch.Tensor]:
         added = re.fullmatch(r"add_embedding\.linear_([12])\.(weight|bias)", key)
         ldm = f"label_emb.0.{0 if added[1] == '1' else 2}.{added[2]}" if added else _unet_key_to_ldm(key, config)
         sd["model.diffusion_model." + ldm] = value
-    levels = len(models.vae_model.config.block_out_channels)
-    for key, value in models.vae_model.state_dict().items():
-        if "mid_block.attentions" in key and key.endswith("weight") and value.ndim == 2:
-            value = value[:, :, None, None]  # ldm keeps these as 1x1 convolutions
-        sd["first_stage_model." + _vae_key_to_ldm(key, levels)] = value
+    sd.update(_vae_to_ldm(models.vae_model))
     for key, value in models.text_encoders["clip_l"].state_dict().items():
         if not key.endswith("position_ids"):
             sd["conditioner.embedders.0.transformer.text_model." + key.removeprefix("text_model.")] = value
