@@ -94,17 +94,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+PRECISIONS = ("auto", "fp16", "bf16", "fp32")
+
+
 def _add_prediction_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prediction-type", choices=("epsilon", "v_prediction"),
                         help="what the checkpoint's UNet predicts, when the file does not say (v_pred key, model spec, "
                              "a .yaml beside it); default: detected")
+    parser.add_argument("--precision", choices=PRECISIONS, default="auto",
+                        help="the UNet's and text encoders' dtype (the VAE stays float32): auto is fp16 on a GPU and "
+                             "fp32 on the CPU (default: auto)")
 
 
-def _load_backend(ckpt: str | None, prediction_type: str | None = None):
+def _load_backend(ckpt: str | None, prediction_type: str | None = None, precision: str = "auto"):
+    import torch
+
     from .standalone import build_demo_backend, load_checkpoint  # diffusers is imported only here
 
     if ckpt:
-        return load_checkpoint(ckpt, prediction_type=prediction_type)
+        dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}.get(precision)
+        return load_checkpoint(ckpt, prediction_type=prediction_type, dtype=dtype)
     print(f"{DEMO_NOTICE} It is tiny and random: it shows the pipeline, not good pictures.")
     return build_demo_backend()
 
@@ -156,7 +165,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         pairfiles.check_can_save(out, config.name, config.overwrite)
     if config.preview_every or args.final_preview:
         fileops.make_folder(previews)
-    backend = _load_backend(args.ckpt, args.prediction_type)
+    backend = _load_backend(args.ckpt, args.prediction_type, args.precision)
     if config.size_for(backend.family) != size:
         references = load_references(args.image, *config.size_for(backend.family), mask_path=args.mask)
 
@@ -249,7 +258,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     for path in walk_files(folder) if folder else ():
         if path.suffix.lower() in pairfiles.LOADABLE_EXTS:
             files.setdefault(path.stem, []).append(path)
-    backend = _load_backend(args.ckpt, args.prediction_type)
+    backend = _load_backend(args.ckpt, args.prediction_type, args.precision)
     args.width, args.height = (side or FAMILIES[backend.family].size for side in (args.width, args.height))
     tokenize, ids = backend.token_ids, backend.special_ids
     for note in _skip_other_families(files, args.prompt + "\n" + args.negative, backend):

@@ -324,7 +324,7 @@ def test_cli_trains_and_generates_with_an_sdxl_checkpoint(xl, tmp_path, monkeypa
     pairfiles.save_pair(out / "old", "robo", sd1, sd1)  # an SD1 pair: skipped on SDXL, as the webui skips it
     capsys.readouterr()
     assert cli.main(["generate", "--ckpt", str(ckpt), "--prompt", "walle and robo", "--embeddings", str(out),
-                     "--steps", "2", "--width", "64", "--height", "64",
+                     "--steps", "2", "--width", "64", "--height", "64", "--precision", "bf16",
                      "--output", str(tmp_path / "out.png")]) == 0
     printed = capsys.readouterr().out
     assert "negative prompt: walle-neg" in printed and "robo-neg" not in printed.split("negative prompt:")[1]
