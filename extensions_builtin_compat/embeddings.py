@@ -83,7 +83,7 @@ def skipped_pairs() -> dict[str, tuple[int, int]]:
         skipped = {name.lower(): e for name, e in getattr(db, "skipped_embeddings", {}).items()}
         for key, embedding in skipped.items():
             if not key.endswith("-neg") and negative_name(key) in skipped:
-                found[embedding.name] = (int(embedding.shape), int(getattr(db, "expected_shape", -1)))
+                found[embedding.name] = (int(embedding.shape or 0), int(getattr(db, "expected_shape", -1)))
     return found
 
 
