@@ -1,15 +1,21 @@
-"""Seconds per step and peak memory: a DreamArtist step against its baselines (prints figures; not a test).
+"""Time and memory of a DreamArtist step against its floors, measured side by side in one run; prints ratios.
 
-    python benchmarks/step_time.py [--ckpt MODEL | --full-size sd1] [--size 512] [--steps 10]
+    python benchmarks/step_time.py [--full-size sd1 | --ckpt MODEL] [--size 256] [--steps 3]
 
-Rows: a DreamArtist step (one UNet call on [S^n; S^p] rows, eq. 3), the same with the reconstruction loss
-(eq. 6, decoder backward), a positive-only textual-inversion step on the same model and image, and the
-floor: a bare UNet forward+backward on the same two-row batch with a fixed context.
+Rows (each the mean of --steps after one warm-up):
+- floor: a bare UNet forward+backward on the same two-row batch (gradient to a fixed context only);
+- textual inversion: the positive-only step (one row);
+- DreamArtist: one UNet call on [S^n; S^p] rows (eq. 3), then the same with PN adapters;
+- reconstruction floor: the VAE decoder's forward+backward alone at that size; DreamArtist + reconstruction (eq. 6);
+- sampling: one CFG step (two rows, no gradient) with phi^p / phi^n as per-row hooks, against the same step
+  with a LoRA merged into the weights, which is what the webui's built-in Lora costs.
+Memory: the CUDA peak where a GPU is used; on a CPU the bytes autograd keeps for the backward pass (process RSS
+says nothing about one step), plus the adapters' parameters and optimiser moments.
 """
 from __future__ import annotations
 
 import argparse
-import resource
+import contextlib
 import sys
 import tempfile
 import time
@@ -20,10 +26,14 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dreamartist import losses  # noqa: E402
+from dreamartist.backend import Conditioning  # noqa: E402
 from dreamartist.config import TrainConfig  # noqa: E402
 from dreamartist.images import load_image, prepare_reference  # noqa: E402
 from dreamartist.objective import NEG, POS  # noqa: E402
 from dreamartist.trainer import Trainer  # noqa: E402
+
+LIMITS = {"DreamArtist / floor": 1.10, "DA + adapters / DA": 1.30, "DA + rec / (DA + rec floor)": 1.10,
+          "sampling, adapter hooks / merged LoRA": 1.10, "memory, DA + adapters / DA": 1.10}
 
 
 def full_size_backend(family: str):
@@ -43,27 +53,52 @@ def full_size_backend(family: str):
         tokenizer=clip_tokenizer(), alphas_cumprod=scaled_linear_alphas_cumprod(), model_name=f"{family} (random)")
 
 
-def peak_memory(device: torch.device) -> str:
-    if device.type == "cuda":
-        return f"{torch.cuda.max_memory_allocated(device) / 2**20:8.0f} MiB (CUDA peak)"
-    return f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:8.0f} MiB (process peak RSS)"
+class SavedBytes:
+    """Bytes autograd keeps for backward while the block runs (each storage counted once)."""
+
+    def __init__(self):
+        self.storages: dict[int, int] = {}
+
+    def pack(self, tensor):
+        storage = tensor.untyped_storage()
+        self.storages[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    @property
+    def total(self) -> int:
+        return sum(self.storages.values())
 
 
-def timed(step, device: torch.device, steps: int) -> float:
+def measure(step, device: torch.device, steps: int) -> tuple[float, int]:
+    """(seconds per step, bytes: CUDA peak on a GPU, else what autograd saves for backward in one step)."""
     step()  # warm-up: allocator, autotuning, lazy init
+    saved = SavedBytes()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
+    else:
+        with torch.autograd.graph.saved_tensors_hooks(saved.pack, lambda t: t):
+            step()
     start = time.perf_counter()
     for _ in range(steps):
         step()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    return (time.perf_counter() - start) / steps
+        return (time.perf_counter() - start) / steps, torch.cuda.max_memory_allocated(device)
+    return (time.perf_counter() - start) / steps, saved.total
+
+
+def ready_trainer(backend, size: int, out: Path, reference, **options) -> Trainer:
+    config = TrainConfig(name="walle", width=size, height=size, steps=1, **options)
+    trainer = Trainer(backend, config, [reference], out)
+    trainer._start()
+    with torch.no_grad():
+        trainer.latents = [backend.vae_encode(reference.pixels.unsqueeze(0).to(backend.device))]
+    return trainer
 
 
 def textual_inversion_step(trainer: Trainer):
-    """Positive-only textual inversion: L = ||eps - eps(z_t, S^p)||^2 on B rows, one UNet call."""
+    """Positive-only textual inversion: L = ||eps - eps(z_t, S^p)||^2 on one row, one UNet call."""
     backend = trainer.backend
     optimizer = torch.optim.AdamW(list(trainer.params[POS].values()), lr=trainer.config.lr)
 
@@ -72,9 +107,8 @@ def textual_inversion_step(trainer: Trainer):
         t = torch.randint(0, backend.alphas_cumprod.shape[0], (1,))
         noise = torch.randn_like(z0)
         abar = backend.alphas_cumprod[t].to(backend.device).view(-1, 1, 1, 1)
-        z_t = losses.add_noise(z0, noise, abar)
         cond = backend.encode(["a photo of walle"], {"walle": trainer.params[POS]}, ("pos",))
-        out = backend.unet(z_t, t.to(backend.device), cond)
+        out = backend.unet(losses.add_noise(z0, noise, abar), t.to(backend.device), cond)
         losses.da_loss(out, losses.target(backend.prediction_type, z0, noise, abar)).backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -85,29 +119,65 @@ def unet_floor_step(trainer: Trainer):
     """A bare UNet forward+backward on the two-row batch, gradient to a fixed context only."""
     backend = trainer.backend
     with torch.no_grad():
-        cond = backend.encode(["a photo of walle-neg", "a photo of walle"],
-                              {"walle": trainer.params[POS], "walle-neg": trainer.params[NEG]})
-    cond.context.requires_grad_(True)
+        cond = backend.encode(["a photo of walle-neg", "a photo of walle"], trainer.objective.words(trainer.params))
+    context = cond.context.detach().requires_grad_(True)
 
     def step():
         z = torch.cat([trainer.latents[0]] * 2)
-        t = torch.full((2,), 500, device=backend.device)
-        backend.unet(z, t, cond).float().square().mean().backward()
-        cond.context.grad = None
+        backend.unet(z, torch.full((2,), 500, device=backend.device), Conditioning(context)).square().mean().backward()
+        context.grad = None
     return step
+
+
+def decoder_floor_step(trainer: Trainer):
+    """The VAE decoder's forward+backward alone on one latent: the part eq. 6 adds."""
+    latent = trainer.latents[0].detach().clone().requires_grad_(True)
+
+    def step():
+        trainer.backend.vae_decode(latent).abs().mean().backward()
+        latent.grad = None
+    return step
+
+
+def sampling_step(trainer: Trainer, patches):
+    """One CFG sampling step: the [negative; prompt] rows in one UNet call, no gradient."""
+    backend = trainer.backend
+    with torch.no_grad():
+        cond = backend.encode(["walle-neg", "walle"], trainer.objective.words(trainer.params), ("neg", "pos"))
+
+    def step():
+        with torch.no_grad(), backend.patched(patches):
+            backend.unet(torch.cat([trainer.latents[0]] * 2), torch.full((2,), 500, device=backend.device), cond)
+    return step
+
+
+@contextlib.contextmanager
+def merged(layers, lora):
+    """The LoRA merged into the weights for the block, as the webui's built-in Lora does by default."""
+    saved = {name: layer.weight.detach().clone() for name, layer in layers.items() if name in lora}
+    with torch.no_grad():
+        for name, weight in saved.items():
+            delta = lora[name].up @ lora[name].down * (lora[name].alpha / lora[name].rank)
+            layers[name].weight.add_(delta.to(weight.dtype))
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for name, weight in saved.items():
+                layers[name].weight.copy_(weight)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--ckpt", help="checkpoint; default: the demo model")
+    parser.add_argument("--ckpt", help="an SD 1.x / 2.x checkpoint (default: the demo model)")
     parser.add_argument("--full-size", choices=("sd1", "sd2"), help="the real architecture with random weights")
     parser.add_argument("--size", type=int, default=256, help="training size in pixels (default: 256)")
-    parser.add_argument("--steps", type=int, default=10, help="timed steps per row, after one warm-up (default: 10)")
+    parser.add_argument("--steps", type=int, default=3, help="timed steps per row, after one warm-up (default: 3)")
     parser.add_argument("--image", default=str(Path(__file__).resolve().parents[1] / "examples" / "reference.png"),
                         help="reference image (default: examples/reference.png)")
-    parser.add_argument("--gradient-checkpointing", action="store_true", help="checkpoint the UNet's blocks")
     args = parser.parse_args()
 
+    from dreamartist.adapters import UNET, unflatten
     from dreamartist.standalone import build_demo_backend, load_checkpoint
 
     if args.ckpt:
@@ -115,26 +185,44 @@ def main() -> None:
     else:
         backend = full_size_backend(args.full_size) if args.full_size else build_demo_backend()
     reference = prepare_reference(load_image(args.image), args.size, args.size)
-    print(f"model {backend.model_name} ({backend.family}), device {backend.device}, {args.size}x{args.size}, "
-          f"torch {torch.__version__}, {torch.get_num_threads()} threads, mean of {args.steps} steps")
-    rows = []
-    with tempfile.TemporaryDirectory() as out, backend.training(args.gradient_checkpointing):
-        for rec in (False, True):
-            config = TrainConfig(name="walle", width=args.size, height=args.size, reconstruction=rec, steps=1)
-            trainer = Trainer(backend, config, [reference], Path(out))
-            trainer._start()
-            with torch.no_grad():
-                trainer.latents = [backend.vae_encode(reference.pixels.unsqueeze(0).to(backend.device))]
-            label = "DreamArtist step" + (" + reconstruction" if rec else "")
-            seconds = timed(trainer._optimizer_step, backend.device, args.steps)
-            rows.append((label, seconds, peak_memory(backend.device)))
-            if not rec:
-                rows.append(("textual-inversion step (S^p only)", timed(textual_inversion_step(trainer),
-                             backend.device, args.steps), peak_memory(backend.device)))
-                rows.append(("UNet fwd+bwd, 2 rows (floor)", timed(unet_floor_step(trainer), backend.device,
-                             args.steps), peak_memory(backend.device)))
-    for label, seconds, memory in rows:
-        print(f"{label:40s} {seconds * 1000:9.1f} ms/step   {memory}")
+    device = backend.device
+    print(f"model {backend.model_name} ({backend.family}), {device}, {args.size}x{args.size}, torch "
+          f"{torch.__version__}, {torch.get_num_threads()} threads, mean of {args.steps} steps after a warm-up")
+    rows: dict[str, tuple[float, int]] = {}
+    with tempfile.TemporaryDirectory() as out, backend.training():
+        plain = ready_trainer(backend, args.size, Path(out), reference, reconstruction=False)
+        rows["floor: UNet fwd+bwd, 2 rows"] = measure(unet_floor_step(plain), device, args.steps)
+        rows["textual inversion (S^p only, 1 row)"] = measure(textual_inversion_step(plain), device, args.steps)
+        rows["DreamArtist"] = measure(plain._optimizer_step, device, args.steps)
+        with_adapters = ready_trainer(backend, args.size, Path(out), reference, reconstruction=False, adapters=True)
+        rows["DreamArtist + adapters"] = measure(with_adapters._optimizer_step, device, args.steps)
+        adapter_bytes = 4 * 3 * sum(t.numel() for g, group in with_adapters.params.items() if g not in (POS, NEG)
+                                    for t in group.values())  # values and two Adam moments, float32
+        rows["reconstruction floor: decoder fwd+bwd"] = measure(decoder_floor_step(plain), device, args.steps)
+        rec = ready_trainer(backend, args.size, Path(out), reference, reconstruction=True)
+        rows["DreamArtist + reconstruction"] = measure(rec._optimizer_step, device, args.steps)
+        patches = with_adapters.objective.patches(with_adapters.params)
+        rows["sampling step, adapter hooks"] = measure(sampling_step(with_adapters, patches), device, args.steps)
+        pos_lora = unflatten(with_adapters.params[f"{UNET}_pos"])
+        with merged(backend.adapter_layers()[UNET], pos_lora):
+            rows["sampling step, LoRA merged"] = measure(sampling_step(with_adapters, {}), device, args.steps)
+    unit = "CUDA peak" if device.type == "cuda" else "kept for backward"
+    for label, (seconds, memory) in rows.items():
+        print(f"{label:42s} {seconds * 1000:10.1f} ms/step {memory / 2**20:10.1f} MiB {unit}")
+    da, adapters_row = rows["DreamArtist"], rows["DreamArtist + adapters"]
+    memory_with = adapters_row[1] + (0 if device.type == "cuda" else adapter_bytes)
+    ratios = {
+        "DreamArtist / floor": da[0] / rows["floor: UNet fwd+bwd, 2 rows"][0],
+        "DA + adapters / DA": adapters_row[0] / da[0],
+        "DA + rec / (DA + rec floor)": rows["DreamArtist + reconstruction"][0]
+        / (da[0] + rows["reconstruction floor: decoder fwd+bwd"][0]),
+        "sampling, adapter hooks / merged LoRA": rows["sampling step, adapter hooks"][0]
+        / rows["sampling step, LoRA merged"][0],
+        "memory, DA + adapters / DA": memory_with / da[1],
+    }
+    for label, ratio in ratios.items():
+        verdict = "ok" if ratio <= LIMITS[label] else "ABOVE"
+        print(f"{label:42s} {ratio:6.3f}   (target <= {LIMITS[label]:.2f}: {verdict})")
 
 
 if __name__ == "__main__":

@@ -34,6 +34,7 @@ ENV_OUTPUT = "DREAMARTIST_WEBUI_OUTPUT"  # screenshots, webui logs and timings (
 # version -> the webui's folder in the harness (its start.sh names its venv and port)
 VERSIONS = {"1.10.1": "a1111", "1.6.0": "a1111-v160"}
 EXTENSION_DIR = "sd-webui-dreamartist"  # the folder name under <webui>/extensions
+PROBE_DIR = "dreamartist-probe"  # the test-only extension that records adapter row labels (tests/real_webui/probe)
 READY_LINE = "Model loaded in"
 START_TIMEOUT = 900  # seconds; start-up takes 40-90 s on two idle cores, much longer on busy ones
 TRAIN_TIMEOUT = 1800
@@ -182,6 +183,7 @@ class WebUI:
         self.port = int(port.group(1))
         self.venv = (self.folder / venv.group(1)).resolve()
         self.extension = self.folder / "extensions" / EXTENSION_DIR
+        self.probe = self.folder / "extensions" / PROBE_DIR
 
     @property
     def url(self) -> str:
@@ -224,8 +226,13 @@ class WebUI:
         if self.running_pid():
             raise RuntimeError(f"the webui in {self.folder} is already running (pid {self.running_pid()}); "
                                "stop it with its stop.sh first")
-        if self.extension.exists():
-            raise RuntimeError(f"{self.extension} exists already; remove it first (left over from another run?)")
+        for folder in (self.extension, self.probe):
+            if folder.exists():
+                raise RuntimeError(f"{folder} exists already; remove it first (left over from another run?)")
+        others = sorted(p.parent.parent.name for p in self.extension.parent.glob("*/scripts/dreamartist.py"))
+        if others:
+            raise RuntimeError(f"another copy of the extension is installed in {self.extension.parent}: "
+                               f"{', '.join(others)}; the webui would load both")
         self._files, self._folders = _walk(self.folder)
         self._backup = Path(tempfile.mkdtemp(prefix=f"dreamartist-webui-{self.version}-"))
         for name in BOOKKEEPING:
@@ -257,6 +264,7 @@ class WebUI:
                     shutil.copy2(source, target)
         else:
             raise pytest.UsageError(f"{ENV_INSTALL} must be 'clone' or 'copy', not {mode!r}")
+        shutil.copytree(Path(__file__).parent / "probe", self.probe)
 
     def installed_revision(self) -> str:
         """The commit installed ("+ working tree" for a copy)."""
@@ -314,6 +322,7 @@ class WebUI:
         """Remove the extension and every file created since ``prepare``; put the webui's bookkeeping back.
         Returns the paths removed, relative to the webui folder."""
         _remove(self.extension)
+        _remove(self.probe)
         files, folders = _walk(self.folder)
         new = sorted(files - self._files - RUN_FILES) + sorted(folders - self._folders, key=len, reverse=True)
         removed = [rel for rel in new if rel.split("/")[0] not in BOOKKEEPING]  # those are put back below

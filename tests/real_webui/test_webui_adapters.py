@@ -1,0 +1,109 @@
+"""PN adapters in real webuis: a pair trained with adapters through the API; in every row layout the webui's CFG
+denoiser uses, phi^p acts on the cond rows and phi^n on the uncond rows (seen by the test-only probe extension,
+tests/real_webui/probe, which records the row labels at one UNet and one text-encoder adapter layer); the
+exported phi^p loads in the webui's built-in Lora and changes the image; both apply together.
+
+runs on its own:  DREAMARTIST_WEBUI_HARNESS=... .venv/bin/python -m pytest tests/real_webui/test_webui_adapters.py
+"""
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+
+import pytest
+from webui_harness import REPO, parse_infotext, png_base64, skip_without_harness
+
+skip_without_harness()
+
+NAME = "da_adapt"
+POS, NEG = [f"{NAME}:pos"], [f"{NAME}:neg"]
+
+
+@pytest.fixture(scope="module")
+def adapter_pair(webui, reference_image):
+    reply = webui.post("/dreamartist/v1/train", {"image": png_base64(reference_image), "name": NAME, "steps": 2,
+                                                 "width": 64, "height": 64, "adapters": True, "reconstruction": False,
+                                                 "unet_lr_pos": 0.01, "unet_lr_neg": 0.01, "text_lr": 0.01})
+    assert reply.status == 200, reply
+    assert (webui.embeddings / f"{NAME}.dreamartist-lora").is_file()
+    return NAME
+
+
+def rows_seen(webui, kind: str, payload: dict) -> tuple[dict, object]:
+    assert webui.post("/dreamartist-probe/v1/watch", {}).status == 200
+    try:
+        generation = webui.generate(kind, payload)
+        seen = webui.get("/dreamartist-probe/v1/rows").json()
+    finally:
+        webui.post("/dreamartist-probe/v1/unwatch", {})
+    return seen, generation
+
+
+def da(mode="pair", pos=0.8, neg=0.65):
+    return {"alwayson_scripts": {"dreamartist": {"args": [True, mode, pos, neg]}}}
+
+
+LAYOUTS = {  # name: (payload changes, the labels of each UNet call of one step)
+    "one batched call": ({}, [[POS, NEG]]),
+    "batch_cond_uncond off": ({"override_settings": {"batch_cond_uncond": False}}, [[POS], [NEG]]),
+    "a prompt of other length": ({"prompt": f"{NAME} " + "word " * 80}, [[POS], [NEG]]),
+    "AND prompts": ({"prompt": f"{NAME} AND a red cat"}, [[POS, POS, NEG]]),
+    "batch of two": ({"batch_size": 2}, [[POS, POS, NEG, NEG]]),
+}
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_each_row_gets_its_branchs_adapter(webui, adapter_pair, layout):
+    changes, per_step = LAYOUTS[layout]
+    payload = {**webui.payload(f"a photo of {NAME}", steps=2), **da(), **changes}
+    seen, generation = rows_seen(webui, "txt2img", payload)
+    unet = [call for call in seen["unet"] if call is not None]
+    assert unet and all(call in per_step for call in unet), seen["unet"]
+    assert sorted(map(str, seen["te"])) == sorted(map(str, [[NEG], [POS]])) or layout in ("AND prompts",
+                                                                                           "batch of two")
+    info = parse_infotext(generation.infotext)
+    assert info.params.get("DreamArtist adapters") == '"pair, 0.8, 0.65"' and f"{NAME}-neg" in info.negative
+
+
+def test_skipped_uncond_and_the_hires_pass(webui, adapter_pair):
+    payload = {**webui.payload(NAME, steps=4), **da(), "override_settings": {"s_min_uncond": 100.0}}
+    seen, _ = rows_seen(webui, "txt2img", payload)  # NGMS: the uncond rows are skipped on odd steps
+    assert [POS] in seen["unet"] and [POS, NEG] in seen["unet"]
+    payload = {**webui.payload(NAME, steps=2), **da(), "enable_hr": True, "hr_scale": 1.5, "hr_second_pass_steps": 2,
+               "hr_upscaler": "Latent", "denoising_strength": 0.5, "hr_prompt": "a cat"}
+    seen, _ = rows_seen(webui, "txt2img", payload)
+    assert seen["unet"][:2] == [[POS, NEG]] * 2 and seen["unet"][2:] and all(
+        call == [[], []] for call in seen["unet"][2:]), seen["unet"]
+
+
+def test_img2img_and_da_plus_plus(webui, adapter_pair, reference_image):
+    payload = {**webui.payload(NAME, steps=4), **da("DA++"), "init_images": [png_base64(reference_image)],
+               "denoising_strength": 0.75}
+    seen, generation = rows_seen(webui, "img2img", payload)
+    assert seen["unet"] and all(call == [POS, NEG] for call in seen["unet"]), seen["unet"]
+    info = parse_infotext(generation.infotext)
+    assert f"{NAME}-neg" not in info.negative and info.params["DreamArtist adapters"] == '"DA++, 0.8, 0.65"'
+
+
+def test_exported_phi_p_loads_in_the_builtin_lora_and_both_apply(webui, adapter_pair, tmp_path):
+    lora = webui.folder / "models" / "Lora" / f"{NAME}-pos.safetensors"
+    done = subprocess.run([sys.executable, "-m", "dreamartist", "export-lora", "--name", NAME, "--embeddings",
+                           str(webui.embeddings), "--output", str(tmp_path / lora.name)], cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    lora.parent.mkdir(exist_ok=True)
+    shutil.copy(tmp_path / lora.name, lora)
+    try:
+        assert webui.post("/sdapi/v1/refresh-loras", {}).status == 200
+        plain = webui.generate("txt2img", {**webui.payload("a photo", steps=2), **da("off")}).images[0]
+        with_lora = webui.generate("txt2img", {**webui.payload(f"<lora:{NAME}-pos:1> a photo", steps=2),
+                                               **da("off")})
+        assert with_lora.images[0] != plain and f"{NAME}-pos" in with_lora.infotext  # the built-in Lora applied it
+        off = webui.generate("txt2img", {**webui.payload(f"<lora:{NAME}-pos:0.7> {NAME}", steps=2), **da("off")})
+        both = webui.generate("txt2img", {**webui.payload(f"<lora:{NAME}-pos:0.7> {NAME}", steps=2), **da()})
+        assert both.images[0] != off.images[0]  # our adapters act beside the built-in Lora
+    finally:
+        lora.unlink(missing_ok=True)
+        webui.post("/sdapi/v1/refresh-loras", {})
+    assert "Traceback" not in webui.log_text()
