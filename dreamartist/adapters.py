@@ -48,10 +48,16 @@ class Lora:
     def rank(self) -> int:
         return self.down.shape[0]
 
-    def delta(self, x: torch.Tensor, dropout: float = 0.0, training: bool = False) -> torch.Tensor:
-        x = F.dropout(x, dropout, training) if dropout else x
-        down, up = self.down.to(x.device, x.dtype), self.up.to(x.device, x.dtype)
-        return F.linear(F.linear(x, down), up) * (self.alpha / self.rank)
+    def delta(self, x: torch.Tensor, dropout: float = 0.0, training: bool = False,
+              rows: torch.Tensor | None = None, dim: int = 0) -> torch.Tensor:
+        """The update for ``x``, or for its ``rows`` along ``dim`` only. The rank-r projection runs on every row
+        and the rows are picked after it: autograd then keeps the layer's own input, not a copy of its rows.
+        Dropout acts on the update, as in HCP-Diffusion's LoraLayer (DreamArtist++)."""
+        h = F.linear(x, self.down.to(x.device, x.dtype))
+        if rows is not None:
+            h = h.index_select(dim, rows)
+        out = F.linear(h, self.up.to(x.device, x.dtype)) * (self.alpha / self.rank)
+        return F.dropout(out, dropout, training) if dropout else out
 
 
 Adapter = Mapping[str, Lora]  # canonical layer name -> its LoRA
@@ -142,7 +148,7 @@ def _hook(acting: list[tuple[str, Lora, float]], dropout: float, training: bool)
                 output = output + strength * lora.delta(x, dropout, training).to(output.dtype)
                 continue
             index = torch.tensor(rows, device=output.device)
-            delta = strength * lora.delta(x.index_select(dim, index), dropout, training).to(output.dtype)
+            delta = strength * lora.delta(x, dropout, training, index, dim).to(output.dtype)
             output = output.index_add(dim, index, delta)
         return output
     return hook

@@ -109,6 +109,38 @@ def test_strength_scales_the_delta_and_labels_may_name_several_adapters():
     torch.testing.assert_close(out, expected)
 
 
+def test_dropout_drops_elements_of_the_update_not_of_the_input():
+    """HCP-Diffusion's LoraLayer: dropout(up(down(x))). Each output element is then either 0 or the whole update
+    divided by 1 - p; dropout on the input would mix kept and dropped inputs into every element."""
+    layer, x = torch.nn.Linear(8, 6), torch.randn(4, 8)
+    lora = Lora(torch.randn(2, 8), torch.randn(6, 2), alpha=2.0)
+    with installed({"l": layer}, {"a": ({"l": lora}, 1.0)}, dropout=0.5, training=True), \
+            row_labels(["a", "", "a", ""]), torch.no_grad():
+        torch.manual_seed(0)
+        update = layer(x) - torch.nn.functional.linear(x, layer.weight, layer.bias)
+    full = (x @ lora.down.T @ lora.up.T) / 0.5
+    kept = (update - full).abs() < 1e-5
+    assert (kept | (update.abs() < 1e-6)).all()
+    assert kept[[0, 2]].any() and (~kept[[0, 2]]).any() and (update[[1, 3]] == 0).all()
+
+
+def test_training_keeps_no_copy_of_a_layers_input_for_the_adapters():
+    """The rows are picked after the rank-r projection: of the input's width, autograd keeps only the input itself
+    (which the layer keeps anyway) and the weights, never a copy of some of its rows."""
+    layer, x = torch.nn.Linear(64, 48), torch.randn(4, 64, requires_grad=True)
+    pn = {branch: Lora(torch.randn(1, 64, requires_grad=True), torch.randn(48, 1, requires_grad=True), 1.0)
+          for branch in ("pos", "neg")}
+    saved = []
+    with installed({"l": layer}, {b: ({"l": pn[b]}, 1.0) for b in pn}, dropout=0.1, training=True), \
+            row_labels(["neg", "neg", "pos", "pos"]), \
+            torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        layer(x).sum().backward()
+    own = {t.untyped_storage().data_ptr() for t in (x, layer.weight, pn["pos"].down, pn["neg"].down)}
+    copies = [tuple(t.shape) for t in saved if t.shape[-1] == 64 and t.untyped_storage().data_ptr() not in own]
+    assert not copies
+    assert pn["pos"].down.grad.abs().sum() > 0 and pn["neg"].up.grad.abs().sum() > 0
+
+
 @pytest.mark.parametrize("path, name", [
     ("model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn1.to_k",
      "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_k"),
