@@ -9,8 +9,9 @@ Rows (each the mean of --steps after one warm-up):
 - reconstruction floor: the VAE decoder's forward+backward alone at that size; DreamArtist + reconstruction (eq. 6);
 - sampling: one CFG step (two rows, no gradient) with phi^p / phi^n as per-row hooks, against the same step
   with a LoRA merged into the weights, which is what the webui's built-in Lora costs.
-Memory: the CUDA peak where a GPU is used; on a CPU the bytes autograd keeps for the backward pass (process RSS
-says nothing about one step), plus the adapters' parameters and optimiser moments.
+Memory: the CUDA peak where a GPU is used; on a CPU its counterpart (process RSS says nothing about one step):
+the model's weights, plus what autograd keeps for the backward pass beyond them, plus the adapters' parameters and
+optimiser moments.
 """
 from __future__ import annotations
 
@@ -54,14 +55,17 @@ def full_size_backend(family: str):
 
 
 class SavedBytes:
-    """Bytes autograd keeps for backward while the block runs (each storage counted once)."""
+    """Bytes autograd keeps for backward while the block runs (each storage counted once), other than the weights
+    in ``resident`` (which are in memory anyway)."""
 
-    def __init__(self):
+    def __init__(self, resident: set[int]):
+        self.resident = resident
         self.storages: dict[int, int] = {}
 
     def pack(self, tensor):
         storage = tensor.untyped_storage()
-        self.storages[storage.data_ptr()] = storage.nbytes()
+        if storage.data_ptr() not in self.resident:
+            self.storages[storage.data_ptr()] = storage.nbytes()
         return tensor
 
     @property
@@ -69,10 +73,11 @@ class SavedBytes:
         return sum(self.storages.values())
 
 
-def measure(step, device: torch.device, steps: int) -> tuple[float, int]:
-    """(seconds per step, bytes: CUDA peak on a GPU, else what autograd saves for backward in one step)."""
+def measure(step, device: torch.device, steps: int, weights: dict[int, int]) -> tuple[float, int]:
+    """(seconds per step, bytes: CUDA peak on a GPU, else ``weights`` (storage -> bytes) plus what autograd keeps
+    for backward in one step beyond them)."""
     step()  # warm-up: allocator, autotuning, lazy init
-    saved = SavedBytes()
+    saved = SavedBytes(set(weights))
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
@@ -85,7 +90,7 @@ def measure(step, device: torch.device, steps: int) -> tuple[float, int]:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         return (time.perf_counter() - start) / steps, torch.cuda.max_memory_allocated(device)
-    return (time.perf_counter() - start) / steps, saved.total
+    return (time.perf_counter() - start) / steps, sum(weights.values()) + saved.total
 
 
 def ready_trainer(backend, size: int, out: Path, reference, **options) -> Trainer:
@@ -189,24 +194,31 @@ def main() -> None:
     print(f"model {backend.model_name} ({backend.family}), {device}, {args.size}x{args.size}, torch "
           f"{torch.__version__}, {torch.get_num_threads()} threads, mean of {args.steps} steps after a warm-up")
     rows: dict[str, tuple[float, int]] = {}
+    weights = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+               for module in backend.modules for t in [*module.parameters(), *module.buffers()]}
+
+    def timed(step):
+        return measure(step, device, args.steps, weights)
+
     with tempfile.TemporaryDirectory() as out, backend.training():
         plain = ready_trainer(backend, args.size, Path(out), reference, reconstruction=False)
-        rows["floor: UNet fwd+bwd, 2 rows"] = measure(unet_floor_step(plain), device, args.steps)
-        rows["textual inversion (S^p only, 1 row)"] = measure(textual_inversion_step(plain), device, args.steps)
-        rows["DreamArtist"] = measure(plain._optimizer_step, device, args.steps)
+        rows["floor: UNet fwd+bwd, 2 rows"] = timed(unet_floor_step(plain))
+        rows["textual inversion (S^p only, 1 row)"] = timed(textual_inversion_step(plain))
+        rows["DreamArtist"] = timed(plain._optimizer_step)
         with_adapters = ready_trainer(backend, args.size, Path(out), reference, reconstruction=False, adapters=True)
-        rows["DreamArtist + adapters"] = measure(with_adapters._optimizer_step, device, args.steps)
+        rows["DreamArtist + adapters"] = timed(with_adapters._optimizer_step)
+        # the adapters' gradients and two Adam moments, float32 (their values are among what autograd keeps)
         adapter_bytes = 4 * 3 * sum(t.numel() for g, group in with_adapters.params.items() if g not in (POS, NEG)
-                                    for t in group.values())  # values and two Adam moments, float32
-        rows["reconstruction floor: decoder fwd+bwd"] = measure(decoder_floor_step(plain), device, args.steps)
+                                    for t in group.values())
+        rows["reconstruction floor: decoder fwd+bwd"] = timed(decoder_floor_step(plain))
         rec = ready_trainer(backend, args.size, Path(out), reference, reconstruction=True)
-        rows["DreamArtist + reconstruction"] = measure(rec._optimizer_step, device, args.steps)
+        rows["DreamArtist + reconstruction"] = timed(rec._optimizer_step)
         patches = with_adapters.objective.patches(with_adapters.params)
-        rows["sampling step, adapter hooks"] = measure(sampling_step(with_adapters, patches), device, args.steps)
+        rows["sampling step, adapter hooks"] = timed(sampling_step(with_adapters, patches))
         pos_lora = unflatten(with_adapters.params[f"{UNET}_pos"])
         with merged(backend.adapter_layers()[UNET], pos_lora):
-            rows["sampling step, LoRA merged"] = measure(sampling_step(with_adapters, {}), device, args.steps)
-    unit = "CUDA peak" if device.type == "cuda" else "kept for backward"
+            rows["sampling step, LoRA merged"] = timed(sampling_step(with_adapters, {}))
+    unit = "CUDA peak" if device.type == "cuda" else "weights + kept for backward"
     for label, (seconds, memory) in rows.items():
         print(f"{label:42s} {seconds * 1000:10.1f} ms/step {memory / 2**20:10.1f} MiB {unit}")
     da, adapters_row = rows["DreamArtist"], rows["DreamArtist + adapters"]

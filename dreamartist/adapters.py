@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 UNET, TEXT = "unet", "te"
 # Which layers carry adapters (DreamArtist++ as HCP-Diffusion trains it): the UNet's attention keys and values
@@ -32,8 +33,10 @@ TARGETS = {
     TEXT: re.compile(r"\.(self_attn\.(q|k|v|out)_proj|mlp\.fc[12])$"),
 }
 Label = str | frozenset  # the adapter ids acting on one row ("" or an empty set: none)
+Run = tuple[int, int]  # consecutive rows start..stop of a batch
 
 _rows: contextvars.ContextVar[Sequence[Label] | None] = contextvars.ContextVar("dreamartist_rows", default=None)
+_installs: contextvars.ContextVar[tuple] = contextvars.ContextVar("dreamartist_installs", default=())  # args
 
 
 @dataclass
@@ -48,16 +51,48 @@ class Lora:
     def rank(self) -> int:
         return self.down.shape[0]
 
-    def delta(self, x: torch.Tensor, dropout: float = 0.0, training: bool = False,
-              rows: torch.Tensor | None = None, dim: int = 0) -> torch.Tensor:
-        """The update for ``x``, or for its ``rows`` along ``dim`` only. The rank-r projection runs on every row
-        and the rows are picked after it: autograd then keeps the layer's own input, not a copy of its rows.
-        Dropout acts on the update, as in HCP-Diffusion's LoraLayer (DreamArtist++)."""
-        h = F.linear(x, self.down.to(x.device, x.dtype))
-        if rows is not None:
-            h = h.index_select(dim, rows)
-        out = F.linear(h, self.up.to(x.device, x.dtype)) * (self.alpha / self.rank)
-        return F.dropout(out, dropout, training) if dropout else out
+    def delta(self, x: torch.Tensor, strength: float = 1.0, dropout: float = 0.0, training: bool = False,
+              runs: Sequence[Run] | None = None, dim: int = 0) -> list[torch.Tensor]:
+        """``strength`` times the update for ``x`` (one tensor), or for each run of rows along ``dim`` (one tensor
+        per run). Autograd keeps the layer's own input, never a copy of some of its rows: a run of rows along
+        dimension 0 is a view of it; rows along dimension 1 are strided, so those are cut from the rank-r
+        projection of all rows instead. Dropout acts on the update, as in HCP-Diffusion's LoraLayer
+        (DreamArtist++); every scale (strength, alpha / rank, dropout's 1 / (1 - p)) acts on the rank-r
+        projection, the smallest tensor."""
+        keep = 1.0 - dropout if dropout and training else 1.0
+        down, up = self.down.to(x.device, x.dtype), self.up.to(x.device, x.dtype)
+        if runs is None:
+            parts = [F.linear(x, down)]
+        elif dim == 0:
+            parts = [F.linear(x[start:stop], down) for start, stop in runs]
+        else:
+            h = F.linear(x, down)
+            parts = [h.narrow(dim, start, stop - start) for start, stop in runs]
+        scale = strength * self.alpha / self.rank / keep
+        out = [F.linear(part * scale, up) for part in parts]
+        return [_SeededMask.apply(o, keep) for o in out] if keep < 1.0 else out
+
+
+class _SeededMask(torch.autograd.Function):
+    """Dropout's mask (each element kept with probability ``keep``, not rescaled), drawn again from its seed in the
+    backward pass: F.dropout keeps it, as large as the layer's output (float32 on a CPU), which is more memory
+    than the adapters' own inputs. The seed comes from torch's global generator, so a seeded run repeats, and a
+    checkpointed block's recomputation (which restores that generator) draws the same mask."""
+
+    @staticmethod
+    def forward(ctx, update: torch.Tensor, keep: float) -> torch.Tensor:
+        ctx.keep, ctx.seed = keep, int(torch.randint(0, 2**62, (1,)))
+        return update * _mask(update, keep, ctx.seed)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad * _mask(grad, ctx.keep, ctx.seed), None
+
+
+def _mask(like: torch.Tensor, keep: float, seed: int) -> torch.Tensor:
+    """True with probability ``keep``: a uniform draw below it (half the cost of bernoulli_ on a CPU)."""
+    generator = torch.Generator(like.device).manual_seed(seed)
+    return torch.rand(like.shape, generator=generator, device=like.device) < keep
 
 
 Adapter = Mapping[str, Lora]  # canonical layer name -> its LoRA
@@ -99,6 +134,21 @@ def current_rows() -> Sequence[Label] | None:
     return _rows.get()
 
 
+def checkpoint(function, *args, **kwargs):
+    """torch's non-reentrant gradient checkpoint of ``function``, recomputed with the adapters and row labels of
+    the first pass: the backward pass that recomputes it runs after the blocks that installed and labelled them."""
+    labels, installs = _rows.get(), _installs.get()
+
+    def as_first_pass(*inner_args, **inner_kwargs):
+        with contextlib.ExitStack() as stack:
+            if _installs.get() != installs:  # the recomputation: put the adapters back for it
+                for install in installs:
+                    stack.enter_context(installed(*install))
+            stack.enter_context(row_labels(labels))
+            return function(*inner_args, **inner_kwargs)
+    return torch.utils.checkpoint.checkpoint(as_first_pass, *args, use_reentrant=False, **kwargs)
+
+
 def _acts_on(label: Label, adapter_id: str) -> bool:
     return label == adapter_id if isinstance(label, str) else adapter_id in label
 
@@ -110,6 +160,7 @@ def installed(layers: Mapping[str, torch.nn.Module], adapters: Mapping[str, tupl
     its id: ``adapters`` maps an id to (adapter, strength). Rows without a label, and calls made with no
     labels at all, are left alone. Every hook is removed when the block ends."""
     handles = []
+    token = _installs.set((*_installs.get(), (layers, adapters, dropout, training)))
     try:
         for name, layer in layers.items():
             acting = [(adapter_id, adapter[name], strength) for adapter_id, (adapter, strength) in adapters.items()
@@ -120,6 +171,7 @@ def installed(layers: Mapping[str, torch.nn.Module], adapters: Mapping[str, tupl
     finally:
         for handle in handles:
             handle.remove()
+        _installs.reset(token)
 
 
 def _batch_dim(output: torch.Tensor, rows: int) -> int:
@@ -139,19 +191,59 @@ def _hook(acting: list[tuple[str, Lora, float]], dropout: float, training: bool)
         if not labels:
             return None
         dim = _batch_dim(output, len(labels))
-        x = inputs[0]
+        pieces: list[tuple[Run, torch.Tensor]] = []
         for adapter_id, lora, strength in acting:
-            rows = [i for i, label in enumerate(labels) if _acts_on(label, adapter_id)]
-            if not rows:
-                continue
-            if len(rows) == len(labels):
-                output = output + strength * lora.delta(x, dropout, training).to(output.dtype)
-                continue
-            index = torch.tensor(rows, device=output.device)
-            delta = strength * lora.delta(x, dropout, training, index, dim).to(output.dtype)
-            output = output.index_add(dim, index, delta)
+            runs = _runs([_acts_on(label, adapter_id) for label in labels])
+            if runs:
+                pieces += zip(runs, lora.delta(inputs[0], strength, dropout, training, runs, dim))
+        for group in _disjoint(pieces):
+            output = output + _assemble(group, output, dim)
         return output
     return hook
+
+
+def _runs(flags: Sequence[bool]) -> list[Run]:
+    """The runs of consecutive rows whose flag is set, as (start, stop)."""
+    runs: list[Run] = []
+    for row, flag in enumerate(flags):
+        if flag and runs and runs[-1][1] == row:
+            runs[-1] = (runs[-1][0], row + 1)
+        elif flag:
+            runs.append((row, row + 1))
+    return runs
+
+
+def _disjoint(pieces: list[tuple[Run, torch.Tensor]]) -> list[list[tuple[Run, torch.Tensor]]]:
+    """The pieces in groups whose runs do not overlap, each in row order: one group when every row has at most
+    one adapter (always in training), more where several pairs act on the same rows."""
+    groups: list[list[tuple[Run, torch.Tensor]]] = []
+    for piece in sorted(pieces, key=lambda p: p[0]):
+        group = next((g for g in groups if g[-1][0][1] <= piece[0][0]), None)
+        if group is None:
+            groups.append(group := [])
+        group.append(piece)
+    return groups
+
+
+def _assemble(group: list[tuple[Run, torch.Tensor]], output: torch.Tensor, dim: int) -> torch.Tensor:
+    """One group's updates as a tensor of the output's shape, zero on the rows no run covers. Concatenation keeps
+    nothing for the backward pass, which cuts each run's gradient out as a view (index_add would keep the updates,
+    and index_select's backward scatters element by element on a CPU)."""
+    parts, row = [], 0
+    for (start, stop), update in group:
+        if start > row:
+            parts.append(output.new_zeros(_with_rows(output, dim, start - row)))
+        parts.append(update.to(output.dtype))
+        row = stop
+    if row < output.shape[dim]:
+        parts.append(output.new_zeros(_with_rows(output, dim, output.shape[dim] - row)))
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim)
+
+
+def _with_rows(tensor: torch.Tensor, dim: int, rows: int) -> list[int]:
+    shape = list(tensor.shape)
+    shape[dim] = rows
+    return shape
 
 
 def flatten(adapter: Mapping[str, Lora]) -> dict[str, torch.Tensor]:

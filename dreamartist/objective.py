@@ -10,6 +10,8 @@ eps_hat = eps_n + gamma(t) (eps_p - eps_n); L = L_da (eq. 3) + w_rec L_rec (eqs.
 """
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -105,7 +107,8 @@ class DreamArtistObjective:
         pos_text = [fill(self.templates[j], self.name, r.caption) for j, r in zip(lines, references)]
         neg_text = [fill(self.templates[j], self.neg_name, r.caption) for j, r in zip(lines, references)]
         rows = ("neg",) * b + ("pos",) * b
-        with backend.patched(self.patches(params), self.config.adapter_dropout, training=True):
+        with self._dropout_seeded(generator), \
+                backend.patched(self.patches(params), self.config.adapter_dropout, training=True):
             cond = backend.encode(neg_text + pos_text, self.words(params), rows)
             cond.extras[TIME_IDS] = size_conditioning.for_references(references).repeat(2, 1)  # SDXL: per image
             out_neg, out_pos = backend.unet(torch.cat([z_t, z_t]), torch.cat([t, t]).to(device), cond).chunk(2)
@@ -117,6 +120,18 @@ class DreamArtistObjective:
             pixels = torch.stack([r.pixels for r in references]).to(device)  # reference pixels live on the CPU
             loss = loss + self.config.rec_weight * losses.reconstruction_loss(backend.vae_decode(z0_hat), pixels)
         return loss
+
+    @contextlib.contextmanager
+    def _dropout_seeded(self, generator: torch.Generator) -> Iterator[None]:
+        """The adapters' dropout masks drawn from the run's own seed: torch's global generator (which they use, and
+        which a checkpointed block's recomputation restores) seeded from ``generator`` for the forward pass, and
+        put back as it was afterwards."""
+        if not (self.config.adapters and self.config.adapter_dropout):
+            yield
+            return
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int(torch.randint(0, 2**62, (1,), generator=generator)))
+            yield
 
     def preview_prompts(self) -> list[tuple[str, str]]:
         """(prompt, negative prompt) for up to four previews: the first template lines with S^p / S^n."""

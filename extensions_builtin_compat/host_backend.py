@@ -14,7 +14,6 @@ import sys
 from collections.abc import Iterator, Mapping
 
 import torch
-import torch.utils.checkpoint
 from modules import devices, extra_networks, processing, sd_hijack, sd_models, shared
 from modules.textual_inversion.textual_inversion import Embedding
 
@@ -254,11 +253,12 @@ def ldm_checkpointing_off(unet: torch.nn.Module) -> Iterator[None]:
 @contextlib.contextmanager
 def checkpointed_blocks(unet: torch.nn.Module, enabled: bool) -> Iterator[None]:
     """Gradient checkpointing without touching any class: each block gets an instance ``forward`` that runs its
-    ``_forward`` through torch's non-reentrant checkpoint (fine with frozen weights); removed on exit."""
+    ``_forward`` through torch's non-reentrant checkpoint (fine with frozen weights; the adapters' row labels
+    carried into the recomputation); removed on exit."""
     blocks = [m for m in unet.modules() if _checkpointable(m) and "forward" not in m.__dict__] if enabled else []
     try:
         for block in blocks:
-            block.forward = functools.partial(torch.utils.checkpoint.checkpoint, block._forward, use_reentrant=False)
+            block.forward = functools.partial(adapters.checkpoint, block._forward)
         yield
     finally:
         for block in blocks:

@@ -126,7 +126,7 @@ def test_dropout_drops_elements_of_the_update_not_of_the_input():
 
 def test_training_keeps_no_copy_of_a_layers_input_for_the_adapters():
     """The rows are picked after the rank-r projection: of the input's width, autograd keeps only the input itself
-    (which the layer keeps anyway) and the weights, never a copy of some of its rows."""
+    and the weights, never a copy of some of its rows; of the output's width, nothing (no update, no mask)."""
     layer, x = torch.nn.Linear(64, 48), torch.randn(4, 64, requires_grad=True)
     pn = {branch: Lora(torch.randn(1, 64, requires_grad=True), torch.randn(48, 1, requires_grad=True), 1.0)
           for branch in ("pos", "neg")}
@@ -135,10 +135,30 @@ def test_training_keeps_no_copy_of_a_layers_input_for_the_adapters():
             row_labels(["neg", "neg", "pos", "pos"]), \
             torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
         layer(x).sum().backward()
-    own = {t.untyped_storage().data_ptr() for t in (x, layer.weight, pn["pos"].down, pn["neg"].down)}
-    copies = [tuple(t.shape) for t in saved if t.shape[-1] == 64 and t.untyped_storage().data_ptr() not in own]
-    assert not copies
+    own = {t.untyped_storage().data_ptr() for t in (x, layer.weight, *(t for lora in pn.values()
+                                                                       for t in (lora.down, lora.up)))}
+    kept = [t for t in saved if t.untyped_storage().data_ptr() not in own]
+    assert not [tuple(t.shape) for t in kept if t.shape[-1] in (64, 48)]
     assert pn["pos"].down.grad.abs().sum() > 0 and pn["neg"].up.grad.abs().sum() > 0
+
+
+def test_dropout_backward_uses_the_forward_mask_and_keeps_none():
+    """The gradient reaching the adapter passes through exactly the elements the forward kept (scaled by 1 / (1 - p)),
+    and autograd keeps nothing as large as the output: the mask is drawn again from its seed."""
+    layer, x = torch.nn.Linear(16, 32), torch.randn(3, 16)
+    lora = Lora(torch.randn(2, 16), torch.randn(32, 2, requires_grad=True), alpha=2.0)
+    weights = torch.randn(3, 32)
+    saved = []
+    torch.manual_seed(1)
+    with installed({"l": layer}, {"a": ({"l": lora}, 1.0)}, dropout=0.4, training=True), row_labels(["a"] * 3):
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            out = layer(x)
+        update = out - torch.nn.functional.linear(x, layer.weight, layer.bias).detach()
+        (update * weights).sum().backward()
+    kept = (update.detach() != 0).float() / 0.6
+    assert 0 < kept.count_nonzero() < kept.numel()
+    torch.testing.assert_close(lora.up.grad, (kept * weights).T @ (x @ lora.down.T))
+    assert not [tuple(t.shape) for t in saved if t.numel() >= update.numel()]
 
 
 @pytest.mark.parametrize("path, name", [
@@ -190,3 +210,18 @@ def test_training_with_adapters_writes_them_beside_the_pair_and_leaves_the_model
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert all(not m._forward_hooks for m in demo_backend.modules for m in m.modules())
     assert load_pair(tmp_path, "walle")[0].step == 3
+
+
+def test_gradient_checkpointing_gives_the_same_run_with_adapters_and_dropout(tmp_path):
+    """The checkpointed blocks recompute with the adapters and the dropout masks of the first pass (the backward
+    pass runs after the adapters' block has ended), and the masks follow the run's seed."""
+    from dreamartist.standalone import build_demo_backend
+
+    references = [prepare_reference(Image.new("RGB", (64, 64), (200, 120, 40)), 64, 64)]
+    runs = []
+    for checkpointing in (False, True):
+        config = TrainConfig(name=f"walle{int(checkpointing)}", steps=3, width=64, height=64, adapters=True,
+                             reconstruction=False, adapter_dropout=0.5, unet_lr_pos=5e-2, unet_lr_neg=5e-2,
+                             text_lr=5e-2, gradient_checkpointing=checkpointing)
+        runs.append(train(build_demo_backend(seed=3), config, references, tmp_path).losses)
+    torch.testing.assert_close(torch.tensor(runs[0]), torch.tensor(runs[1]))

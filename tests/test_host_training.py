@@ -28,6 +28,9 @@ def references():
 REENTRANT_WARNING = "ignore:None of the inputs have requires_grad=True:UserWarning"
 
 
+ADAPTERS = dict(adapters=True, adapter_dropout=0.5, unet_lr_pos=0.05, unet_lr_neg=0.05, text_lr=0.05)
+
+
 def config(**changes) -> TrainConfig:
     return TrainConfig(**{**dict(name="walle", steps=3, width=64, height=64, init_words="robot"), **changes})
 
@@ -100,7 +103,9 @@ def test_attention_optimisation_follows_the_webui_training_setting(host, referen
     assert CrossAttention.__dict__["forward"] is optimised
 
 
-def test_gradient_checkpointing_changes_memory_not_results(host, references):
+@pytest.mark.parametrize("options", [{}, ADAPTERS], ids=["pair", "with adapters"])
+def test_gradient_checkpointing_changes_memory_not_results(host, references, options):
+    """With adapters, the recomputed blocks draw the same dropout masks as the first forward pass."""
     from ldm.models import BasicTransformerBlock, ResBlock
 
     from extensions_builtin_compat import jobs
@@ -108,8 +113,8 @@ def test_gradient_checkpointing_changes_memory_not_results(host, references):
     blocks = [m for m in host.shared.sd_model.modules() if isinstance(m, (BasicTransformerBlock, ResBlock))]
     forwards = {cls: cls.__dict__["forward"] for cls in (BasicTransformerBlock, ResBlock)}
     wrapped = []
-    plain = jobs.run_training(config(), references)
-    checkpointed = jobs.run_training(config(gradient_checkpointing=True, overwrite=True), references,
+    plain = jobs.run_training(config(**options), references)
+    checkpointed = jobs.run_training(config(gradient_checkpointing=True, overwrite=True, **options), references,
                                      on_progress=lambda p: wrapped.append(sum("forward" in b.__dict__ for b in blocks)))
     assert wrapped == [len(blocks)] * 3 and not any("forward" in b.__dict__ for b in blocks)
     assert {cls: cls.__dict__["forward"] for cls in forwards} == forwards  # no class was patched

@@ -3,6 +3,7 @@ here; SDXL, with its second text encoder and added conditioning, in dreamartist.
 from __future__ import annotations
 
 import contextlib
+import inspect
 from collections.abc import Iterator
 
 import torch
@@ -198,7 +199,7 @@ class StandaloneBackend(PatchSlot):
             with frozen(*self.modules):
                 for model in models:
                     if gradient_checkpointing:
-                        model.enable_gradient_checkpointing()
+                        model.enable_gradient_checkpointing(**_adapter_aware_checkpointing(model))
                     else:
                         model.disable_gradient_checkpointing()
                 yield
@@ -209,3 +210,12 @@ class StandaloneBackend(PatchSlot):
                     module.__dict__.pop("_gradient_checkpointing_func", None)
                 else:
                     module._gradient_checkpointing_func = function
+
+
+def _adapter_aware_checkpointing(model: torch.nn.Module) -> dict:
+    """diffusers' checkpoint function replaced by one that recomputes with the adapters of the first pass, where
+    diffusers takes one (its newer releases; with an older one, checkpointed training with adapters stops in
+    torch's checkpoint, which sees the recomputation save fewer tensors)."""
+    if "gradient_checkpointing_func" not in inspect.signature(model.enable_gradient_checkpointing).parameters:
+        return {}
+    return {"gradient_checkpointing_func": lambda module, *args: adapters.checkpoint(module.__call__, *args)}

@@ -60,14 +60,15 @@ def test_each_row_gets_its_branchs_adapter(webui, adapter_pair, layout):
     seen, generation = rows_seen(webui, "txt2img", payload)
     unet = [call for call in seen["unet"] if call is not None]
     assert unet and all(call in per_step for call in unet), seen["unet"]
-    assert sorted(map(str, seen["te"])) == sorted(map(str, [[NEG], [POS]])) or layout in ("AND prompts",
-                                                                                           "batch of two")
+    # one text-encoder call per 75-token chunk: a prompt of two chunks brings [POS] twice
+    assert {str(call) for call in seen["te"]} == {str([NEG]), str([POS])} or layout in ("AND prompts",
+                                                                                       "batch of two")
     info = parse_infotext(generation.infotext)
-    assert info.params.get("DreamArtist adapters") == '"pair, 0.8, 0.65"' and f"{NAME}-neg" in info.negative
+    assert info.params.get("DreamArtist adapters") == "pair, 0.8, 0.65" and f"{NAME}-neg" in info.negative
 
 
 def test_skipped_uncond_and_the_hires_pass(webui, adapter_pair):
-    payload = {**webui.payload(NAME, steps=4), **da(), "override_settings": {"s_min_uncond": 100.0}}
+    payload = {**webui.payload(NAME, steps=4), **da(), "s_min_uncond": 100.0}  # 1.6.0 ignores it as an override
     seen, _ = rows_seen(webui, "txt2img", payload)  # NGMS: the uncond rows are skipped on odd steps
     assert [POS] in seen["unet"] and [POS, NEG] in seen["unet"]
     payload = {**webui.payload(NAME, steps=2), **da(), "enable_hr": True, "hr_scale": 1.5, "hr_second_pass_steps": 2,
@@ -83,7 +84,7 @@ def test_img2img_and_da_plus_plus(webui, adapter_pair, reference_image):
     seen, generation = rows_seen(webui, "img2img", payload)
     assert seen["unet"] and all(call == [POS, NEG] for call in seen["unet"]), seen["unet"]
     info = parse_infotext(generation.infotext)
-    assert f"{NAME}-neg" not in info.negative and info.params["DreamArtist adapters"] == '"DA++, 0.8, 0.65"'
+    assert f"{NAME}-neg" not in info.negative and info.params["DreamArtist adapters"] == "DA++, 0.8, 0.65"
 
 
 def test_exported_phi_p_loads_in_the_builtin_lora_and_both_apply(webui, adapter_pair, tmp_path):

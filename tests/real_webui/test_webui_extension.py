@@ -349,10 +349,14 @@ def post_timing_steps(webui, path: str, payload: dict):
     worker = threading.Thread(target=lambda: replies.append(webui.post(path, payload)))
     worker.start()
     seen: dict[int, float] = {}
+    started = False  # until the run resets job_no to 0, the progress API still shows the previous run's count
     while worker.is_alive():
         reply = webui.get("/sdapi/v1/progress?skip_current_image=true", timeout=30)
         if reply.status == 200:
-            seen.setdefault(reply.json()["state"]["job_no"], time.monotonic())
+            job_no = reply.json()["state"]["job_no"]
+            started = started or job_no == 0
+            if started:
+                seen.setdefault(job_no, time.monotonic())
         time.sleep(0.2)
     worker.join()
     steps = sorted(step for step in seen if step > 0)

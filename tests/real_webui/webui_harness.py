@@ -30,6 +30,7 @@ ENV_INSTALL = "DREAMARTIST_WEBUI_INSTALL"  # "clone" (default: git clone, as a u
 ENV_SOURCE = "DREAMARTIST_WEBUI_SOURCE"  # what "clone" clones: a path or URL (default: this repository)
 ENV_REF = "DREAMARTIST_WEBUI_REF"  # the commit, branch or tag "clone" checks out (default: the source's HEAD)
 ENV_OUTPUT = "DREAMARTIST_WEBUI_OUTPUT"  # screenshots, webui logs and timings (default: a new temporary folder)
+ENV_SDXL = "DREAMARTIST_WEBUI_SDXL"  # an SDXL checkpoint for test_webui_sdxl.py (default: those tests are skipped)
 
 # version -> the webui's folder in the harness (its start.sh names its venv and port)
 VERSIONS = {"1.10.1": "a1111", "1.6.0": "a1111-v160"}
@@ -285,8 +286,9 @@ class WebUI:
         self.install_output = (done.stdout + done.stderr).strip()
 
     # -- run --------------------------------------------------------------------------------------------------------
-    def start(self) -> None:
-        subprocess.run(["bash", str(self.folder / "start.sh"), "--bg"], check=True, capture_output=True)
+    def start(self, *launch_args: str) -> None:
+        """Start the webui (``launch_args`` go to launch.py) and wait until its model is loaded."""
+        subprocess.run(["bash", str(self.folder / "start.sh"), "--bg", *launch_args], check=True, capture_output=True)
         log = self.folder / "webui.log"
         deadline = time.monotonic() + START_TIMEOUT
         while time.monotonic() < deadline:
@@ -308,9 +310,9 @@ class WebUI:
             logs.mkdir(parents=True, exist_ok=True)
             (logs / f"webui-{self.tag}-run{len(self.logs)}.log").write_text(text)
 
-    def restart(self) -> None:
+    def restart(self, *launch_args: str) -> None:
         self.stop()
-        self.start()
+        self.start(*launch_args)
 
     def log_text(self) -> str:
         """Every log line of this session so far: earlier runs, then the running one."""
@@ -350,7 +352,15 @@ class WebUI:
         return payload
 
     def generate(self, kind: str, payload: dict) -> Generation:
-        reply = self.post(f"/sdapi/v1/{kind}", payload, timeout=600)
+        """One generation; options it overrides are set back afterwards: the webui restores only those already in
+        its config.json (processing's stored_opts), so a default-valued one would keep the override."""
+        overridden = payload.get("override_settings") or {}
+        before = {key: value for key, value in self.get("/sdapi/v1/options").json().items() if key in overridden}
+        try:
+            reply = self.post(f"/sdapi/v1/{kind}", payload, timeout=600)
+        finally:
+            if before:
+                self.post("/sdapi/v1/options", before)
         assert reply.status == 200, f"{kind}: {reply}"
         body = reply.json()
         return Generation(images=[base64.b64decode(image) for image in body["images"]], info=json.loads(body["info"]))

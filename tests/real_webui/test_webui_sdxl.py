@@ -1,0 +1,96 @@
+"""SDXL in a real webui: with an SDXL checkpoint loaded (``DREAMARTIST_WEBUI_SDXL``, e.g. the random-weight base
+that the harness's make_checkpoint_sdxl.py writes), a pair (and a pair with adapters) trains through the API on
+the webui's own sgm model, the webui loads the files as SDXL embeddings, txt2img with the pair adds NAME-neg, and
+the same seed gives the same image before and after training.
+
+The webui of each version restarts with that checkpoint for these tests (after the others of its version; an
+SDXL webui takes about 16 GB of RAM, so never two at once) and then again with its own.
+
+    DREAMARTIST_WEBUI_HARNESS=... DREAMARTIST_WEBUI_SDXL=.../sdxl-random.safetensors \\
+        .venv/bin/python -m pytest tests/real_webui/test_webui_sdxl.py -v
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from webui_harness import ENV_SDXL, parse_infotext, png_base64, skip_without_harness
+
+skip_without_harness()
+CHECKPOINT = os.environ.get(ENV_SDXL, "").strip()
+if not CHECKPOINT:
+    pytest.skip(f"set {ENV_SDXL} to an SDXL checkpoint (the harness's make_checkpoint_sdxl.py writes one)",
+                allow_module_level=True)
+
+NAME = "da_xl"
+PROMPT = dict(prompt="a red disc on a blue ground", seed=4321)
+pytestmark = pytest.mark.webui_phase(1)
+
+
+@pytest.fixture(scope="module")
+def sdxl_webui(webui):
+    checkpoint = Path(CHECKPOINT).expanduser()
+    if not checkpoint.is_file():
+        pytest.fail(f"{ENV_SDXL}={CHECKPOINT} is not a file")
+    approx = webui.folder / "models" / "VAE-approx" / "vaeapprox-sdxl.pt"
+    if not approx.is_file():  # the webui would download it at the first SDXL generation
+        pytest.fail(f"{approx} is missing (make_checkpoint_sdxl.py writes it into the webui it is given; copy it)")
+    webui.restart("--ckpt", str(checkpoint))
+    try:
+        webui.sdxl_baseline = webui.generate("txt2img", webui.payload(**PROMPT, steps=2)).images[0]
+        yield webui
+    finally:
+        webui.restart()
+
+
+@pytest.fixture(scope="module")
+def sdxl_pair(sdxl_webui, reference_image):
+    reply = sdxl_webui.post("/dreamartist/v1/train", {"image": png_base64(reference_image), "name": NAME, "steps": 2,
+                                                      "width": 64, "height": 64})
+    assert reply.status == 200, reply
+    return reply.json()
+
+
+def test_a_pair_trains_on_the_loaded_sdxl_model(sdxl_webui, sdxl_pair):
+    """The files hold the webui's SDXL embedding layout: clip_l (768 wide) and clip_g (1280 wide), nothing else."""
+    import torch
+
+    assert {f"{NAME}.pt", f"{NAME}-neg.pt"} <= set(sdxl_pair["files"]), sdxl_pair
+    assert sdxl_pair["steps"] == 2 and sdxl_pair["stopped"] == ""
+    for name in (NAME, f"{NAME}-neg"):
+        data = torch.load(sdxl_webui.embeddings / f"{name}.pt", map_location="cpu", weights_only=True)
+        assert set(data) == {"clip_l", "clip_g"}, set(data)
+        assert data["clip_l"].shape[1] == 768 and data["clip_g"].shape[1] == 1280
+
+
+def test_txt2img_loads_the_pair_as_sdxl_embeddings_and_adds_the_partner(sdxl_webui, sdxl_pair):
+    generation = sdxl_webui.generate("txt2img", sdxl_webui.payload(f"a photo of {NAME}", "blurry", steps=2))
+    info = parse_infotext(generation.infotext)
+    assert info.params.get("DreamArtist") == NAME and f"{NAME}-neg" in info.negative, generation.infotext
+    hashes = info.params.get("TI hashes", "")
+    assert f"{NAME}:" in hashes and f"{NAME}-neg:" in hashes, generation.infotext  # the webui used both files
+
+
+def test_adapters_train_and_apply_on_sdxl(sdxl_webui, sdxl_pair, reference_image):
+    """At a UNet rank of 0.1 % of each layer's width: at the default 1.875 % the adapters' values, gradients and
+    Adam moments take 4.9 GiB in float32, which an fp32 SDXL webui on a 24 GB machine has no room for."""
+    name = f"{NAME}_adapt"
+    reply = sdxl_webui.post("/dreamartist/v1/train", {"image": png_base64(reference_image), "name": name, "steps": 1,
+                                                      "width": 64, "height": 64, "adapters": True, "unet_rank": 0.001,
+                                                      "unet_lr_pos": 0.01, "unet_lr_neg": 0.01, "text_lr": 0.01})
+    assert reply.status == 200, reply
+    assert (sdxl_webui.embeddings / f"{name}.dreamartist-lora").is_file()
+    payload = sdxl_webui.payload(f"a photo of {name}", steps=2)
+    args = {"alwayson_scripts": {"dreamartist": {"args": [True, "pair", 0.8, 0.65]}}}
+    off = {"alwayson_scripts": {"dreamartist": {"args": [True, "off", 0.8, 0.65]}}}
+    with_adapters = sdxl_webui.generate("txt2img", {**payload, **args})
+    without = sdxl_webui.generate("txt2img", {**payload, **off})
+    assert parse_infotext(with_adapters.infotext).params.get("DreamArtist adapters") == "pair, 0.8, 0.65"
+    assert with_adapters.images[0] != without.images[0]
+
+
+def test_sdxl_generations_are_unchanged_after_training(sdxl_webui, sdxl_pair):
+    after = sdxl_webui.generate("txt2img", sdxl_webui.payload(**PROMPT, steps=2)).images[0]
+    assert after == sdxl_webui.sdxl_baseline
+    assert "Traceback" not in sdxl_webui.log_text()
