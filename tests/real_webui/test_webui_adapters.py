@@ -30,6 +30,15 @@ def adapter_pair(webui, reference_image):
     return NAME
 
 
+def test_adapters_train_with_gradient_checkpointing(webui, reference_image):
+    """The checkpointed blocks recompute in the backward pass, after the adapters' forward block has ended."""
+    reply = webui.post("/dreamartist/v1/train", {"image": png_base64(reference_image), "name": f"{NAME}_ckpt",
+                                                 "steps": 2, "width": 64, "height": 64, "adapters": True,
+                                                 "reconstruction": False, "gradient_checkpointing": True})
+    assert reply.status == 200, reply
+    assert (webui.embeddings / f"{NAME}_ckpt.dreamartist-lora").is_file()
+
+
 def rows_seen(webui, kind: str, payload: dict) -> tuple[dict, object]:
     assert webui.post("/dreamartist-probe/v1/watch", {}).status == 200
     try:
