@@ -36,7 +36,8 @@ Label = str | frozenset  # the adapter ids acting on one row ("" or an empty set
 Run = tuple[int, int]  # consecutive rows start..stop of a batch
 
 _rows: contextvars.ContextVar[Sequence[Label] | None] = contextvars.ContextVar("dreamartist_rows", default=None)
-_installs: contextvars.ContextVar[tuple] = contextvars.ContextVar("dreamartist_installs", default=())  # args
+# the arguments of each ``installed`` block in effect, which a checkpointed block's recomputation installs again
+_installs: contextvars.ContextVar[tuple] = contextvars.ContextVar("dreamartist_installs", default=())
 
 
 @dataclass
@@ -51,19 +52,17 @@ class Lora:
     def rank(self) -> int:
         return self.down.shape[0]
 
-    def delta(self, x: torch.Tensor, strength: float = 1.0, dropout: float = 0.0, training: bool = False,
-              runs: Sequence[Run] | None = None, dim: int = 0) -> list[torch.Tensor]:
-        """``strength`` times the update for ``x`` (one tensor), or for each run of rows along ``dim`` (one tensor
-        per run). Autograd keeps the layer's own input, never a copy of some of its rows: a run of rows along
+    def delta(self, x: torch.Tensor, runs: Sequence[Run], dim: int, strength: float = 1.0, dropout: float = 0.0,
+              training: bool = False) -> list[torch.Tensor]:
+        """``strength`` times the update for each run of rows of ``x`` along ``dim`` (one tensor per run).
+        Autograd keeps the layer's own input, never a copy of some of its rows: a run of rows along
         dimension 0 is a view of it; rows along dimension 1 are strided, so those are cut from the rank-r
         projection of all rows instead. Dropout acts on the update, as in HCP-Diffusion's LoraLayer
         (DreamArtist++); every scale (strength, alpha / rank, dropout's 1 / (1 - p)) acts on the rank-r
         projection, the smallest tensor."""
         keep = 1.0 - dropout if dropout and training else 1.0
         down, up = self.down.to(x.device, x.dtype), self.up.to(x.device, x.dtype)
-        if runs is None:
-            parts = [F.linear(x, down)]
-        elif dim == 0:
+        if dim == 0:
             parts = [F.linear(x[start:stop], down) for start, stop in runs]
         else:
             h = F.linear(x, down)
@@ -141,7 +140,7 @@ def checkpoint(function, *args, **kwargs):
 
     def as_first_pass(*inner_args, **inner_kwargs):
         with contextlib.ExitStack() as stack:
-            if _installs.get() != installs:  # the recomputation: put the adapters back for it
+            if _installs.get() is not installs:  # the recomputation: put the adapters back for it
                 for install in installs:
                     stack.enter_context(installed(*install))
             stack.enter_context(row_labels(labels))
@@ -195,7 +194,7 @@ def _hook(acting: list[tuple[str, Lora, float]], dropout: float, training: bool)
         for adapter_id, lora, strength in acting:
             runs = _runs([_acts_on(label, adapter_id) for label in labels])
             if runs:
-                pieces += zip(runs, lora.delta(inputs[0], strength, dropout, training, runs, dim))
+                pieces += zip(runs, lora.delta(inputs[0], runs, dim, strength, dropout, training))
         for group in _disjoint(pieces):
             output = output + _assemble(group, output, dim)
         return output

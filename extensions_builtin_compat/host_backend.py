@@ -253,8 +253,8 @@ def ldm_checkpointing_off(unet: torch.nn.Module) -> Iterator[None]:
 @contextlib.contextmanager
 def checkpointed_blocks(unet: torch.nn.Module, enabled: bool) -> Iterator[None]:
     """Gradient checkpointing without touching any class: each block gets an instance ``forward`` that runs its
-    ``_forward`` through torch's non-reentrant checkpoint (fine with frozen weights; the adapters' row labels
-    carried into the recomputation); removed on exit."""
+    ``_forward`` through torch's non-reentrant checkpoint (fine with frozen weights; the recomputation runs
+    with the adapters and row labels of the first pass); removed on exit."""
     blocks = [m for m in unet.modules() if _checkpointable(m) and "forward" not in m.__dict__] if enabled else []
     try:
         for block in blocks:

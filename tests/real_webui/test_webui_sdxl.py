@@ -4,7 +4,7 @@ the webui's own sgm model, the webui loads the files as SDXL embeddings, txt2img
 the same seed gives the same image before and after training.
 
 The webui of each version restarts with that checkpoint for these tests (after the others of its version; an
-SDXL webui takes about 16 GB of RAM, so never two at once) and then again with its own.
+fp32 SDXL webui reached 18 GB of RAM while training, so never two at once) and then again with its own.
 
     DREAMARTIST_WEBUI_HARNESS=... DREAMARTIST_WEBUI_SDXL=.../sdxl-random.safetensors \\
         .venv/bin/python -m pytest tests/real_webui/test_webui_sdxl.py -v
