@@ -1,6 +1,8 @@
-# Two commands: `make demo` trains a pair on the built-in demo model; `make test` runs the tests.
+# Two commands: `make demo` trains a pair on the built-in toy-world model and draws it in new contexts;
+# `make test` runs the tests.
 # Both create .venv on first use: the demo installs only what it needs, the tests add their own tools.
 VENV ?= .venv
+DEMO_STEPS ?= 300
 PY := $(VENV)/bin/python
 
 $(VENV)/.demo: .ci/requirements-demo.txt
@@ -13,8 +15,10 @@ $(VENV)/.test: $(VENV)/.demo .ci/requirements.txt
 	touch $@
 
 demo: $(VENV)/.demo
-	$(PY) -m dreamartist train --image examples/reference.png --name demo-robot --out demo-output/embeddings \
-		--previews demo-output/previews --steps 40 --width 64 --height 64 --preview-every 20 --overwrite
+	$(PY) -m dreamartist train --image examples/toy-reference.png --name demo-star --out demo-output/embeddings \
+		--previews demo-output/previews --steps $(DEMO_STEPS) --preview-every 100 --overwrite
+	$(PY) -m dreamartist.toyworld.preview --embeddings demo-output/embeddings --name demo-star \
+		--reference examples/toy-reference.png --out demo-output/demo-star-contexts.png
 
 test: $(VENV)/.test
 	$(PY) -m ruff check .

@@ -174,7 +174,7 @@ def merged(layers, lora):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--ckpt", help="an SD 1.x / 2.x checkpoint (default: the demo model)")
+    parser.add_argument("--ckpt", help="an SD 1.x / 2.x checkpoint (default: the tiny random model)")
     parser.add_argument("--full-size", choices=("sd1", "sd2"), help="the real architecture with random weights")
     parser.add_argument("--size", type=int, default=256, help="training size in pixels (default: 256)")
     parser.add_argument("--steps", type=int, default=3, help="timed steps per row, after one warm-up (default: 3)")
@@ -183,12 +183,12 @@ def main() -> None:
     args = parser.parse_args()
 
     from dreamartist.adapters import UNET, unflatten
-    from dreamartist.standalone import build_demo_backend, load_checkpoint
+    from dreamartist.standalone import build_random_backend, load_checkpoint
 
     if args.ckpt:
         backend = load_checkpoint(args.ckpt)
     else:
-        backend = full_size_backend(args.full_size) if args.full_size else build_demo_backend()
+        backend = full_size_backend(args.full_size) if args.full_size else build_random_backend()
     reference = prepare_reference(load_image(args.image), args.size, args.size)
     device = backend.device
     print(f"model {backend.model_name} ({backend.family}), {device}, {args.size}x{args.size}, torch "

@@ -58,6 +58,7 @@ class Backend(Protocol):
     embedding_dims: Mapping[str, int]  # encoder key -> token-embedding width
     latent_channels: int
     vae_scale: int  # pixels per latent cell (8)
+    image_size: int  # the side the model was trained at: what a width or height of 0 stands for
     model_name: str
     model_hash: str  # short hash of the checkpoint, "" when unknown
 

@@ -16,11 +16,13 @@ from pathlib import Path
 
 from . import config as config_module
 from .errors import DreamArtistError, InputError
+from .families import FAMILIES
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
-DEMO_NOTICE = "No --ckpt given: using the built-in demo model."
+TOY_MODEL_NOTICE = ("No --ckpt given: using the built-in toy-world model (64x64 coloured shapes on patterned "
+                    "backgrounds; dreamartist/toyworld/MODEL_CARD.md).")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -54,7 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--image", required=True, help="reference image file, or a folder of images")
     train.add_argument("--mask", help="loss-weight mask for the image (greyscale: black 0x, mid-grey 1x, white 5x)")
     train.add_argument("--out", default="embeddings", help="folder for the pair (default: ./embeddings)")
-    train.add_argument("--ckpt", help="SD 1.x / 2.x / SDXL checkpoint (.safetensors, .ckpt); default: the demo model")
+    train.add_argument("--ckpt", help="SD 1.x / 2.x / SDXL checkpoint (.safetensors, .ckpt); default: the built-in "
+                                      "toy-world model")
     _add_prediction_option(train)
     train.add_argument("--previews", default="previews",
                        help="folder for preview images, kept apart from --out, where the webui would read PNG files "
@@ -65,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     generate = commands.add_parser("generate", help="sample with pairs: NAME-neg joins the negative prompt")
     generate.add_argument("--prompt", required=True, help="the prompt; (word:1.2), [word] and BREAK as in the webui")
     generate.add_argument("--negative", default="", help="negative prompt")
-    generate.add_argument("--ckpt", help="SD 1.x / 2.x / SDXL checkpoint; default: the demo model")
+    generate.add_argument("--ckpt", help="SD 1.x / 2.x / SDXL checkpoint; default: the built-in toy-world model")
     _add_prediction_option(generate)
     generate.add_argument("--embeddings", help="folder of embeddings and pairs (subfolders too)")
     generate.add_argument("--cfg", default="7", help="guidance scale: a number or a schedule like 1.5-3.0:cos "
@@ -109,13 +112,14 @@ def _add_prediction_option(parser: argparse.ArgumentParser) -> None:
 def _load_backend(ckpt: str | None, prediction_type: str | None = None, precision: str = "auto"):
     import torch
 
-    from .standalone import build_demo_backend, load_checkpoint  # diffusers is imported only here
+    from .standalone import load_checkpoint  # diffusers is imported only here
+    from .toyworld import load_backend
 
     if ckpt:
         dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}.get(precision)
         return load_checkpoint(ckpt, prediction_type=prediction_type, dtype=dtype)
-    print(f"{DEMO_NOTICE} It is tiny and random: it shows the pipeline, not good pictures.")
-    return build_demo_backend()
+    print(TOY_MODEL_NOTICE)
+    return load_backend()
 
 
 @contextlib.contextmanager
@@ -153,7 +157,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     config = config_module.TrainConfig(**values)
     if args.mask and not Path(args.mask).exists():
         raise InputError(f"The mask {args.mask} does not exist.")
-    size = config.size_for("sd1")  # checked now; read again at the model's own size once it is known
+    size = config.size_for(FAMILIES["sd1"].size)  # checked now; read again at the model's own size once it is known
     references = load_references(args.image, *size, mask_path=args.mask)
     out, previews = Path(args.out), Path(args.previews)
     if previews.resolve().is_relative_to(out.resolve()):
@@ -166,8 +170,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     if config.preview_every or args.final_preview:
         fileops.make_folder(previews)
     backend = _load_backend(args.ckpt, args.prediction_type, args.precision)
-    if config.size_for(backend.family) != size:
-        references = load_references(args.image, *config.size_for(backend.family), mask_path=args.mask)
+    if config.size_for(backend.image_size) != size:
+        references = load_references(args.image, *config.size_for(backend.image_size), mask_path=args.mask)
 
     bar = None
 
@@ -243,7 +247,6 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from . import fileops, pairfiles
-    from .families import FAMILIES
     from .fileops import walk_files
     from .images import parameters_png_info
     from .pairing import add_partners
@@ -259,7 +262,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         if path.suffix.lower() in pairfiles.LOADABLE_EXTS:
             files.setdefault(path.stem, []).append(path)
     backend = _load_backend(args.ckpt, args.prediction_type, args.precision)
-    args.width, args.height = (side or FAMILIES[backend.family].size for side in (args.width, args.height))
+    args.width, args.height = (side or backend.image_size for side in (args.width, args.height))
     tokenize, ids = backend.token_ids, backend.special_ids
     for note in _skip_other_families(files, args.prompt + "\n" + args.negative, backend):
         print(note)

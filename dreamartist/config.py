@@ -13,7 +13,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import InputError
-from .families import FAMILIES
 from .gamma import GammaSchedule, parse_gamma
 from .names import validate_name
 from .templates import template_lines
@@ -134,10 +133,9 @@ class TrainConfig:
             raise InputError(f"Width and height must be 0 (the model's own size) or at least 64; got "
                              f"{self.width}x{self.height}.")
 
-    def size_for(self, family: str) -> tuple[int, int]:
-        """(width, height) of training and previews on a model of ``family``: 0 stands for the family's own size."""
-        size = FAMILIES[family].size
-        return self.width or size, self.height or size
+    def size_for(self, image_size: int) -> tuple[int, int]:
+        """(width, height) of training and previews on a model trained at ``image_size``: 0 stands for that size."""
+        return self.width or image_size, self.height or image_size
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:

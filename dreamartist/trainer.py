@@ -92,7 +92,7 @@ class Trainer:
         self.should_stop = should_stop or (lambda: False)
         self.existing_names = {n.lower() for n in existing_names}
         self.objective = DreamArtistObjective(backend, config)
-        self.width, self.height = config.size_for(backend.family)
+        self.width, self.height = config.size_for(backend.image_size)
         self.name = config.name
         self.step, self.losses, self.notes = 0, [], []
         self.saved_files: list[Path] = []

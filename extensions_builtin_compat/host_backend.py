@@ -71,6 +71,7 @@ class HostBackend(PatchSlot):
         self.clip = model.cond_stage_model
         self.db = sd_hijack.model_hijack.embedding_db
         self.family = model_family(model)
+        self.image_size = FAMILIES[self.family].size
         self.encoders = text_encoders(model)
         fixes = {key: _fixes(encoder) for key, encoder in self.encoders.items()}
         if set(self.encoders) != set(FAMILIES[self.family].widths) or None in fixes.values():

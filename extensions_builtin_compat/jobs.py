@@ -8,6 +8,7 @@ from modules import processing, shared
 
 from dreamartist.config import TrainConfig
 from dreamartist.errors import ModelError
+from dreamartist.families import FAMILIES
 from dreamartist.images import Reference
 from dreamartist.trainer import Progress, TrainResult, train
 
@@ -52,7 +53,7 @@ def _report(progress: Progress) -> None:
 def training_size(config: TrainConfig) -> tuple[int, int]:
     """(width, height) for the loaded model: a width or height of 0 is its family's own size (SDXL: 1024)."""
     model = host.loaded_model()
-    return config.size_for(model_family(model) if model is not None else "sd1")
+    return config.size_for(FAMILIES[model_family(model) if model is not None else "sd1"].size)
 
 
 def run_training(config: TrainConfig, references: list[Reference],

@@ -1,4 +1,4 @@
-"""Shared fixtures: the stand-in webui hosts (tests/fakehost) and the tiny seeded demo model."""
+"""Shared fixtures: the stand-in webui hosts (tests/fakehost) and the tiny seeded random model."""
 from __future__ import annotations
 
 import pytest
@@ -11,9 +11,9 @@ torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")
-def demo_backend():
+def random_backend():
     """The standalone demo backend (toy-size SD1, seed 0, on the CPU). Tests must leave it as they found it."""
     pytest.importorskip("diffusers")  # absent where only the core's torch is installed (test_torch_compat)
-    from dreamartist.standalone import build_demo_backend
+    from dreamartist.standalone import build_random_backend
 
-    return build_demo_backend(seed=0, device="cpu")
+    return build_random_backend(seed=0, device="cpu")

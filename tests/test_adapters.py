@@ -25,8 +25,8 @@ def random_adapter(layers, rank: int, seed: int) -> dict[str, Lora]:
 
 
 @pytest.fixture
-def pn(demo_backend):
-    layers = demo_backend.adapter_layers()
+def pn(random_backend):
+    layers = random_backend.adapter_layers()
     return {part: {"pos": random_adapter(layers[part], 2, 1), "neg": random_adapter(layers[part], 2, 2)}
             for part in (adapters.UNET, adapters.TEXT)}
 
@@ -35,36 +35,36 @@ def patches(pn, branches=("pos", "neg"), strength=1.0):
     return {part: {b: (pn[part][b], strength) for b in branches} for part in pn}
 
 
-def test_a_batched_unet_call_equals_each_row_with_only_its_own_adapter(demo_backend, pn):
+def test_a_batched_unet_call_equals_each_row_with_only_its_own_adapter(random_backend, pn):
     g = torch.Generator().manual_seed(0)
     latents, context = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 77, 32, generator=g)
     t = torch.tensor([300, 300])
-    with torch.no_grad(), demo_backend.patched(patches(pn)):
-        batched = demo_backend.unet(latents, t, Conditioning(context, branches=("neg", "pos")))
+    with torch.no_grad(), random_backend.patched(patches(pn)):
+        batched = random_backend.unet(latents, t, Conditioning(context, branches=("neg", "pos")))
     with torch.no_grad():
-        with demo_backend.patched(patches(pn, ("neg",))):
-            neg = demo_backend.unet(latents[:1], t[:1], Conditioning(context[:1], branches=("neg",)))
-        with demo_backend.patched(patches(pn, ("pos",))):
-            pos = demo_backend.unet(latents[1:], t[1:], Conditioning(context[1:], branches=("pos",)))
-        plain = demo_backend.unet(latents, t, Conditioning(context))
+        with random_backend.patched(patches(pn, ("neg",))):
+            neg = random_backend.unet(latents[:1], t[:1], Conditioning(context[:1], branches=("neg",)))
+        with random_backend.patched(patches(pn, ("pos",))):
+            pos = random_backend.unet(latents[1:], t[1:], Conditioning(context[1:], branches=("pos",)))
+        plain = random_backend.unet(latents, t, Conditioning(context))
     torch.testing.assert_close(batched, torch.cat([neg, pos]), atol=1e-5, rtol=0)
     assert (batched - plain).abs().amax(dim=(1, 2, 3)).min() > 1e-3  # both rows changed by their adapter
 
 
-def test_a_batched_text_encoder_call_equals_each_prompt_with_only_its_own_adapter(demo_backend, pn):
+def test_a_batched_text_encoder_call_equals_each_prompt_with_only_its_own_adapter(random_backend, pn):
     prompts = ["a photo of a cat", "a dog on the moon"]
-    with torch.no_grad(), demo_backend.patched(patches(pn)):
-        batched = demo_backend.encode(prompts, branches=("neg", "pos")).context
-        neg = demo_backend.encode(prompts[:1], branches=("neg",)).context
-        pos = demo_backend.encode(prompts[1:], branches=("pos",)).context
+    with torch.no_grad(), random_backend.patched(patches(pn)):
+        batched = random_backend.encode(prompts, branches=("neg", "pos")).context
+        neg = random_backend.encode(prompts[:1], branches=("neg",)).context
+        pos = random_backend.encode(prompts[1:], branches=("pos",)).context
     with torch.no_grad():
-        plain = demo_backend.encode(prompts).context
+        plain = random_backend.encode(prompts).context
     torch.testing.assert_close(batched, torch.cat([neg, pos]), atol=1e-5, rtol=0)
     assert (batched - plain).abs().amax(dim=(1, 2)).min() > 1e-3
 
 
 @pytest.mark.parametrize("loss_rows, still", [(slice(1, 2), "neg"), (slice(0, 1), "pos")])
-def test_an_adapter_gets_exactly_zero_gradient_from_the_other_branchs_rows(demo_backend, pn, loss_rows, still):
+def test_an_adapter_gets_exactly_zero_gradient_from_the_other_branchs_rows(random_backend, pn, loss_rows, still):
     for part in pn.values():
         for adapter in part.values():
             for lora in adapter.values():
@@ -72,9 +72,9 @@ def test_an_adapter_gets_exactly_zero_gradient_from_the_other_branchs_rows(demo_
                 lora.up.requires_grad_(True)
     g = torch.Generator().manual_seed(1)
     latents = torch.randn(2, 4, 8, 8, generator=g)
-    with demo_backend.patched(patches(pn)):
-        cond = demo_backend.encode(["a photo of a cat", "a photo of a cat"], branches=("neg", "pos"))
-        out = demo_backend.unet(latents, torch.tensor([500, 500]), cond)
+    with random_backend.patched(patches(pn)):
+        cond = random_backend.encode(["a photo of a cat", "a photo of a cat"], branches=("neg", "pos"))
+        out = random_backend.unet(latents, torch.tensor([500, 500]), cond)
     out[loss_rows].square().mean().backward()
     acting = "pos" if still == "neg" else "neg"
     for part in pn.values():
@@ -83,16 +83,16 @@ def test_an_adapter_gets_exactly_zero_gradient_from_the_other_branchs_rows(demo_
         assert any(torch.count_nonzero(lora.up.grad) for lora in part[acting].values())
 
 
-def test_hooks_leave_with_the_block_and_unlabelled_calls_are_untouched(demo_backend, pn):
-    layers = demo_backend.adapter_layers()
+def test_hooks_leave_with_the_block_and_unlabelled_calls_are_untouched(random_backend, pn):
+    layers = random_backend.adapter_layers()
     modules = [m for part in layers.values() for m in part.values()]
-    with demo_backend.patched(patches(pn)):
+    with random_backend.patched(patches(pn)):
         assert all(len(m._forward_hooks) == 1 for m in modules)
         with torch.no_grad():
-            labelled_off = demo_backend.encode(["a cat"]).context  # no branches: no adapter acts
+            labelled_off = random_backend.encode(["a cat"]).context  # no branches: no adapter acts
     assert all(not m._forward_hooks for m in modules)
     with torch.no_grad():
-        torch.testing.assert_close(labelled_off, demo_backend.encode(["a cat"]).context, atol=0, rtol=0)
+        torch.testing.assert_close(labelled_off, random_backend.encode(["a cat"]).context, atol=0, rtol=0)
 
 
 def test_strength_scales_the_delta_and_labels_may_name_several_adapters():
@@ -188,16 +188,16 @@ def test_text_encoder_names_are_the_same_for_transformers_and_openclip(path, nam
     assert text_name(path) == name
 
 
-def test_training_with_adapters_writes_them_beside_the_pair_and_leaves_the_model(demo_backend, tmp_path):
+def test_training_with_adapters_writes_them_beside_the_pair_and_leaves_the_model(random_backend, tmp_path):
     image = Image.new("RGB", (64, 64), (200, 120, 40))
     references = [prepare_reference(image, 64, 64)]
-    before = {k: v.clone() for m in demo_backend.modules for k, v in m.state_dict().items()}
+    before = {k: v.clone() for m in random_backend.modules for k, v in m.state_dict().items()}
     config = TrainConfig(name="walle", steps=3, width=64, height=64, adapters=True, reconstruction=False,
                          unet_lr_pos=1e-2, unet_lr_neg=1e-2, text_lr=1e-2)
-    result = train(demo_backend, config, references, tmp_path)
+    result = train(random_backend, config, references, tmp_path)
     assert [f.name for f in result.files] == ["walle.pt", "walle-neg.pt"]
     saved = load_adapters(tmp_path, "walle")
-    layers = demo_backend.adapter_layers()
+    layers = random_backend.adapter_layers()
     for part in (adapters.UNET, adapters.TEXT):
         for branch in ("pos", "neg"):
             group = saved[f"{part}_{branch}"]
@@ -206,16 +206,16 @@ def test_training_with_adapters_writes_them_beside_the_pair_and_leaves_the_model
     ranks = {k.rsplit(".", 1)[0]: v.shape[0] for k, v in saved["unet_pos"].items() if k.endswith("lora_down")}
     assert ranks == {name: max(1, round(0.01875 * m.out_features)) for name, m in layers[adapters.UNET].items()}
     assert all(v.shape[0] == 2 for k, v in saved["te_pos"].items() if k.endswith("lora_down"))
-    after = {k: v for m in demo_backend.modules for k, v in m.state_dict().items()}
+    after = {k: v for m in random_backend.modules for k, v in m.state_dict().items()}
     assert all(torch.equal(before[k], after[k]) for k in before)
-    assert all(not m._forward_hooks for m in demo_backend.modules for m in m.modules())
+    assert all(not m._forward_hooks for m in random_backend.modules for m in m.modules())
     assert load_pair(tmp_path, "walle")[0].step == 3
 
 
 def test_gradient_checkpointing_gives_the_same_run_with_adapters_and_dropout(tmp_path):
     """The checkpointed blocks recompute with the adapters and the dropout masks of the first pass (the backward
     pass runs after the adapters' block has ended), and the masks follow the run's seed."""
-    from dreamartist.standalone import build_demo_backend
+    from dreamartist.standalone import build_random_backend
 
     references = [prepare_reference(Image.new("RGB", (64, 64), (200, 120, 40)), 64, 64)]
     runs = []
@@ -223,5 +223,5 @@ def test_gradient_checkpointing_gives_the_same_run_with_adapters_and_dropout(tmp
         config = TrainConfig(name=f"walle{int(checkpointing)}", steps=3, width=64, height=64, adapters=True,
                              reconstruction=False, adapter_dropout=0.5, unet_lr_pos=5e-2, unet_lr_neg=5e-2,
                              text_lr=5e-2, gradient_checkpointing=checkpointing)
-        runs.append(train(build_demo_backend(seed=3), config, references, tmp_path).losses)
+        runs.append(train(build_random_backend(seed=3), config, references, tmp_path).losses)
     torch.testing.assert_close(torch.tensor(runs[0]), torch.tensor(runs[1]))

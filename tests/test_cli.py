@@ -1,6 +1,7 @@
 """The command line as a user meets it: every bad input gets one line on stderr and leaves no file."""
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -42,12 +43,12 @@ def assert_one_line_error(code, err, *fragments):
         assert fragment in lines[0], lines[0]
 
 
-def test_train_on_the_demo_model_writes_the_pair_and_previews_apart(photo, tmp_path, capsys):
+def test_train_on_the_toy_model_writes_the_pair_and_previews_apart(photo, tmp_path, capsys):
     out, previews = tmp_path / "emb", tmp_path / "previews"
     code, stdout, err = run(["train", "--image", photo, "--name", "walle", "--out", out, "--previews", previews,
                              "--preview-every", "1", *FAST], capsys)
     assert code == 0
-    assert "demo model" in stdout.splitlines()[0]
+    assert "toy-world model" in stdout.splitlines()[0]
     assert listing(out) == ["walle-neg.pt", "walle.dreamartist-state", "walle.pt"]
     assert sorted(p.name for p in previews.iterdir()) == ["walle-final.png", "walle-step00001.png",
                                                           "walle-step00002.png"]
@@ -166,10 +167,10 @@ def test_generate_pairs_automatically(photo, tmp_path, capsys):
     assert "negative prompt: (walle-neg:1.1)" in stdout and "sampling" in err
     written = Image.open(image)
     assert written.size == (64, 64)
-    assert written.text["parameters"].splitlines() == [  # what the webui's PNG Info reads
-        "a photo of (walle:1.1)", "Negative prompt: (walle-neg:1.1)",
-        "Steps: 3, Sampler: DDIM, CFG scale: 7, Seed: 0, Size: 64x64, Model hash: demo, Model: demo, "
-        "DreamArtist: walle"]
+    prompt, negative, parameters = written.text["parameters"].splitlines()  # what the webui's PNG Info reads
+    assert (prompt, negative) == ("a photo of (walle:1.1)", "Negative prompt: (walle-neg:1.1)")
+    assert re.fullmatch(r"Steps: 3, Sampler: DDIM, CFG scale: 7, Seed: 0, Size: 64x64, Model hash: [0-9a-f]{10}, "
+                        r"Model: toyworld, DreamArtist: walle", parameters), parameters
 
 
 def test_module_entry_point_exits_non_zero_without_traceback(tmp_path):
@@ -337,7 +338,7 @@ def test_adapters_train_with_the_pair_act_in_generate_and_export_as_a_lora(photo
     assert code == 0 and "<lora:walle-pos:1> walle" in stdout
     with safe_open(str(lora), "pt") as f:
         keys, metadata = set(f.keys()), f.metadata()
-        down = f.get_tensor("lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_k.lora_down.weight")
+        down = f.get_tensor("lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_k.lora_down.weight")
     assert metadata["ss_network_module"] == "networks.lora" and metadata["ss_base_model_version"] == "sd_v1"
     assert "lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_up.weight" in keys
     assert not any("neg" in key for key in keys)  # phi^n is never an ordinary LoRA

@@ -79,7 +79,7 @@ def test_reconstruction_loss_is_l1():
     assert losses.reconstruction_loss(decoded, pixels).item() == pytest.approx(1.25)
 
 
-def test_a_training_step_computes_eq3_on_one_unet_call_with_shared_t_and_noise(demo_backend, tmp_path, monkeypatch):
+def test_a_training_step_computes_eq3_on_one_unet_call_with_shared_t_and_noise(random_backend, tmp_path, monkeypatch):
     """The trainer's micro-batch: S^n rows then S^p rows in one call, same z_t and t on both, gamma(t) per row."""
     from PIL import Image
 
@@ -87,7 +87,7 @@ def test_a_training_step_computes_eq3_on_one_unet_call_with_shared_t_and_noise(d
     from dreamartist.images import prepare_reference
     from dreamartist.trainer import Trainer
 
-    backend_type = type(demo_backend)
+    backend_type = type(random_backend)
     calls = {}
 
     def encode(self, prompts, words=None, branches=()):
@@ -110,10 +110,10 @@ def test_a_training_step_computes_eq3_on_one_unet_call_with_shared_t_and_noise(d
     config = TrainConfig(name="walle", width=64, height=64, batch_size=2, gamma="1.5-3.0", reconstruction=False,
                          init_words="robot")
     references = [prepare_reference(Image.new("RGB", (64, 64), (200, 120, 40)), 64, 64, caption="box")]
-    trainer = Trainer(demo_backend, config, references, tmp_path)
+    trainer = Trainer(random_backend, config, references, tmp_path)
     trainer._start()
-    with demo_backend.training(), torch.no_grad():
-        trainer.latents = [demo_backend.vae_encode(r.pixels.unsqueeze(0)) for r in references]
+    with random_backend.training(), torch.no_grad():
+        trainer.latents = [random_backend.vae_encode(r.pixels.unsqueeze(0)) for r in references]
         loss = trainer._micro_batch_loss()
 
     (latents, timesteps, out), = calls["unet"]
@@ -122,7 +122,7 @@ def test_a_training_step_computes_eq3_on_one_unet_call_with_shared_t_and_noise(d
     assert [t.replace("walle-neg", "walle") for t in neg_text] == pos_text and all("walle-neg" in t for t in neg_text)
     assert torch.equal(latents[:2], latents[2:]) and torch.equal(timesteps[:2], timesteps[2:])
     t = timesteps[:2]
-    abar = demo_backend.alphas_cumprod[t].view(-1, 1, 1, 1)
+    abar = random_backend.alphas_cumprod[t].view(-1, 1, 1, 1)
     z0 = trainer.latents[0].expand(2, -1, -1, -1)
     torch.testing.assert_close(latents[:2], abar.sqrt() * z0 + (1 - abar).sqrt() * calls["goal"])  # goal is eps
     gamma = (1.5 + 1.5 * t.float() / 999).view(-1, 1, 1, 1)

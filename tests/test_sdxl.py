@@ -17,6 +17,7 @@ from dreamartist import losses, pairfiles, size_conditioning  # noqa: E402
 from dreamartist.backend import POOLED, TIME_IDS, V_PREDICTION, Conditioning  # noqa: E402
 from dreamartist.config import TrainConfig  # noqa: E402
 from dreamartist.errors import InputError, ModelError  # noqa: E402
+from dreamartist.families import FAMILIES  # noqa: E402
 from dreamartist.images import prepare_reference  # noqa: E402
 from dreamartist.standalone.backend import scaled_linear_alphas_cumprod  # noqa: E402
 from dreamartist.standalone.checkpoint import CONFIG_ROOT, detect_family, load_checkpoint  # noqa: E402
@@ -163,7 +164,7 @@ def test_training_lowers_the_loss_and_leaves_the_model_as_it_was(xl, references,
     before = _probe(xl, trainer, probes)
     result = trainer.run()
     after = _probe(xl, trainer, probes)
-    # As on the SD1 demo model, the improvement of a random toy model is small but systematic (about 0.7% here).
+    # As on the SD1 random model, the improvement of a random toy model is small but systematic (about 0.7% here).
     assert after < before * 0.996, (before, after)
     after_state = [t for m in xl.modules for t in m.state_dict().values()]
     assert all(torch.equal(a, b) for a, b in zip(before_state, after_state))
@@ -335,7 +336,8 @@ def test_cli_trains_and_generates_with_an_sdxl_checkpoint(xl, tmp_path, monkeypa
 def test_sizes_default_to_the_models_own():
     config = TrainConfig(name="walle")
     assert (config.width, config.height) == (0, 0)
-    assert config.size_for("sdxl") == (1024, 1024) and config.size_for("sd1") == config.size_for("sd2") == (512, 512)
-    assert TrainConfig(name="walle", height=768).size_for("sdxl") == (1024, 768)
+    assert config.size_for(FAMILIES["sdxl"].size) == (1024, 1024)
+    assert FAMILIES["sd1"].size == FAMILIES["sd2"].size == 512
+    assert TrainConfig(name="walle", height=768).size_for(1024) == (1024, 768)
     with pytest.raises(InputError, match="at least 64"):
         TrainConfig(name="walle", width=32)

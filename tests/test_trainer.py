@@ -1,4 +1,4 @@
-"""The trainer on the demo model: gradients, host unchanged, learning, reproducibility, stops, resume."""
+"""The trainer on the tiny random model: gradients, host unchanged, learning, reproducibility, stops, resume."""
 from __future__ import annotations
 
 import contextlib
@@ -13,7 +13,7 @@ from dreamartist.errors import InputError, TrainingStopped
 from dreamartist.images import prepare_reference
 from dreamartist.objective import NEG, POS
 from dreamartist.pairfiles import load_pair
-from dreamartist.standalone import build_demo_backend
+from dreamartist.standalone import build_random_backend
 from dreamartist.trainer import Trainer, train
 
 SIZE = 64
@@ -21,7 +21,7 @@ SIZE = 64
 
 @pytest.fixture(scope="module")
 def backend():
-    return build_demo_backend(seed=0)
+    return build_random_backend(seed=0)
 
 
 @pytest.fixture(scope="module")
@@ -133,7 +133,7 @@ def probe_loss(backend, trainer, probes) -> float:
 def test_a_few_dozen_steps_lower_the_loss_on_a_fixed_probe(backend, references, tmp_path):
     generator = torch.Generator().manual_seed(123)
     probes = [(torch.tensor([t]), torch.randn((1, 4, 8, 8), generator=generator)) for t in range(25, 1000, 50)]
-    # The demo model is random and its text pathway weak: eight images a step keep the gradient noise below
+    # The tiny model is random and its text pathway weak: eight images a step keep the gradient noise below
     # the improvement, which is small but systematic (about 0.7% on this probe).
     trainer = Trainer(backend, config(steps=40, lr=0.01, batch_size=8, reconstruction=False,
                                       template="a photo of a [name]"), references, tmp_path)
@@ -226,7 +226,7 @@ def test_existing_embedding_is_never_overwritten(backend, references, tmp_path):
 
 
 def test_v_prediction_model_trains_against_v(references, tmp_path, monkeypatch):
-    backend = build_demo_backend(seed=1)
+    backend = build_random_backend(seed=1)
     backend.prediction_type = "v_prediction"
     seen = {}
     original = losses.target

@@ -76,6 +76,7 @@ class TinyBackend(PatchSlot):
     prediction_type = EPSILON
     latent_channels = 4
     vae_scale = 8
+    image_size = 512
     model_name = "tiny"
     model_hash = "tiny"
     device = torch.device("cpu")

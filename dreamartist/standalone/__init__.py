@@ -9,12 +9,12 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from .backend import StandaloneBackend
     from .checkpoint import load_checkpoint
-    from .demo import build_demo_backend
+    from .random_model import build_random_backend
     from .sdxl import SDXLBackend
     from .tokenizer import clip_tokenizer
 
-__all__ = ["SDXLBackend", "StandaloneBackend", "build_demo_backend", "clip_tokenizer", "load_checkpoint"]
-_HOMES = {"StandaloneBackend": "backend", "SDXLBackend": "sdxl", "build_demo_backend": "demo",
+__all__ = ["SDXLBackend", "StandaloneBackend", "build_random_backend", "clip_tokenizer", "load_checkpoint"]
+_HOMES = {"StandaloneBackend": "backend", "SDXLBackend": "sdxl", "build_random_backend": "random_model",
           "clip_tokenizer": "tokenizer", "load_checkpoint": "checkpoint"}
 
 

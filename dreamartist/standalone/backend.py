@@ -43,17 +43,20 @@ class StandaloneBackend(PatchSlot):
 
     def __init__(self, *, family: str, unet, vae, text_encoder, tokenizer, alphas_cumprod: torch.Tensor,
                  prediction_type: str = EPSILON, model_name: str = "", model_hash: str = "",
-                 device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> None:
+                 device: torch.device | str | None = None, dtype: torch.dtype | None = None,
+                 image_size: int | None = None) -> None:
         if family not in ("sd1", "sd2"):
             raise ValueError(f"unknown family {family!r}")
         (self.encoder_key,) = FAMILIES[family].widths  # one text encoder
         self._setup(family, unet, vae, {self.encoder_key: text_encoder}, tokenizer, alphas_cumprod, prediction_type,
-                    model_name, model_hash, device, dtype)
+                    model_name, model_hash, device, dtype, image_size)
 
     def _setup(self, family: str, unet, vae, text_encoders: dict, tokenizer, alphas_cumprod: torch.Tensor,
-               prediction_type: str, model_name: str, model_hash: str, device, dtype) -> None:
+               prediction_type: str, model_name: str, model_hash: str, device, dtype, image_size: int | None = None
+               ) -> None:
         """Place the models and read what the protocol exposes; ``text_encoders`` maps encoder key -> model."""
         self.family = family
+        self.image_size = image_size or FAMILIES[family].size
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.dtype = dtype or (torch.float16 if self.device.type == "cuda" else torch.float32)
         self.prediction_type = prediction_type
@@ -214,8 +217,8 @@ class StandaloneBackend(PatchSlot):
 
 def _adapter_aware_checkpointing(model: torch.nn.Module) -> dict:
     """diffusers' checkpoint function replaced by one that recomputes with the adapters of the first pass, where
-    diffusers takes one (its newer releases; with an older one, checkpointed training with adapters stops in
-    torch's checkpoint, which sees the recomputation save fewer tensors)."""
+    diffusers takes one (0.33 and later, the minimum pyproject.toml asks for; with an older one, checkpointed
+    training with adapters stops in torch's checkpoint, which sees the recomputation save fewer tensors)."""
     if "gradient_checkpointing_func" not in inspect.signature(model.enable_gradient_checkpointing).parameters:
         return {}
     return {"gradient_checkpointing_func": lambda module, *args: adapters.checkpoint(module.__call__, *args)}
