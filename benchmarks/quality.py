@@ -181,52 +181,26 @@ def usable_step(curve: dict[int, dict[str, float]]) -> int | None:
 
 
 def run(plan: Plan, methods: dict[str, Method] | None = None, backend=None, classifier=None,
-        log: Callable[[str], None] = print, jobs: int = 1) -> dict:
-    """Every method x concept x seed; returns the raw curves and the per-method summary. With ``jobs`` > 1 the
-    runs are shared out to that many worker processes of one thread each (same figures: every run is seeded)."""
-    methods = methods or METHODS
-    tasks = [(key, reference, seed) for key in methods for reference in plan.concepts for seed in plan.seeds]
-    if jobs > 1:
-        import concurrent.futures
-        import multiprocessing
-
-        context = multiprocessing.get_context("spawn")  # no forked torch thread pools
-        with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=context, initializer=_start_worker) as pool:
-            runs = list(pool.map(_run_task, tasks, [plan] * len(tasks), [methods] * len(tasks)))
-        for entry in runs:
-            log(_describe(entry, methods))
-    else:
-        _models.update(backend=backend, classifier=classifier)
-        runs = []
-        for task in tasks:
-            runs.append(_run_task(task, plan, methods))
-            log(_describe(runs[-1], methods))
-    return {"plan": asdict(plan), "thresholds": {"fidelity": FIDELITY_OK, "control": CONTROL_OK},
-            "guidance": GUIDANCE, "runs": runs, "summary": summarize(runs, methods, plan)}
-
-
-_models: dict = {}  # this process's model and classifier, loaded once
-
-
-def _start_worker() -> None:
-    torch.set_num_threads(1)
-
-
-def _run_task(task: tuple[str, Scene, int], plan: Plan, methods: dict[str, Method]) -> dict:
-    """One method x concept x seed: the curve of figures over checkpoints and where it became usable."""
+        log: Callable[[str], None] = print) -> dict:
+    """Every method x concept x seed; returns the raw curves and the per-method summary."""
     from dreamartist.toyworld import load_backend, load_classifier
 
-    if _models.get("backend") is None:
-        _models["backend"] = load_backend(device="cpu")
-    if _models.get("classifier") is None:
-        _models["classifier"] = load_classifier()
-    key, reference, seed = task
-    started = time.monotonic()
-    with tempfile.TemporaryDirectory(prefix="dreamartist-quality-") as folder:
-        curve = run_one(_models["backend"], _models["classifier"], methods[key], reference, seed, plan, Path(folder))
-    return {"method": key, "concept": asdict(reference), "seed": seed, "final": curve[max(curve)],
-            "usable_step": usable_step(curve), "curve": {str(s): v for s, v in curve.items()},
-            "seconds": round(time.monotonic() - started, 1)}
+    methods = methods or METHODS
+    backend = backend if backend is not None else load_backend(device="cpu")
+    classifier = classifier if classifier is not None else load_classifier()
+    runs = []
+    for key in methods:
+        for reference in plan.concepts:
+            for seed in plan.seeds:
+                started = time.monotonic()
+                with tempfile.TemporaryDirectory(prefix="dreamartist-quality-") as folder:
+                    curve = run_one(backend, classifier, methods[key], reference, seed, plan, Path(folder))
+                runs.append({"method": key, "concept": asdict(reference), "seed": seed, "final": curve[max(curve)],
+                             "usable_step": usable_step(curve), "curve": {str(s): v for s, v in curve.items()},
+                             "seconds": round(time.monotonic() - started, 1)})
+                log(_describe(runs[-1], methods))
+    return {"plan": asdict(plan), "thresholds": {"fidelity": FIDELITY_OK, "control": CONTROL_OK},
+            "guidance": GUIDANCE, "runs": runs, "summary": summarize(runs, methods, plan)}
 
 
 def _describe(entry: dict, methods: dict[str, Method]) -> str:
@@ -318,8 +292,7 @@ def main(argv: list[str] | None = None) -> int:
     mode.add_argument("--quick", action="store_true", help="one concept, one seed, few steps (CI)")
     mode.add_argument("--base", action="store_true", help="the base model's accuracy on held-out combinations")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="folder for quality.json/.md/.png")
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (batch-1 steps gain little)")
-    parser.add_argument("--jobs", type=int, default=1, help="worker processes of one thread each (default: 1)")
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--seeds", type=int, default=len(FULL.seeds),
                         help=f"seeds per concept (default {len(FULL.seeds)}; fewer: shorter, with less spread)")
     args = parser.parse_args(argv)
@@ -328,7 +301,7 @@ def main(argv: list[str] | None = None) -> int:
         scores = base(samples=4)
         print(" ".join(f"{a} {scores[a]:.3f}" for a in (*ATTRIBUTES, "all")))
         return 0
-    result = run(QUICK if args.quick else replace(FULL, seeds=tuple(range(args.seeds))), jobs=args.jobs)
+    result = run(QUICK if args.quick else replace(FULL, seeds=tuple(range(args.seeds))))
     check_ranges(result)
     print(table(result))
     if not args.quick:
