@@ -1,25 +1,31 @@
 """Time and memory of a DreamArtist step against its floors, measured side by side in one run; prints ratios.
 
-    python benchmarks/step_time.py [--full-size sd1 | --ckpt MODEL] [--size 256] [--steps 3]
+    python benchmarks/step_time.py [--full-size sd1 | --ckpt MODEL] [--size 256] [--steps 5]
 
-Rows (each the mean of --steps after one warm-up):
+Each row's time is the median of --steps steps, taken in rounds that step every row once in turn (so a machine
+whose speed drifts slows every row alike), after the memory measurement's two steps. Rows:
 - floor: a bare UNet forward+backward on the same two-row batch (gradient to a fixed context only);
 - textual inversion: the positive-only step (one row);
 - DreamArtist: one UNet call on [S^n; S^p] rows (eq. 3), then the same with PN adapters;
 - reconstruction floor: the VAE decoder's forward+backward alone at that size; DreamArtist + reconstruction (eq. 6);
 - sampling: one CFG step (two rows, no gradient) with phi^p / phi^n as per-row hooks, against the same step
   with a LoRA merged into the weights, which is what the webui's built-in Lora costs.
-Memory: the CUDA peak where a GPU is used; on a CPU its counterpart (process RSS says nothing about one step):
-the model's weights, plus what autograd keeps for the backward pass beyond them, plus the adapters' parameters and
-optimiser moments.
+Memory: the CUDA peak where a GPU is used; on a CPU its counterpart (process RSS says nothing about one step): the
+bytes alive before the row's first step (the model's weights, the trainable tensors) plus the highest the CPU
+allocator's count rose above that over two steps, as torch's profiler records it (so the optimiser's moments,
+created by the first step, count in the second).
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
+import json
+import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -30,7 +36,7 @@ from dreamartist import losses  # noqa: E402
 from dreamartist.backend import Conditioning  # noqa: E402
 from dreamartist.config import TrainConfig  # noqa: E402
 from dreamartist.images import load_image, prepare_reference  # noqa: E402
-from dreamartist.objective import NEG, POS  # noqa: E402
+from dreamartist.objective import POS  # noqa: E402
 from dreamartist.trainer import Trainer  # noqa: E402
 
 LIMITS = {"DreamArtist / floor": 1.10, "DA + adapters / DA": 1.30, "DA + rec / (DA + rec floor)": 1.10,
@@ -54,43 +60,48 @@ def full_size_backend(family: str):
         tokenizer=clip_tokenizer(), alphas_cumprod=scaled_linear_alphas_cumprod(), model_name=f"{family} (random)")
 
 
-class SavedBytes:
-    """Bytes autograd keeps for backward while the block runs (each storage counted once), other than the weights
-    in ``resident`` (which are in memory anyway)."""
-
-    def __init__(self, resident: set[int]):
-        self.resident = resident
-        self.storages: dict[int, int] = {}
-
-    def pack(self, tensor):
-        storage = tensor.untyped_storage()
-        if storage.data_ptr() not in self.resident:
-            self.storages[storage.data_ptr()] = storage.nbytes()
-        return tensor
-
-    @property
-    def total(self) -> int:
-        return sum(self.storages.values())
+def cpu_peak_above_start(block) -> int:
+    """The highest the CPU allocator's count rose above its value at the start while ``block()`` ran."""
+    with tempfile.TemporaryDirectory() as folder:
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+            block()
+        trace = Path(folder) / "trace.json"
+        prof.export_chrome_trace(str(trace))
+        events = json.loads(trace.read_text())["traceEvents"]
+    return max([0] + [e["args"]["Total Allocated"] for e in events if e.get("name") == "[memory]"])
 
 
-def measure(step, device: torch.device, steps: int, weights: dict[int, int]) -> tuple[float, int]:
-    """(seconds per step, bytes: CUDA peak on a GPU, else ``weights`` (storage -> bytes) plus what autograd keeps
-    for backward in one step beyond them)."""
-    step()  # warm-up: allocator, autotuning, lazy init
-    saved = SavedBytes(set(weights))
-    if device.type == "cuda":
+@dataclass
+class Row:
+    step: Callable[[], None]
+    resident: int = 0  # bytes alive before its first step beyond the model's weights (the trainable tensors)
+    context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
+    seconds: list[float] = field(default_factory=list)
+    memory: int = 0
+
+
+def peak_memory(row: Row, device: torch.device, weights: int) -> int:
+    """The CUDA peak of the row's second step on a GPU; on a CPU the weights and ``row.resident`` plus the CPU
+    allocator's peak above them over two steps. Either way the first step warms up (allocator, lazy init)."""
+    with row.context():
+        if device.type != "cuda":
+            return weights + row.resident + cpu_peak_above_start(lambda: (row.step(), row.step()))
+        row.step()
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
-    else:
-        with torch.autograd.graph.saved_tensors_hooks(saved.pack, lambda t: t):
-            step()
-    start = time.perf_counter()
-    for _ in range(steps):
-        step()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        return (time.perf_counter() - start) / steps, torch.cuda.max_memory_allocated(device)
-    return (time.perf_counter() - start) / steps, sum(weights.values()) + saved.total
+        row.step()
+        return torch.cuda.max_memory_allocated(device)
+
+
+def time_in_rounds(rows: dict[str, Row], device: torch.device, rounds: int) -> None:
+    for _ in range(rounds):
+        for row in rows.values():
+            with row.context():
+                start = time.perf_counter()
+                row.step()
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                row.seconds.append(time.perf_counter() - start)
 
 
 def ready_trainer(backend, size: int, out: Path, reference, **options) -> Trainer:
@@ -177,7 +188,7 @@ def main() -> None:
     parser.add_argument("--ckpt", help="an SD 1.x / 2.x checkpoint (default: the tiny random model)")
     parser.add_argument("--full-size", choices=("sd1", "sd2"), help="the real architecture with random weights")
     parser.add_argument("--size", type=int, default=256, help="training size in pixels (default: 256)")
-    parser.add_argument("--steps", type=int, default=3, help="timed steps per row, after one warm-up (default: 3)")
+    parser.add_argument("--steps", type=int, default=5, help="timed steps per row, one per round (default: 5)")
     parser.add_argument("--image", default=str(Path(__file__).resolve().parents[1] / "examples" / "reference.png"),
                         help="reference image (default: examples/reference.png)")
     args = parser.parse_args()
@@ -192,45 +203,48 @@ def main() -> None:
     reference = prepare_reference(load_image(args.image), args.size, args.size)
     device = backend.device
     print(f"model {backend.model_name} ({backend.family}), {device}, {args.size}x{args.size}, torch "
-          f"{torch.__version__}, {torch.get_num_threads()} threads, mean of {args.steps} steps after a warm-up")
-    rows: dict[str, tuple[float, int]] = {}
-    weights = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
-               for module in backend.modules for t in [*module.parameters(), *module.buffers()]}
+          f"{torch.__version__}, {torch.get_num_threads()} threads, median of {args.steps} rounds")
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+                for module in backend.modules for t in [*module.parameters(), *module.buffers()]}
+    weights = sum(storages.values())
 
-    def timed(step):
-        return measure(step, device, args.steps, weights)
+    def trainable_bytes(trainer: Trainer) -> int:
+        return sum(t.nbytes for group in trainer.params.values() for t in group.values())
 
     with tempfile.TemporaryDirectory() as out, backend.training():
         plain = ready_trainer(backend, args.size, Path(out), reference, reconstruction=False)
-        rows["floor: UNet fwd+bwd, 2 rows"] = timed(unet_floor_step(plain))
-        rows["textual inversion (S^p only, 1 row)"] = timed(textual_inversion_step(plain))
-        rows["DreamArtist"] = timed(plain._optimizer_step)
         with_adapters = ready_trainer(backend, args.size, Path(out), reference, reconstruction=False, adapters=True)
-        rows["DreamArtist + adapters"] = timed(with_adapters._optimizer_step)
-        # the adapters' gradients and two Adam moments, float32 (their values are among what autograd keeps)
-        adapter_bytes = 4 * 3 * sum(t.numel() for g, group in with_adapters.params.items() if g not in (POS, NEG)
-                                    for t in group.values())
-        rows["reconstruction floor: decoder fwd+bwd"] = timed(decoder_floor_step(plain))
         rec = ready_trainer(backend, args.size, Path(out), reference, reconstruction=True)
-        rows["DreamArtist + reconstruction"] = timed(rec._optimizer_step)
-        patches = with_adapters.objective.patches(with_adapters.params)
-        rows["sampling step, adapter hooks"] = timed(sampling_step(with_adapters, patches))
         pos_lora = unflatten(with_adapters.params[f"{UNET}_pos"])
-        with merged(backend.adapter_layers()[UNET], pos_lora):
-            rows["sampling step, LoRA merged"] = timed(sampling_step(with_adapters, {}))
-    unit = "CUDA peak" if device.type == "cuda" else "weights + kept for backward"
-    for label, (seconds, memory) in rows.items():
-        print(f"{label:42s} {seconds * 1000:10.1f} ms/step {memory / 2**20:10.1f} MiB {unit}")
-    da, adapters_row = rows["DreamArtist"], rows["DreamArtist + adapters"]
-    memory_with = adapters_row[1] + (0 if device.type == "cuda" else adapter_bytes)
+        patches = with_adapters.objective.patches(with_adapters.params)
+        rows = {
+            "floor: UNet fwd+bwd, 2 rows": Row(unet_floor_step(plain)),
+            "textual inversion (S^p only, 1 row)": Row(textual_inversion_step(plain), trainable_bytes(plain)),
+            "DreamArtist": Row(plain._optimizer_step, trainable_bytes(plain)),
+            "DreamArtist + adapters": Row(with_adapters._optimizer_step, trainable_bytes(with_adapters)),
+            "reconstruction floor: decoder fwd+bwd": Row(decoder_floor_step(plain)),
+            "DreamArtist + reconstruction": Row(rec._optimizer_step, trainable_bytes(rec)),
+            "sampling step, adapter hooks": Row(sampling_step(with_adapters, patches),
+                                                trainable_bytes(with_adapters)),
+            "sampling step, LoRA merged": Row(sampling_step(with_adapters, {}), trainable_bytes(with_adapters),
+                                              lambda: merged(backend.adapter_layers()[UNET], pos_lora)),
+        }
+        for row in rows.values():
+            row.memory = peak_memory(row, device, weights)
+        time_in_rounds(rows, device, args.steps)
+    unit = "CUDA peak" if device.type == "cuda" else "CPU peak"
+    seconds = {label: statistics.median(row.seconds) for label, row in rows.items()}
+    for label, row in rows.items():
+        spread = f"({min(row.seconds) * 1000:.0f}-{max(row.seconds) * 1000:.0f})"
+        print(f"{label:42s} {seconds[label] * 1000:10.1f} ms/step {spread:>15s} {row.memory / 2**20:10.1f} MiB {unit}")
     ratios = {
-        "DreamArtist / floor": da[0] / rows["floor: UNet fwd+bwd, 2 rows"][0],
-        "DA + adapters / DA": adapters_row[0] / da[0],
-        "DA + rec / (DA + rec floor)": rows["DreamArtist + reconstruction"][0]
-        / (da[0] + rows["reconstruction floor: decoder fwd+bwd"][0]),
-        "sampling, adapter hooks / merged LoRA": rows["sampling step, adapter hooks"][0]
-        / rows["sampling step, LoRA merged"][0],
-        "memory, DA + adapters / DA": memory_with / da[1],
+        "DreamArtist / floor": seconds["DreamArtist"] / seconds["floor: UNet fwd+bwd, 2 rows"],
+        "DA + adapters / DA": seconds["DreamArtist + adapters"] / seconds["DreamArtist"],
+        "DA + rec / (DA + rec floor)": seconds["DreamArtist + reconstruction"]
+        / (seconds["DreamArtist"] + seconds["reconstruction floor: decoder fwd+bwd"]),
+        "sampling, adapter hooks / merged LoRA": seconds["sampling step, adapter hooks"]
+        / seconds["sampling step, LoRA merged"],
+        "memory, DA + adapters / DA": rows["DreamArtist + adapters"].memory / rows["DreamArtist"].memory,
     }
     for label, ratio in ratios.items():
         verdict = "ok" if ratio <= LIMITS[label] else "ABOVE"

@@ -58,9 +58,10 @@ class Lora:
         Autograd keeps the layer's own input, never a copy of some of its rows: a run of rows along
         dimension 0 is a view of it; rows along dimension 1 are strided, so those are cut from the rank-r
         projection of all rows instead. Dropout acts on the update, as in HCP-Diffusion's LoraLayer
-        (DreamArtist++); every scale (strength, alpha / rank, dropout's 1 / (1 - p)) acts on the rank-r
+        (DreamArtist++); every scale (strength, alpha / rank, 1 / the share dropout keeps) acts on the rank-r
         projection, the smallest tensor."""
-        keep = 1.0 - dropout if dropout and training else 1.0
+        levels = _kept_levels(dropout) if dropout and training else _LEVELS
+        keep = levels / _LEVELS
         down, up = self.down.to(x.device, x.dtype), self.up.to(x.device, x.dtype)
         if dim == 0:
             parts = [F.linear(x[start:stop], down) for start, stop in runs]
@@ -69,29 +70,44 @@ class Lora:
             parts = [h.narrow(dim, start, stop - start) for start, stop in runs]
         scale = strength * self.alpha / self.rank / keep
         out = [F.linear(part * scale, up) for part in parts]
-        return [_SeededMask.apply(o, keep) for o in out] if keep < 1.0 else out
+        return [_SeededMask.apply(o, levels) for o in out] if levels < _LEVELS else out
+
+
+# Dropout's resolution: an element is kept when 16 random bits fall below ``levels``, four elements to one 64-bit
+# draw (a quarter of the draws torch.rand makes; on a CPU the draws are most of dropout's cost). The kept share
+# is 1 - dropout to within 1 / 65536, and the update is scaled by the inverse of that exact share.
+_LEVELS = 2**16
+
+
+def _kept_levels(dropout: float) -> int:
+    return min(_LEVELS, max(1, round((1.0 - dropout) * _LEVELS)))
 
 
 class _SeededMask(torch.autograd.Function):
-    """Dropout's mask (each element kept with probability ``keep``, not rescaled), drawn again from its seed in the
-    backward pass: F.dropout keeps it, as large as the layer's output (float32 on a CPU), which is more memory
-    than the adapters' own inputs. The seed comes from torch's global generator, so a seeded run repeats, and a
+    """Dropout's mask (each element kept with probability ``levels`` / 65536, not rescaled), drawn again from its
+    seed in the backward pass: F.dropout keeps it, as large as the layer's output, which is more memory than the
+    adapters' own inputs. The seed comes from torch's global generator, so a seeded run repeats, and a
     checkpointed block's recomputation (which restores that generator) draws the same mask."""
 
     @staticmethod
-    def forward(ctx, update: torch.Tensor, keep: float) -> torch.Tensor:
-        ctx.keep, ctx.seed = keep, int(torch.randint(0, 2**62, (1,)))
-        return update * _mask(update, keep, ctx.seed)
+    def forward(ctx, update: torch.Tensor, levels: int) -> torch.Tensor:
+        # in place: the update is a fresh tensor that nothing else holds, and its matmul's backward does not need it
+        ctx.levels, ctx.seed = levels, int(torch.randint(0, 2**62, (1,)))
+        ctx.mark_dirty(update)
+        return update.masked_fill_(_dropped(update, levels, ctx.seed), 0.0)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        return grad * _mask(grad, ctx.keep, ctx.seed), None
+        return grad.masked_fill(_dropped(grad, ctx.levels, ctx.seed), 0.0), None
 
 
-def _mask(like: torch.Tensor, keep: float, seed: int) -> torch.Tensor:
-    """True with probability ``keep``: a uniform draw below it (half the cost of bernoulli_ on a CPU)."""
+def _dropped(like: torch.Tensor, levels: int, seed: int) -> torch.Tensor:
+    """True where an element is dropped: its 16 random bits, as a signed number, reach ``levels`` - 2**15."""
     generator = torch.Generator(like.device).manual_seed(seed)
-    return torch.rand(like.shape, generator=generator, device=like.device) < keep
+    n = like.numel()
+    bits = torch.empty((n + 3) // 4, dtype=torch.int64, device=like.device).random_(-2**63, None,
+                                                                                    generator=generator)
+    return (bits.view(torch.int16)[:n] >= levels - 2**15).view(like.shape)
 
 
 Adapter = Mapping[str, Lora]  # canonical layer name -> its LoRA
@@ -196,7 +212,8 @@ def _hook(acting: list[tuple[str, Lora, float]], dropout: float, training: bool)
             if runs:
                 pieces += zip(runs, lora.delta(inputs[0], runs, dim, strength, dropout, training))
         for group in _disjoint(pieces):
-            output = output + _assemble(group, output, dim)
+            # in place: the assembled update is a fresh tensor of ours; one full-size tensor fewer per layer
+            output = _assemble(group, output, dim).add_(output)
         return output
     return hook
 

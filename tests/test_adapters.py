@@ -124,6 +124,22 @@ def test_dropout_drops_elements_of_the_update_not_of_the_input():
     assert kept[[0, 2]].any() and (~kept[[0, 2]]).any() and (update[[1, 3]] == 0).all()
 
 
+def test_dropout_keeps_its_share_of_elements_and_scales_by_exactly_that_share():
+    """p = 0.1 resolves to a kept share of 58982 / 65536 (16 random bits per element); the kept elements are the
+    update divided by exactly that share, and about that share of them is kept (4 standard deviations)."""
+    layer, x = torch.nn.Linear(8, 4096), torch.randn(16, 8)
+    lora = Lora(torch.randn(2, 8), torch.randn(4096, 2), alpha=2.0)
+    torch.manual_seed(3)
+    with installed({"l": layer}, {"a": ({"l": lora}, 1.0)}, dropout=0.1, training=True), \
+            row_labels(["a"] * 16), torch.no_grad():
+        update = layer(x) - torch.nn.functional.linear(x, layer.weight, layer.bias)
+    keep = 58982 / 65536
+    kept = update != 0
+    torch.testing.assert_close(update[kept], ((x @ lora.down.T @ lora.up.T) / keep)[kept])
+    n = kept.numel()
+    assert abs(kept.sum().item() - keep * n) < 4 * (n * keep * (1 - keep)) ** 0.5
+
+
 def test_training_keeps_no_copy_of_a_layers_input_for_the_adapters():
     """The rows are picked after the rank-r projection: of the input's width, autograd keeps only the input itself
     and the weights, never a copy of some of its rows; of the output's width, nothing (no update, no mask)."""
@@ -150,12 +166,12 @@ def test_dropout_backward_uses_the_forward_mask_and_keeps_none():
     weights = torch.randn(3, 32)
     saved = []
     torch.manual_seed(1)
-    with installed({"l": layer}, {"a": ({"l": lora}, 1.0)}, dropout=0.4, training=True), row_labels(["a"] * 3):
+    with installed({"l": layer}, {"a": ({"l": lora}, 1.0)}, dropout=0.25, training=True), row_labels(["a"] * 3):
         with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
             out = layer(x)
         update = out - torch.nn.functional.linear(x, layer.weight, layer.bias).detach()
         (update * weights).sum().backward()
-    kept = (update.detach() != 0).float() / 0.6
+    kept = (update.detach() != 0).float() / 0.75
     assert 0 < kept.count_nonzero() < kept.numel()
     torch.testing.assert_close(lora.up.grad, (kept * weights).T @ (x @ lora.down.T))
     assert not [tuple(t.shape) for t in saved if t.numel() >= update.numel()]

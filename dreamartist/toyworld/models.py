@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -81,13 +82,15 @@ def save_part(module: torch.nn.Module, config: dict, folder: Path, part: str) ->
     (folder / f"{part}.json").write_text(json.dumps(config, indent=1) + "\n", encoding="utf-8")
 
 
-def load_part(folder: Path, part: str) -> torch.nn.Module:
-    """A model part from ``folder``, weights read back as float32 (every weight must be in the file)."""
-    from safetensors.torch import load_file
+def load_part(folder: Path, part: str, data: bytes | None = None) -> torch.nn.Module:
+    """A model part from ``folder`` (its weight file's bytes ``data`` when already read), weights as float32 (every
+    weight must be in the file)."""
+    from safetensors.torch import load
 
     config = json.loads((folder / f"{part}.json").read_text(encoding="utf-8"))
     module = BUILDERS[part](config)
-    tensors = {k: v.float() for k, v in load_file(str(folder / f"{part}.safetensors")).items()}
+    data = (folder / f"{part}.safetensors").read_bytes() if data is None else data
+    tensors = {k: v.float() for k, v in load(data).items()}
     missing, unexpected = module.load_state_dict(tensors, strict=False)
     missing = [k for k in missing if not k.endswith("position_ids")]
     if missing or unexpected:
@@ -95,11 +98,12 @@ def load_part(folder: Path, part: str) -> torch.nn.Module:
     return module.eval()
 
 
-def weights_hash(folder: Path) -> str:
-    """The first 10 hex digits of a sha256 over the model's weight files, as the webui shows a checkpoint hash."""
+def weights_hash(files: Mapping[str, bytes]) -> str:
+    """The first 10 hex digits of a sha256 over the model's weight files (part -> bytes), as the webui shows a
+    checkpoint hash."""
     digest = hashlib.sha256()
     for part in PARTS:
-        digest.update((folder / f"{part}.safetensors").read_bytes())
+        digest.update(files[part])
     return digest.hexdigest()[:10]
 
 
@@ -123,5 +127,6 @@ def assemble(text_encoder, vae, unet, device: torch.device | str | None = None, 
 def load_backend(device: torch.device | str | None = None, folder: str | Path | None = None):
     """The pretrained toy-world model (shipped in ``weights/``) as an SD1 StandaloneBackend."""
     folder = Path(folder) if folder else WEIGHTS_DIR
-    parts = {part: load_part(folder, part) for part in PARTS}
-    return assemble(parts["text_encoder"], parts["vae"], parts["unet"], device, weights_hash(folder))
+    files = {part: (folder / f"{part}.safetensors").read_bytes() for part in PARTS}  # read once: loaded and hashed
+    parts = {part: load_part(folder, part, files[part]) for part in PARTS}
+    return assemble(parts["text_encoder"], parts["vae"], parts["unet"], device, weights_hash(files))
