@@ -49,7 +49,6 @@ def _font() -> ImageFont.ImageFont:
 
 
 def main(argv: list[str] | None = None) -> int:
-    import torch
 
     from dreamartist import pairfiles
     from dreamartist.images import load_image
@@ -63,7 +62,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, help="image to write (default: EMBEDDINGS/NAME-contexts.png)")
     parser.add_argument("--samples", type=int, default=4)
     args = parser.parse_args(argv)
-    torch.set_num_threads(1)  # batch-1 sampling gains little from more threads, and loses much on a busy machine
     try:
         pos, neg = pairfiles.load_pair(args.embeddings, args.name)
         reference = load_image(args.reference) if args.reference else None
