@@ -169,3 +169,27 @@ def test_the_cli_without_a_checkpoint_trains_on_the_toy_model_at_its_own_size(tm
     assert code == 0 and "toy-world model" in capsys.readouterr().out
     preview = Image.open(tmp_path / "previews" / "toystar-step00001.png")
     assert all(side % 64 == 0 and side <= 128 for side in preview.size), preview.size  # 64 px samples, not 512
+
+
+def test_stage_seconds_sum_over_resumes_but_a_redone_stage_keeps_its_last_run(tmp_path, monkeypatch):
+    """A resumed UNet adds to its earlier seconds; the bar, sampled anew on every run, does not."""
+    from dreamartist.toyworld import pretrain
+
+    class Stub:
+        def __init__(self, *args):
+            pass
+
+        def unet(self):
+            pass
+
+        def bar(self):
+            pass
+
+    monkeypatch.setattr(pretrain, "Pretraining", Stub)
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: None)  # main's process-wide settings stay out
+    monkeypatch.setattr(torch, "set_flush_denormal", lambda on: True)
+    (tmp_path / "timings.json").write_text(json.dumps({s: {"wall": 100.0, "cpu": 100.0} for s in ("unet", "bar")}))
+    assert pretrain.main(["--run-dir", str(tmp_path), "--stages", "unet,bar"]) == 0
+    timings = json.loads((tmp_path / "timings.json").read_text())
+    assert timings["unet"]["wall"] >= 100 and timings["unet"]["cpu"] >= 100
+    assert timings["bar"]["wall"] < 100 and timings["bar"]["cpu"] < 100

@@ -49,7 +49,6 @@ def _font() -> ImageFont.ImageFont:
 
 
 def main(argv: list[str] | None = None) -> int:
-
     from dreamartist import pairfiles
     from dreamartist.images import load_image
 
