@@ -17,6 +17,7 @@ from dreamartist.images import load_image, prepare_reference
 from dreamartist.names import negative_name
 from dreamartist.pairfiles import load_pair
 from dreamartist.toyworld import load_backend, load_classifier
+from dreamartist.toyworld.data import render_set
 from dreamartist.toyworld.evaluate import generate
 from dreamartist.toyworld.models import WEIGHTS_DIR
 from dreamartist.toyworld.render import render, render_array
@@ -76,6 +77,12 @@ def test_the_renderer_is_deterministic_and_jitters_by_seed():
     assert np.array_equal(first, again)
     assert not np.array_equal(first, other)
 
+
+
+def test_a_rendered_set_is_the_same_whatever_the_number_of_render_processes():
+    one, two = render_set(training_scenes(), 40, seed=7), render_set(training_scenes(), 40, seed=7, workers=2)
+    assert np.array_equal(one.images, two.images) and np.array_equal(one.labels, two.labels)
+    assert len({one.images[i].tobytes() for i in range(40)}) == 40  # 40 renders, not one repeated
 
 def test_held_out_combinations_and_concepts_never_reach_pretraining():
     training = set(training_scenes())

@@ -1,6 +1,8 @@
 """Rendered data sets of the toy world: images, attribute labels and the scene of each image."""
 from __future__ import annotations
 
+import contextlib
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,16 +37,27 @@ class RenderedSet:
             return cls(images=data["images"], labels=data["labels"])
 
 
-def render_set(scenes: list[Scene], count: int, seed: int, progress: str = "") -> RenderedSet:
-    """``count`` renders of scenes drawn uniformly from ``scenes``; the same seed gives the same set."""
+def render_set(scenes: list[Scene], count: int, seed: int, progress: str = "", workers: int = 1) -> RenderedSet:
+    """``count`` renders of scenes drawn uniformly from ``scenes``; the same seed gives the same set, whatever the
+    number of worker processes (each render has its own seed, drawn up front)."""
     rng = np.random.default_rng(seed)
     picks = rng.integers(0, len(scenes), count)
     render_seeds = rng.integers(0, 2**62, count)
+    jobs = [(scenes[p], int(s)) for p, s in zip(picks, render_seeds)]
     images = np.empty((count, 64, 64, 3), dtype=np.uint8)
-    for i in tqdm(range(count), desc=progress or "render", unit="img", disable=not progress, mininterval=2):
-        images[i] = render_array(scenes[picks[i]], int(render_seeds[i]))
+    with contextlib.ExitStack() as stack:
+        rendered = map(_render, jobs)
+        if workers > 1:
+            rendered = stack.enter_context(ProcessPoolExecutor(workers)).map(_render, jobs, chunksize=256)
+        for i, image in enumerate(tqdm(rendered, total=count, desc=progress or "render", unit="img",
+                                       disable=not progress, mininterval=2)):
+            images[i] = image
     labels = np.array([scenes[p].labels() for p in picks], dtype=np.int64).reshape(count, len(ATTRIBUTES))
     return RenderedSet(images, labels)
+
+
+def _render(job: tuple[Scene, int]) -> np.ndarray:
+    return render_array(*job)
 
 
 def to_pixels(images: np.ndarray) -> torch.Tensor:

@@ -3,7 +3,8 @@
 Stages, each seeded and resumable (a stage whose output exists is skipped; the long ones checkpoint):
 text encoder (seeded random, frozen from then on), renders, VAE, attribute classifier, latents, UNet,
 export (fp16 safetensors + JSON configs into dreamartist/toyworld/weights) and the base-model bar.
-About 2 hours on two CPU cores with the defaults (the UNet's 9500 steps take 95 minutes of them).
+About 2 hours on two CPU cores with the defaults (the UNet's 9500 steps take 95 minutes of them); `--device cuda`
+trains the UNet on a GPU, drawing every random number on the CPU as before, so only the arithmetic moves.
 """
 from __future__ import annotations
 
@@ -73,8 +74,10 @@ def _load_checkpoint(path: Path) -> dict | None:
 class Pretraining:
     """The stages of one pretraining run in ``run_dir``."""
 
-    def __init__(self, run_dir: Path, settings: Settings, weights_dir: Path = models.WEIGHTS_DIR) -> None:
+    def __init__(self, run_dir: Path, settings: Settings, weights_dir: Path = models.WEIGHTS_DIR,
+                 device: str = "cpu", workers: int = 1) -> None:
         self.run_dir, self.settings, self.weights_dir = run_dir, settings, weights_dir
+        self.device, self.workers = torch.device(device), workers  # the UNet's device; render processes
         self.parts_dir = run_dir / "parts"
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "settings.json").write_text(json.dumps(asdict(settings), indent=1) + "\n")
@@ -98,7 +101,8 @@ class Pretraining:
     def renders(self) -> RenderedSet:
         path = self.run_dir / "renders.npz"
         if not path.is_file():
-            rendered = render_set(training_scenes(), self.settings.train_images, self.settings.seed + 2, "renders")
+            rendered = render_set(training_scenes(), self.settings.train_images, self.settings.seed + 2, "renders",
+                                  self.workers)
             rendered.save(path)
             self.log(f"renders: {len(rendered)} images of {len(training_scenes())} training scenes")
         return RenderedSet.load(path)
@@ -187,17 +191,17 @@ class Pretraining:
         """The parts so far as a StandaloneBackend (the text side encodes captions exactly as at run time)."""
         unet = unet if unet is not None else models.build_unet(seed=0)
         return models.assemble(models.load_part(self.parts_dir, "text_encoder"),
-                               models.load_part(self.parts_dir, "vae"), unet, device="cpu")
+                               models.load_part(self.parts_dir, "vae"), unet, device=self.device)
 
     def unet(self) -> None:
         """Epsilon prediction, min-SNR weighting, offset noise, 10 % empty captions (for CFG), an EMA copy."""
         s = self.settings
         if (self.parts_dir / "unet.safetensors").is_file():
             return
-        latents, labels = self.latents(), self.renders().labels
+        latents, labels = self.latents().to(self.device), self.renders().labels
         scenes = {scene.labels(): scene for scene in all_scenes()}
-        unet = models.build_unet(seed=s.seed + 4).train()
-        ema = models.build_unet(seed=s.seed + 4).eval().requires_grad_(False)
+        unet = models.build_unet(seed=s.seed + 4).to(self.device).train()
+        ema = models.build_unet(seed=s.seed + 4).to(self.device).eval().requires_grad_(False)
         ema.load_state_dict(unet.state_dict())
         backend = self.backend(ema)
         optimizer = torch.optim.AdamW(unet.parameters(), lr=s.unet_lr, betas=(0.9, 0.99), weight_decay=0.01)
@@ -208,19 +212,21 @@ class Pretraining:
             ema.load_state_dict(state["ema"])
             optimizer.load_state_dict(state["optimizer"])
             step = state["step"]
-        abar_all = backend.alphas_cumprod
+        abar_all = backend.alphas_cumprod.to(self.device)
         snr_all = abar_all / (1 - abar_all)
+        parameters, averages = list(unet.parameters()), list(ema.parameters())
         bar = tqdm(total=s.unet_steps, initial=step, desc="unet", unit="step")
-        recent: list[float] = []
+        recent: list[torch.Tensor] = []  # the last 100 losses, read only when shown (reading one waits for a GPU)
         while step < s.unet_steps:
+            # Every random number comes from CPU generators, so a GPU run draws exactly what a CPU run draws.
             generator = torch.Generator().manual_seed(s.seed * 1_000_003 + 7 + step)
             captions_rng = random.Random(s.seed * 1_000_003 + 11 + step)
             picks = torch.randint(0, len(latents), (s.unet_batch,), generator=generator)
-            z0 = latents[picks]
+            z0 = latents[picks.to(self.device)]
             captions = [random_caption(scenes[tuple(labels[i])], captions_rng) for i in picks.tolist()]
-            t = torch.randint(0, len(abar_all), (s.unet_batch,), generator=generator)
+            t = torch.randint(0, len(abar_all), (s.unet_batch,), generator=generator).to(self.device)
             noise = torch.randn(z0.shape, generator=generator)
-            noise = noise + s.offset_noise * torch.randn((*z0.shape[:2], 1, 1), generator=generator)
+            noise = (noise + s.offset_noise * torch.randn((*z0.shape[:2], 1, 1), generator=generator)).to(self.device)
             abar = abar_all[t].view(-1, 1, 1, 1)
             z_t = abar.sqrt() * z0 + (1 - abar).sqrt() * noise
             with torch.no_grad():
@@ -236,16 +242,16 @@ class Pretraining:
             optimizer.step()
             decay = min(s.ema_decay, (1 + step) / (10 + step))
             with torch.no_grad():
-                for averaged, live in zip(ema.parameters(), unet.parameters()):
-                    averaged.lerp_(live, 1 - decay)
+                torch._foreach_lerp_(averages, parameters, 1 - decay)
             step += 1
-            recent = (recent + [loss.item()])[-100:]
+            recent = (recent + [loss.detach()])[-100:]
             bar.update(1)
-            bar.set_postfix(loss=f"{sum(recent) / len(recent):.4f}")
+            if step % 25 == 0:
+                bar.set_postfix(loss=f"{torch.stack(recent).mean():.4f}")
             if step % s.checkpoint_every == 0 or step == s.unet_steps:
                 _save_checkpoint(checkpoint_path, {"model": unet.state_dict(), "ema": ema.state_dict(),
                                                    "optimizer": optimizer.state_dict(), "step": step})
-                self.log(f"unet step {step}: loss {sum(recent) / len(recent):.4f}")
+                self.log(f"unet step {step}: loss {torch.stack(recent).mean():.4f}")
             if s.sample_every and step % s.sample_every == 0:
                 self._sample_sheet(backend, step)
         bar.close()
@@ -276,8 +282,8 @@ class Pretraining:
         path = self.run_dir / "classifier-renders.npz"
         if not path.is_file():
             s = self.settings
-            train = render_set(all_scenes(), s.classifier_images, s.seed + 5, "classifier renders")
-            test = render_set(all_scenes(), 2000, s.seed + 6, "classifier test renders")
+            train = render_set(all_scenes(), s.classifier_images, s.seed + 5, "classifier renders", self.workers)
+            test = render_set(all_scenes(), 2000, s.seed + 6, "classifier test renders", self.workers)
             vae = models.load_part(self.parts_dir, "vae")
             temporary = path.with_suffix(".partial.npz")
             np.savez(temporary, train_images=train.images, train_labels=train.labels,
@@ -350,7 +356,7 @@ class Pretraining:
         from .evaluate import GUIDANCE, SAMPLE_STEPS, SAMPLES_PER_PROMPT, scene_accuracy
         from .world import held_out_scenes
 
-        backend = models.load_backend(device="cpu", folder=self.weights_dir)
+        backend = models.load_backend(device=self.device, folder=self.weights_dir)
         classifier = load_classifier(self.weights_dir)
         scores = scene_accuracy(backend, classifier, held_out_scenes(), progress=True)
         # the bar's own seconds are known only after this file is written (MODEL_CARD.md gives them)
@@ -384,7 +390,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m dreamartist.toyworld.pretrain", description=__doc__.split("\n")[0])
     parser.add_argument("--run-dir", type=Path, default=DEFAULT_RUN_DIR, help="checkpoints and data (resumable)")
     parser.add_argument("--weights-dir", type=Path, default=models.WEIGHTS_DIR, help="where the finished model goes")
-    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (1 on a busy machine)")
+    parser.add_argument("--threads", type=int, default=2,
+                        help="torch CPU threads and render processes (1 on a busy machine)")
+    parser.add_argument("--device", default="cpu", help="where the UNet trains and the bar samples (cpu, cuda)")
     parser.add_argument("--stages", default=",".join(STAGES), help="comma-separated stages to run, in order")
     for name, default in asdict(Settings()).items():
         parser.add_argument("--" + name.replace("_", "-"), type=type(default), default=default)
@@ -396,7 +404,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)  # denormal floats in small gradients slow CPU kernels down many times
     settings = Settings(**{name: getattr(args, name) for name in asdict(Settings())})
-    run = Pretraining(args.run_dir, settings, args.weights_dir)
+    run = Pretraining(args.run_dir, settings, args.weights_dir, args.device, args.threads)
     stages = [stage.strip() for stage in args.stages.split(",") if stage.strip()]
     unknown = sorted(set(stages) - set(STAGES))
     if unknown:
