@@ -3,7 +3,7 @@
 Stages, each seeded and resumable (a stage whose output exists is skipped; the long ones checkpoint):
 text encoder (seeded random, frozen from then on), renders, VAE, attribute classifier, latents, UNet,
 export (fp16 safetensors + JSON configs into dreamartist/toyworld/weights) and the base-model bar.
-About 2 hours on two CPU cores with the defaults (the UNet's 9500 steps take 95 minutes of them); `--device cuda`
+About 3 hours on two CPU cores with the defaults (the UNet's 17500 steps take 2.5 hours of them); `--device cuda`
 trains the UNet on a GPU, drawing every random number on the CPU as before, so only the arithmetic moves.
 """
 from __future__ import annotations
@@ -38,7 +38,7 @@ class Settings:
     vae_crop: int = 32  # the VAE trains on crops: it is convolutional, and crops cost a quarter of full images
     vae_lr: float = 1e-3
     vae_kl: float = 1e-5
-    unet_steps: int = 9500
+    unet_steps: int = 17500
     unet_batch: int = 32
     unet_lr: float = 1e-3
     unet_warmup: int = 200
