@@ -78,11 +78,11 @@ def test_the_renderer_is_deterministic_and_jitters_by_seed():
     assert not np.array_equal(first, other)
 
 
-
 def test_a_rendered_set_is_the_same_whatever_the_number_of_render_processes():
     one, two = render_set(training_scenes(), 40, seed=7), render_set(training_scenes(), 40, seed=7, workers=2)
     assert np.array_equal(one.images, two.images) and np.array_equal(one.labels, two.labels)
     assert len({one.images[i].tobytes() for i in range(40)}) == 40  # 40 renders, not one repeated
+
 
 def test_held_out_combinations_and_concepts_never_reach_pretraining():
     training = set(training_scenes())
