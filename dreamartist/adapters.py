@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint
 
+from . import recomputed_linear
+
 UNET, TEXT = "unet", "te"
 # Which layers carry adapters (DreamArtist++ as HCP-Diffusion trains it): the UNet's attention keys and values
 # and its feed-forward layers; the text encoder's self-attention and MLP.
@@ -64,9 +66,9 @@ class Lora:
         keep = levels / _LEVELS
         down, up = self.down.to(x.device, x.dtype), self.up.to(x.device, x.dtype)
         if dim == 0:
-            parts = [F.linear(x[start:stop], down) for start, stop in runs]
+            parts = [recomputed_linear.linear(x, down, start, stop) for start, stop in runs]
         else:
-            h = F.linear(x, down)
+            h = recomputed_linear.linear(x, down, 0, len(x))
             parts = [h.narrow(dim, start, stop - start) for start, stop in runs]
         scale = strength * self.alpha / self.rank / keep
         out = [F.linear(part * scale, up) for part in parts]
@@ -160,6 +162,7 @@ def checkpoint(function, *args, **kwargs):
                 for install in installs:
                     stack.enter_context(installed(*install))
             stack.enter_context(row_labels(labels))
+            stack.enter_context(recomputed_linear.keeping_inputs())
             return function(*inner_args, **inner_kwargs)
     return torch.utils.checkpoint.checkpoint(as_first_pass, *args, use_reentrant=False, **kwargs)
 

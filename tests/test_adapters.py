@@ -6,7 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
-from dreamartist import adapters
+from dreamartist import adapters, recomputed_linear
 from dreamartist.adapters import Lora, installed, row_labels
 from dreamartist.backend import Conditioning
 from dreamartist.config import TrainConfig
@@ -156,6 +156,80 @@ def test_training_keeps_no_copy_of_a_layers_input_for_the_adapters():
     kept = [t for t in saved if t.untyped_storage().data_ptr() not in own]
     assert not [tuple(t.shape) for t in kept if t.shape[-1] in (64, 48)]
     assert pn["pos"].down.grad.abs().sum() > 0 and pn["neg"].up.grad.abs().sum() > 0
+
+
+def transformer_block(kind: str):
+    """A transformer block of the real libraries (SD's UNet, CLIP's text encoder), a call of it, its adapted
+    layers by name, and the modules whose outputs are adapted layers' inputs: LayerNorms and the activation that
+    multiplies (GEGLU, quick GELU)."""
+    if kind == "unet":
+        from diffusers.models.attention import BasicTransformerBlock
+        block = BasicTransformerBlock(16, 2, 8, cross_attention_dim=12)
+        context = torch.randn(4, 3, 12)
+        call = lambda x: block(x, encoder_hidden_states=context)  # noqa: E731
+        feeding = [block.norm1, block.norm3, block.ff.net[0]]
+    else:
+        from transformers import CLIPTextConfig
+        from transformers.models.clip.modeling_clip import CLIPEncoderLayer
+        block = CLIPEncoderLayer(CLIPTextConfig(hidden_size=16, intermediate_size=64, num_attention_heads=2,
+                                                hidden_act="quick_gelu"))
+        call = lambda x: block(x, None)  # noqa: E731
+        feeding = [block.layer_norm1, block.layer_norm2, block.mlp.activation_fn]
+    layers = {name: m for name, m in block.named_modules() if adapters.TARGETS[adapters.UNET if kind == "unet"
+                                                                               else adapters.TEXT].search("." + name)}
+    return block.requires_grad_(False), call, layers, feeding
+
+
+def adapter_run(call, layers, x, pn, autocast: bool = False):
+    """The gradients of a training step with ``pn`` on ``layers``, and the tensors autograd kept."""
+    saved = []
+    torch.manual_seed(1)
+    with installed(layers, {b: (pn[b], 1.0) for b in pn}, dropout=0.1, training=True), \
+            row_labels(["neg", "neg", "pos", "pos"]), torch.autocast("cpu", torch.bfloat16, enabled=autocast), \
+            torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        out = call(x)
+    out.float().sin().sum().backward()
+    tensors = [t for adapter in pn.values() for lora in adapter.values() for t in (lora.down, lora.up)] + [x]
+    grads = [t.grad for t in tensors]
+    for t in tensors:
+        t.grad = None
+    return grads, saved
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+@pytest.mark.parametrize("kind", ["unet", "text_encoder"])
+def test_adapted_layers_inputs_are_recomputed_from_what_autograd_keeps_not_kept(kind, autocast, monkeypatch):
+    """A LayerNorm's output (attention's and the feed-forward's input) and the feed-forward's product (GEGLU's
+    h * gelu(g), CLIP's h * sigmoid(1.702 h)) are made again in the adapters' backward pass from what their own
+    operations keep: the gradients are those of the plain F.linear path, also under autocast."""
+    torch.manual_seed(0)
+    block, call, layers, feeding = transformer_block(kind)
+    assert len(layers) == 6
+    x = torch.randn(4, 5, 16, requires_grad=True)
+    g = torch.Generator().manual_seed(3)
+    pn = {branch: {name: Lora(torch.randn(2, m.in_features, generator=g).requires_grad_(),
+                              torch.randn(m.out_features, 2, generator=g).requires_grad_(), 2.0)
+                   for name, m in layers.items()} for branch in ("pos", "neg")}
+    fed = []  # the outputs themselves, so that no kept tensor can take their memory over
+    for module in feeding:
+        module.register_forward_hook(lambda module, inputs, output: fed.append(output))
+
+    def inputs_kept():
+        fed.clear()
+        grads, saved = adapter_run(call, layers, x, pn, autocast)
+        assert len(fed) == len(feeding)
+        storages = {t.untyped_storage().data_ptr() for t in saved}
+        return grads, [t for t in fed if t.untyped_storage().data_ptr() in storages]
+
+    grads, kept = inputs_kept()
+    with monkeypatch.context() as plain:
+        plain.setattr(recomputed_linear, "_recipe", lambda x: None)
+        plain_grads, plain_kept = inputs_kept()
+    # autocast's F.linear keeps its bfloat16 copies of the float32 norm outputs instead of them
+    assert not kept and len(plain_kept) == (1 if autocast else len(feeding))
+    for got, expected in zip(grads, plain_grads):
+        assert got.dtype == expected.dtype
+        torch.testing.assert_close(got, expected, **({"rtol": 2e-2, "atol": 2e-2} if autocast else {}))
 
 
 def test_dropout_backward_uses_the_forward_mask_and_keeps_none():
