@@ -57,11 +57,11 @@ class Lora:
     def delta(self, x: torch.Tensor, runs: Sequence[Run], dim: int, strength: float = 1.0, dropout: float = 0.0,
               training: bool = False) -> list[torch.Tensor]:
         """``strength`` times the update for each run of rows of ``x`` along ``dim`` (one tensor per run).
-        Autograd keeps the layer's own input, never a copy of some of its rows: a run of rows along
-        dimension 0 is a view of it; rows along dimension 1 are strided, so those are cut from the rank-r
-        projection of all rows instead. Dropout acts on the update, as in HCP-Diffusion's LoraLayer
-        (DreamArtist++); every scale (strength, alpha / rank, 1 / the share dropout keeps) acts on the rank-r
-        projection, the smallest tensor."""
+        For the gradient the layer's input is made again where it can be (``recomputed_linear``), else kept
+        itself, never a copy of some of its rows: a run of rows along dimension 0 is a view of it; rows along
+        dimension 1 are strided, so those are cut from the rank-r projection of all rows instead. Dropout acts
+        on the update, as in HCP-Diffusion's LoraLayer (DreamArtist++); every scale (strength, alpha / rank,
+        1 / the share dropout keeps) acts on the rank-r projection, the smallest tensor."""
         levels = _kept_levels(dropout) if dropout and training else _LEVELS
         keep = levels / _LEVELS
         down, up = self.down.to(x.device, x.dtype), self.up.to(x.device, x.dtype)
