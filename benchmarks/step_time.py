@@ -155,14 +155,15 @@ def decoder_floor_step(trainer: Trainer):
     return step
 
 
-def sampling_step(trainer: Trainer, patches):
-    """One CFG sampling step: the [negative; prompt] rows in one UNet call, no gradient."""
+def sampling_step(trainer: Trainer):
+    """One CFG sampling step: the [negative; prompt] rows in one UNet call, no gradient (a row's context installs
+    the adapters or merges the LoRA, once per generation as in the webui)."""
     backend = trainer.backend
     with torch.no_grad():
         cond = backend.encode(["walle-neg", "walle"], trainer.objective.words(trainer.params), ("neg", "pos"))
 
     def step():
-        with torch.no_grad(), backend.patched(patches):
+        with torch.no_grad():
             backend.unet(torch.cat([trainer.latents[0]] * 2), torch.full((2,), 500, device=backend.device), cond)
     return step
 
@@ -216,7 +217,11 @@ def main() -> None:
         with_adapters = ready_trainer(backend, args.size, Path(out), reference, reconstruction=False, adapters=True)
         rec = ready_trainer(backend, args.size, Path(out), reference, reconstruction=True)
         pos_lora = unflatten(with_adapters.params[f"{UNET}_pos"])
-        patches = with_adapters.objective.patches(with_adapters.params)
+        # generation's adapters: frozen tensors from the files, which the hooks move to the model's device and dtype
+        # on a generation's first step
+        frozen = {group: {k: v.detach().to(backend.dtype) for k, v in values.items()}
+                  for group, values in with_adapters.params.items()}
+        patches = with_adapters.objective.patches(frozen)
         rows = {
             "floor: UNet fwd+bwd, 2 rows": Row(unet_floor_step(plain)),
             "textual inversion (S^p only, 1 row)": Row(textual_inversion_step(plain), trainable_bytes(plain)),
@@ -224,9 +229,9 @@ def main() -> None:
             "DreamArtist + adapters": Row(with_adapters._optimizer_step, trainable_bytes(with_adapters)),
             "reconstruction floor: decoder fwd+bwd": Row(decoder_floor_step(plain)),
             "DreamArtist + reconstruction": Row(rec._optimizer_step, trainable_bytes(rec)),
-            "sampling step, adapter hooks": Row(sampling_step(with_adapters, patches),
-                                                trainable_bytes(with_adapters)),
-            "sampling step, LoRA merged": Row(sampling_step(with_adapters, {}), trainable_bytes(with_adapters),
+            "sampling step, adapter hooks": Row(sampling_step(with_adapters), trainable_bytes(with_adapters),
+                                                lambda: backend.patched(patches)),
+            "sampling step, LoRA merged": Row(sampling_step(with_adapters), trainable_bytes(with_adapters),
                                               lambda: merged(backend.adapter_layers()[UNET], pos_lora)),
         }
         for row in rows.values():

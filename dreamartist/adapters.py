@@ -54,6 +54,12 @@ class Lora:
     def rank(self) -> int:
         return self.down.shape[0]
 
+    def placed(self, device: torch.device, dtype: torch.dtype) -> Lora:
+        """On ``device`` in ``dtype``; trained tensors as they are, their cast stays in the graph (``delta``)."""
+        if self.down.requires_grad or self.up.requires_grad:
+            return self
+        return Lora(self.down.to(device, dtype), self.up.to(device, dtype), self.alpha)
+
     def delta(self, x: torch.Tensor, runs: Sequence[Run], dim: int, strength: float = 1.0, dropout: float = 0.0,
               training: bool = False) -> list[torch.Tensor]:
         """``strength`` times the update for each run of rows of ``x`` along ``dim`` (one tensor per run).
@@ -204,16 +210,27 @@ def _batch_dim(output: torch.Tensor, rows: int) -> int:
 
 
 def _hook(acting: list[tuple[str, Lora, float]], dropout: float, training: bool):
+    # each adapter where the layer's input is, moved once per install rather than on every call (a copy from
+    # the CPU per layer and step would cost more than the update itself)
+    placed: dict[tuple[torch.device, torch.dtype], list[tuple[str, Lora, float]]] = {}
+
     def hook(module, inputs, output):
         labels = _rows.get()
         if not labels:
             return None
+        x = inputs[0]
+        if (x.device, x.dtype) not in placed:
+            placed[x.device, x.dtype] = [(i, lora.placed(x.device, x.dtype), s) for i, lora, s in acting]
         dim = _batch_dim(output, len(labels))
         pieces: list[tuple[Run, torch.Tensor]] = []
-        for adapter_id, lora, strength in acting:
+        for adapter_id, lora, strength in placed[x.device, x.dtype]:
             runs = _runs([_acts_on(label, adapter_id) for label in labels])
             if runs:
-                pieces += zip(runs, lora.delta(inputs[0], runs, dim, strength, dropout, training))
+                pieces += zip(runs, lora.delta(x, runs, dim, strength, dropout, training))
+        if not torch.is_grad_enabled():  # generation: each update straight into its rows of the fresh output
+            for (start, stop), update in pieces:
+                output.narrow(dim, start, stop - start).add_(update)
+            return output
         for group in _disjoint(pieces):
             # in place: the assembled update is a fresh tensor of ours; one full-size tensor fewer per layer
             output = _assemble(group, output, dim).add_(output)

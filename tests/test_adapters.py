@@ -232,6 +232,26 @@ def test_adapted_layers_inputs_are_recomputed_from_what_autograd_keeps_not_kept(
         torch.testing.assert_close(got, expected, **({"rtol": 2e-2, "atol": 2e-2} if autocast else {}))
 
 
+def test_adapters_from_files_are_cast_to_the_layer_input_once_per_install_not_on_every_call():
+    """Generation's adapters come from files (CPU tensors, float32 or float16): each is moved to where the layer's
+    input is on its first call only; a copy per layer and step would cost more than the update on a GPU."""
+    layer, x = torch.nn.Linear(8, 8).double(), torch.randn(3, 8, dtype=torch.float64)
+    lora = Lora(torch.randn(2, 8), torch.randn(8, 2), alpha=2.0)  # float32 against the float64 input
+
+    def copies_in(call):
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+            out = call()
+        return out, sum(event.count for event in profile.key_averages() if event.key == "aten::_to_copy")
+
+    with installed({"l": layer}, {"a": ({"l": lora}, 0.5)}), row_labels(["a"] * 3), torch.no_grad():
+        (first, first_copies), (second, second_copies) = copies_in(lambda: layer(x)), copies_in(lambda: layer(x))
+    assert (first_copies, second_copies) == (2, 0)
+    update = 0.5 * x @ lora.down.double().T @ lora.up.double().T  # strength 0.5, alpha / rank 1
+    expected = torch.nn.functional.linear(x, layer.weight, layer.bias) + update
+    torch.testing.assert_close(second, expected)
+    torch.testing.assert_close(first, expected)
+
+
 def test_dropout_backward_uses_the_forward_mask_and_keeps_none():
     """The gradient reaching the adapter passes through exactly the elements the forward kept (scaled by 1 / (1 - p)),
     and autograd keeps nothing as large as the output: the mask is drawn again from its seed."""
