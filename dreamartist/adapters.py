@@ -80,6 +80,18 @@ class Lora:
         out = [F.linear(part * scale, up) for part in parts]
         return [_SeededMask.apply(o, levels) for o in out] if levels < _LEVELS else out
 
+    def add_to(self, output: torch.Tensor, x: torch.Tensor, run: Run, dim: int, strength: float) -> None:
+        """Generation (no gradient, no dropout): ``output``'s rows in ``run`` += the update, in place. Rows along
+        dimension 0 take two kernels, the scale riding on addmm's; on a GPU at a small batch each kernel's launch
+        costs more than its work."""
+        start, stop = run
+        rows, scale = output.narrow(dim, start, stop - start), strength * self.alpha / self.rank
+        down, up = self.down.to(x.device, x.dtype), self.up.to(x.device, x.dtype)
+        if dim == 0 and rows.is_contiguous() and rows.dtype == x.dtype:
+            h = F.linear(x[start:stop], down)
+            rows.view(-1, rows.shape[-1]).addmm_(h.reshape(-1, h.shape[-1]), up.T, alpha=scale)
+        else:
+            rows.add_(F.linear(x.narrow(dim, start, stop - start), down).mul_(scale) @ up.T)
 
 # Dropout's resolution: an element is kept when 16 random bits fall below ``levels``, four elements to one 64-bit
 # draw (a quarter of the draws torch.rand makes; on a CPU the draws are most of dropout's cost). The kept share
@@ -222,15 +234,15 @@ def _hook(acting: list[tuple[str, Lora, float]], dropout: float, training: bool)
         if (x.device, x.dtype) not in placed:
             placed[x.device, x.dtype] = [(i, lora.placed(x.device, x.dtype), s) for i, lora, s in acting]
         dim = _batch_dim(output, len(labels))
+        generating = not torch.is_grad_enabled() and not (dropout and training)
         pieces: list[tuple[Run, torch.Tensor]] = []
         for adapter_id, lora, strength in placed[x.device, x.dtype]:
             runs = _runs([_acts_on(label, adapter_id) for label in labels])
-            if runs:
+            if generating:  # each update straight into its rows of the layer's fresh output
+                for run in runs:
+                    lora.add_to(output, x, run, dim, strength)
+            elif runs:
                 pieces += zip(runs, lora.delta(x, runs, dim, strength, dropout, training))
-        if not torch.is_grad_enabled():  # generation: each update straight into its rows of the fresh output
-            for (start, stop), update in pieces:
-                output.narrow(dim, start, stop - start).add_(update)
-            return output
         for group in _disjoint(pieces):
             # in place: the assembled update is a fresh tensor of ours; one full-size tensor fewer per layer
             output = _assemble(group, output, dim).add_(output)

@@ -252,6 +252,23 @@ def test_adapters_from_files_are_cast_to_the_layer_input_once_per_install_not_on
     torch.testing.assert_close(first, expected)
 
 
+@pytest.mark.parametrize("dim, dtype", [(0, torch.float64), (1, torch.float64), (0, torch.float32)])
+def test_generation_adds_each_update_into_its_rows_as_the_training_path_computes_it(dim, dtype):
+    """In place into the output (rows along dimension 0 fused into addmm; sequence-first rows along 1; an output
+    in another dtype than the input, as under autocast): the same update as the differentiable path."""
+    g = torch.Generator().manual_seed(0)
+    down, up = torch.randn(2, 8, generator=g, dtype=torch.float64), torch.randn(6, 2, generator=g, dtype=torch.float64)
+    lora = Lora(down, up, alpha=4.0)
+    x = torch.randn(4, 4, 8, generator=g, dtype=torch.float64)
+    output = torch.randn(4, 4, 6, generator=g, dtype=torch.float64).to(dtype)
+    run = (1, 3)
+    expected = output.clone()
+    expected.narrow(dim, 1, 2).add_(lora.delta(x, [run], dim, strength=0.7)[0])
+    lora.add_to(output, x, run, dim, strength=0.7)
+    torch.testing.assert_close(output, expected)
+    assert output.narrow(dim, 0, 1).equal(expected.narrow(dim, 0, 1))
+
+
 def test_dropout_backward_uses_the_forward_mask_and_keeps_none():
     """The gradient reaching the adapter passes through exactly the elements the forward kept (scaled by 1 / (1 - p)),
     and autograd keeps nothing as large as the output: the mask is drawn again from its seed."""
