@@ -355,9 +355,9 @@ def _adapter_patches(pairs: dict[str, dict], strengths) -> tuple[dict, tuple]:
 
 
 def cmd_export_lora(args: argparse.Namespace) -> int:
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
-    from . import pairfiles
+    from . import fileops, pairfiles
     from .export import kohya_lora
     from .families import family_of
 
@@ -371,7 +371,7 @@ def cmd_export_lora(args: argparse.Namespace) -> int:
     tensors, metadata = kohya_lora(groups, family_of(pos.vectors).key, args.name)
     try:
         output.parent.mkdir(parents=True, exist_ok=True)
-        save_file(tensors, str(output), metadata=metadata)
+        fileops.write_file(output, save(tensors, metadata=metadata))
     except OSError as e:
         raise InputError(f"Could not write {output} ({e.strerror or e}).") from None
     print(f"wrote {output}: phi^p of {args.name} ({len(tensors) // 3} layers). Put it in the webui's models/Lora and "

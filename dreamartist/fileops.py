@@ -96,14 +96,7 @@ def write_temp(folder: Path, name: str, payload: bytes) -> Path:
     """Write ``payload`` to a new temporary file of pair ``name`` in the work folder of ``folder``, on disk."""
     make_folder(work_dir(folder))
     tmp = work_dir(folder) / f"{_key(name)}.{secrets.token_hex(8)}.tmp"
-    try:
-        with open(tmp, "xb") as f:
-            f.write(payload)
-            f.flush()
-            os.fsync(f.fileno())
-    except BaseException:
-        remove_quietly(tmp)
-        raise
+    _write_new(tmp, payload)
     return tmp
 
 
@@ -235,6 +228,31 @@ def _sync_folder(folder: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def write_file(path: Path, payload: bytes) -> None:
+    """Write one file whole or not at all: a temporary file beside it, on disk, then renamed over it. Its mode is
+    the umask's, as for any other file (safetensors' own save_file leaves 0600, unreadable to a webui run by
+    another user)."""
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
+    _write_new(tmp, payload)
+    try:
+        os.replace(tmp, path)
+    except BaseException:
+        remove_quietly(tmp)
+        raise
+
+
+def _write_new(path: Path, payload: bytes) -> None:
+    """Create ``path`` holding ``payload``, on disk; nothing of it is left if that fails."""
+    try:
+        with open(path, "xb") as f:
+            f.write(payload)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:
+        remove_quietly(path)
+        raise
 
 
 def remove_quietly(path: Path) -> None:

@@ -1,6 +1,7 @@
 """The command line as a user meets it: every bad input gets one line on stderr and leaves no file."""
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -26,6 +27,12 @@ def photo(tmp_path) -> Path:
     path = tmp_path / "ref.png"
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (96, 80, 3), dtype=np.uint8)).save(path)
     return path
+
+
+def current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def run(args, capsys) -> tuple[int, str, str]:
@@ -336,6 +343,8 @@ def test_adapters_train_with_the_pair_act_in_generate_and_export_as_a_lora(photo
     lora = tmp_path / "walle-pos.safetensors"
     code, stdout, _ = run(["export-lora", "--name", "walle", "--embeddings", out, "--output", lora], capsys)
     assert code == 0 and "<lora:walle-pos:1> walle" in stdout
+    assert lora.stat().st_mode & 0o777 == 0o666 & ~current_umask()  # readable as any other file the user writes
+    assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []
     with safe_open(str(lora), "pt") as f:
         keys, metadata = set(f.keys()), f.metadata()
         down = f.get_tensor("lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_k.lora_down.weight")
