@@ -222,8 +222,8 @@ def _batch_dim(output: torch.Tensor, rows: int) -> int:
 
 
 def _hook(acting: list[tuple[str, Lora, float]], dropout: float, training: bool):
-    # each adapter where the layer's input is, moved once per install rather than on every call (a copy from
-    # the CPU per layer and step would cost more than the update itself)
+    # each adapter where the layer's input is, moved once per install rather than on every call (adapters read
+    # from files are CPU tensors: a copy to the GPU per layer and step otherwise)
     placed: dict[tuple[torch.device, torch.dtype], list[tuple[str, Lora, float]]] = {}
 
     def hook(module, inputs, output):

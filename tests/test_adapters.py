@@ -234,7 +234,7 @@ def test_adapted_layers_inputs_are_recomputed_from_what_autograd_keeps_not_kept(
 
 def test_adapters_from_files_are_cast_to_the_layer_input_once_per_install_not_on_every_call():
     """Generation's adapters come from files (CPU tensors, float32 or float16): each is moved to where the layer's
-    input is on its first call only; a copy per layer and step would cost more than the update on a GPU."""
+    input is on its first call only, not copied to the GPU again for every layer and step."""
     layer, x = torch.nn.Linear(8, 8).double(), torch.randn(3, 8, dtype=torch.float64)
     lora = Lora(torch.randn(2, 8), torch.randn(8, 2), alpha=2.0)  # float32 against the float64 input
 
