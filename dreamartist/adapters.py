@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint
 
-from . import recomputed_linear
+from . import lora_blocks, recomputed_linear, seeded_dropout
 
 UNET, TEXT = "unet", "te"
 # Which layers carry adapters (DreamArtist++ as HCP-Diffusion trains it): the UNet's attention keys and values
@@ -68,8 +68,8 @@ class Lora:
         dimension 1 are strided, so those are cut from the rank-r projection of all rows instead. Dropout acts
         on the update, as in HCP-Diffusion's LoraLayer (DreamArtist++); every scale (strength, alpha / rank,
         1 / the share dropout keeps) acts on the rank-r projection, the smallest tensor."""
-        levels = _kept_levels(dropout) if dropout and training else _LEVELS
-        keep = levels / _LEVELS
+        levels = seeded_dropout.kept_levels(dropout) if dropout and training else seeded_dropout.LEVELS
+        keep = levels / seeded_dropout.LEVELS
         down, up = self.down.to(x.device, x.dtype), self.up.to(x.device, x.dtype)
         if dim == 0:
             parts = [recomputed_linear.linear(x, down, start, stop) for start, stop in runs]
@@ -78,7 +78,7 @@ class Lora:
             parts = [h.narrow(dim, start, stop - start) for start, stop in runs]
         scale = strength * self.alpha / self.rank / keep
         out = [F.linear(part * scale, up) for part in parts]
-        return [_SeededMask.apply(o, levels) for o in out] if levels < _LEVELS else out
+        return [seeded_dropout.Mask.apply(o, levels) for o in out] if levels < seeded_dropout.LEVELS else out
 
     def add_to(self, output: torch.Tensor, x: torch.Tensor, run: Run, dim: int, strength: float) -> None:
         """Generation (no gradient, no dropout): ``output``'s rows in ``run`` += the update, in place. Rows along
@@ -92,43 +92,6 @@ class Lora:
             rows.view(-1, rows.shape[-1]).addmm_(h.reshape(-1, h.shape[-1]), up.T, alpha=scale)
         else:
             rows.add_(F.linear(x.narrow(dim, start, stop - start), down).mul_(scale) @ up.T)
-
-# Dropout's resolution: an element is kept when 16 random bits fall below ``levels``, four elements to one 64-bit
-# draw (a quarter of the draws torch.rand makes; on a CPU the draws are most of dropout's cost). The kept share
-# is 1 - dropout to within 1 / 65536, and the update is scaled by the inverse of that exact share.
-_LEVELS = 2**16
-
-
-def _kept_levels(dropout: float) -> int:
-    return min(_LEVELS, max(1, round((1.0 - dropout) * _LEVELS)))
-
-
-class _SeededMask(torch.autograd.Function):
-    """Dropout's mask (each element kept with probability ``levels`` / 65536, not rescaled), drawn again from its
-    seed in the backward pass: F.dropout keeps it, as large as the layer's output, which is more memory than the
-    adapters' own inputs. The seed comes from torch's global generator, so a seeded run repeats, and a
-    checkpointed block's recomputation (which restores that generator) draws the same mask."""
-
-    @staticmethod
-    def forward(ctx, update: torch.Tensor, levels: int) -> torch.Tensor:
-        # in place: the update is a fresh tensor that nothing else holds, and its matmul's backward does not need it
-        ctx.levels, ctx.seed = levels, int(torch.randint(0, 2**62, (1,)))
-        ctx.mark_dirty(update)
-        return update.masked_fill_(_dropped(update, levels, ctx.seed), 0.0)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        return grad.masked_fill(_dropped(grad, ctx.levels, ctx.seed), 0.0), None
-
-
-def _dropped(like: torch.Tensor, levels: int, seed: int) -> torch.Tensor:
-    """True where an element is dropped: its 16 random bits, as a signed number, reach ``levels`` - 2**15."""
-    generator = torch.Generator(like.device).manual_seed(seed)
-    n = like.numel()
-    bits = torch.empty((n + 3) // 4, dtype=torch.int64, device=like.device).random_(-2**63, None,
-                                                                                    generator=generator)
-    return (bits.view(torch.int16)[:n] >= levels - 2**15).view(like.shape)
-
 
 Adapter = Mapping[str, Lora]  # canonical layer name -> its LoRA
 
@@ -223,31 +186,91 @@ def _batch_dim(output: torch.Tensor, rows: int) -> int:
 
 def _hook(acting: list[tuple[str, Lora, float]], dropout: float, training: bool):
     # each adapter where the layer's input is, moved once per install rather than on every call (adapters read
-    # from files are CPU tensors: a copy to the GPU per layer and step otherwise)
+    # from files are CPU tensors: a copy to the GPU per layer and step otherwise); and a plan per labelling of the
+    # rows, since on a GPU at a small batch the hook's own Python costs as much as its kernels
     placed: dict[tuple[torch.device, torch.dtype], list[tuple[str, Lora, float]]] = {}
+    plans: dict[tuple, _Plan] = {}
 
     def hook(module, inputs, output):
         labels = _rows.get()
         if not labels:
             return None
         x = inputs[0]
-        if (x.device, x.dtype) not in placed:
-            placed[x.device, x.dtype] = [(i, lora.placed(x.device, x.dtype), s) for i, lora, s in acting]
         dim = _batch_dim(output, len(labels))
-        generating = not torch.is_grad_enabled() and not (dropout and training)
-        pieces: list[tuple[Run, torch.Tensor]] = []
-        for adapter_id, lora, strength in placed[x.device, x.dtype]:
-            runs = _runs([_acts_on(label, adapter_id) for label in labels])
-            if generating:  # each update straight into its rows of the layer's fresh output
-                for run in runs:
-                    lora.add_to(output, x, run, dim, strength)
-            elif runs:
-                pieces += zip(runs, lora.delta(x, runs, dim, strength, dropout, training))
+        plan = plans.get((labels, x.device, x.dtype))
+        if plan is None:
+            if (x.device, x.dtype) not in placed:
+                placed[x.device, x.dtype] = [(i, lora.placed(x.device, x.dtype), s) for i, lora, s in acting]
+            plan = plans[labels, x.device, x.dtype] = _Plan.of(placed[x.device, x.dtype], labels)
+        if not torch.is_grad_enabled() and not (dropout and training):
+            plan.add_to(output, x, dim)
+            return output
+        return plan.add_update(output, x, dim, dropout, training)
+    return hook
+
+
+@dataclass
+class _Plan:
+    """One layer's adapters on one labelling of the rows: the runs of rows each acts on, and, where each acts on one
+    block of the rows, the blocks equal and covering the rows in order, with adapters of one shape, dtype and scale
+    (a training call's [S^n; S^p] rows, a CFG call's [cond; uncond]), their LoRAs in the blocks' order and the scale
+    (``lora_blocks``)."""
+
+    runs: list[tuple[Lora, float, list[Run]]]
+    blocks: tuple[list[Lora], float] | None
+    stacked: tuple[torch.Tensor, torch.Tensor] | None = None  # generation's, of adapters that do not train
+
+    @classmethod
+    def of(cls, acting: list[tuple[str, Lora, float]], labels: Sequence[Label]) -> _Plan:
+        runs = [(lora, strength, run) for adapter_id, lora, strength in acting
+                if (run := _runs([_acts_on(label, adapter_id) for label in labels]))]
+        return cls(runs, _blocks(runs, len(labels)))
+
+    def add_to(self, output: torch.Tensor, x: torch.Tensor, dim: int) -> None:
+        """Generation: each update straight into its rows of the layer's fresh output."""
+        if self.blocks and dim == 0 and output.dtype == x.dtype and output.is_contiguous():
+            loras, scale = self.blocks
+            stacked = self.stacked or _stacked(loras, x.dtype)
+            if not any(t.requires_grad for t in stacked):  # trained tensors change with every step
+                self.stacked = stacked
+            lora_blocks.add_to(output, x, *stacked, scale)
+            return
+        for lora, strength, lora_runs in self.runs:
+            for run in lora_runs:
+                lora.add_to(output, x, run, dim, strength)
+
+    def add_update(self, output: torch.Tensor, x: torch.Tensor, dim: int, dropout: float,
+                   training: bool) -> torch.Tensor:
+        """Training: ``output`` plus the updates, differentiable (in place into the update, a fresh tensor of ours:
+        one full-size tensor fewer per layer)."""
+        if self.blocks and dim == 0:
+            loras, scale = self.blocks
+            levels = seeded_dropout.kept_levels(dropout) if dropout and training else seeded_dropout.LEVELS
+            return lora_blocks.update(x, [lora.down for lora in loras], [lora.up for lora in loras],
+                                      scale / (levels / seeded_dropout.LEVELS), levels, output.dtype).add_(output)
+        pieces = [piece for lora, strength, lora_runs in self.runs
+                  for piece in zip(lora_runs, lora.delta(x, lora_runs, dim, strength, dropout, training))]
         for group in _disjoint(pieces):
-            # in place: the assembled update is a fresh tensor of ours; one full-size tensor fewer per layer
             output = _assemble(group, output, dim).add_(output)
         return output
-    return hook
+
+
+def _blocks(runs: list[tuple[Lora, float, list[Run]]], rows: int) -> tuple[list[Lora], float] | None:
+    if not runs or any(len(lora_runs) != 1 for *_, lora_runs in runs):
+        return None
+    size = rows // len(runs)
+    ordered = sorted(runs, key=lambda r: r[2])
+    first, strength, _ = ordered[0]
+    if size * len(runs) != rows or [r[2][0] for r in ordered] != [(i * size, (i + 1) * size) for i in range(len(runs))]:
+        return None
+    if not all(lora.down.shape == first.down.shape and lora.up.shape == first.up.shape and lora.alpha == first.alpha
+               and lora.down.dtype == lora.up.dtype == first.down.dtype and s == strength for lora, s, _ in runs):
+        return None
+    return [r[0] for r in ordered], strength * first.alpha / first.rank
+
+
+def _stacked(loras: list[Lora], dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.stack([lora.down for lora in loras]).to(dtype), torch.stack([lora.up for lora in loras]).to(dtype)
 
 
 def _runs(flags: Sequence[bool]) -> list[Run]:

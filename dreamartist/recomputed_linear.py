@@ -44,6 +44,11 @@ def linear(x: torch.Tensor, weight: torch.Tensor, start: int, stop: int) -> torc
     return _Recomputed.apply(x[start:stop], weight, make, *rows)
 
 
+def recipe(x: torch.Tensor) -> tuple[Callable[..., torch.Tensor], list[torch.Tensor | None]] | None:
+    """How to make ``x`` again for a backward pass, and from which kept tensors; None where ``x`` must be kept."""
+    return _recipe(x)
+
+
 def _product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return a * b
 

@@ -2,9 +2,12 @@
 in value and in gradient; they train with the pair, are saved beside it, and leave the model as it was."""
 from __future__ import annotations
 
+import collections
+
 import pytest
 import torch
 from PIL import Image
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from dreamartist import adapters, recomputed_linear
 from dreamartist.adapters import Lora, installed, row_labels
@@ -142,7 +145,8 @@ def test_dropout_keeps_its_share_of_elements_and_scales_by_exactly_that_share():
 
 def test_training_keeps_no_copy_of_a_layers_input_for_the_adapters():
     """The rows are picked after the rank-r projection: of the input's width, autograd keeps only the input itself
-    and the weights, never a copy of some of its rows; of the output's width, nothing (no update, no mask)."""
+    and the weights, never a copy of some of its rows (nor of the weights); of the output's width, nothing (no
+    update, no mask)."""
     layer, x = torch.nn.Linear(64, 48), torch.randn(4, 64, requires_grad=True)
     pn = {branch: Lora(torch.randn(1, 64, requires_grad=True), torch.randn(48, 1, requires_grad=True), 1.0)
           for branch in ("pos", "neg")}
@@ -286,6 +290,68 @@ def test_dropout_backward_uses_the_forward_mask_and_keeps_none():
     assert 0 < kept.count_nonzero() < kept.numel()
     torch.testing.assert_close(lora.up.grad, (kept * weights).T @ (x @ lora.down.T))
     assert not [tuple(t.shape) for t in saved if t.numel() >= update.numel()]
+
+
+class KernelOps(TorchDispatchMode):
+    """The operations dispatched inside the block that compute something (views and allocations left out): what a
+    GPU launches a kernel for."""
+    METADATA = {"view", "_unsafe_view", "t", "transpose", "permute", "expand", "slice", "select", "unbind", "detach",
+                "alias", "empty", "new_empty", "_local_scalar_dense", "unsqueeze", "randint"}
+
+    def __init__(self):
+        super().__init__()
+        self.ops = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket.__name__ not in self.METADATA:
+            self.ops[func.overloadpacket.__name__] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def normed_layer_step(adapter_labels: dict[str, list[int]], generating: bool = False):
+    """A LayerNorm-fed Linear (as attention and feed-forward layers are) in float64 with an adapter per label
+    acting on its rows; its output, the gradients and the kernel operations of the forward pass (and, training,
+    the backward pass)."""
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    norm, layer = torch.nn.LayerNorm(16).double(), torch.nn.Linear(16, 24).double().requires_grad_(False)
+    x = torch.randn(4, 5, 16, generator=g, dtype=torch.float64, requires_grad=not generating)
+    labels = [""] * 4
+    pn = {}
+    for label, rows in adapter_labels.items():
+        pn[label] = Lora(torch.randn(2, 16, generator=g, dtype=torch.float64).requires_grad_(not generating),
+                         torch.randn(24, 2, generator=g, dtype=torch.float64).requires_grad_(not generating), 2.0)
+        for row in rows:
+            labels[row] = label
+    with installed({"l": layer}, {b: ({"l": pn[b]}, 0.7) for b in pn}), row_labels(labels), \
+            torch.set_grad_enabled(not generating):
+        layer(norm(x))  # generation stacks the adapters on the first call
+        with KernelOps() as counted:
+            out = layer(norm(x))
+            if not generating:
+                out.sin().sum().backward()
+    grads = [t.grad for t in (x, *(w for lora in pn.values() for w in (lora.down, lora.up)))]
+    return out, grads, counted.ops
+
+
+@pytest.mark.parametrize("generating", [False, True])
+def test_branches_on_equal_blocks_of_rows_cost_the_kernels_of_one_adapter_and_match_the_per_adapter_path(
+        generating, monkeypatch):
+    """A training call's [S^n; S^p] rows and a CFG call's [cond; uncond] rows: each step of the LoRA is one batched
+    matmul over both branches, so two adapters launch exactly the kernels one adapter on all rows does; the
+    values and gradients are those of the per-adapter path."""
+    pn_rows = {"neg": [0, 1], "pos": [2, 3]}
+    out, grads, ops = normed_layer_step(pn_rows, generating)
+    _, _, one_adapter_ops = normed_layer_step({"a": [0, 1, 2, 3]}, generating)
+    assert ops == one_adapter_ops
+    assert ops["bmm"] + ops["baddbmm"] + ops["baddbmm_"] == (2 if generating else 6)
+    with monkeypatch.context() as per_adapter:
+        per_adapter.setattr(adapters, "_blocks", lambda runs, rows: None)
+        expected, expected_grads, per_adapter_ops = normed_layer_step(pn_rows, generating)
+    assert sum(per_adapter_ops.values()) > sum(ops.values())
+    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+    for got, want in zip(grads, expected_grads):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("path, name", [

@@ -1,0 +1,46 @@
+"""Dropout on an adapter's update whose mask is drawn again from its seed in the backward pass, rather than kept.
+
+F.dropout keeps its mask, as large as the layer's output: more memory than the adapters' own inputs. An element is
+kept when 16 random bits fall below ``levels``, four elements to one 64-bit draw (a quarter of the draws torch.rand
+makes; on a CPU the draws are most of dropout's cost). The kept share is 1 - dropout to within 1 / 65536, and the
+update is scaled by the inverse of that exact share. The seed comes from torch's global generator, so a seeded run
+repeats, and a checkpointed block's recomputation (which restores that generator) draws the same mask.
+"""
+from __future__ import annotations
+
+import torch
+
+LEVELS = 2**16  # no dropout
+
+
+def kept_levels(dropout: float) -> int:
+    """How many of the 65536 levels keep an element at this dropout."""
+    return min(LEVELS, max(1, round((1.0 - dropout) * LEVELS)))
+
+
+def new_seed() -> int:
+    return int(torch.randint(0, 2**62, (1,)))
+
+
+def dropped(like: torch.Tensor, levels: int, seed: int) -> torch.Tensor:
+    """True where an element is dropped: its 16 random bits, as a signed number, reach ``levels`` - 2**15."""
+    generator = torch.Generator(like.device).manual_seed(seed)
+    n = like.numel()
+    bits = torch.empty((n + 3) // 4, dtype=torch.int64, device=like.device).random_(-2**63, None,
+                                                                                    generator=generator)
+    return (bits.view(torch.int16)[:n] >= levels - 2**15).view(like.shape)
+
+
+class Mask(torch.autograd.Function):
+    """The mask (each element kept with probability ``levels`` / 65536, not rescaled) on ``update``, in place."""
+
+    @staticmethod
+    def forward(ctx, update: torch.Tensor, levels: int) -> torch.Tensor:
+        # in place: the update is a fresh tensor that nothing else holds, and its matmul's backward does not need it
+        ctx.levels, ctx.seed = levels, new_seed()
+        ctx.mark_dirty(update)
+        return update.masked_fill_(dropped(update, levels, ctx.seed), 0.0)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad.masked_fill(dropped(grad, ctx.levels, ctx.seed), 0.0), None
