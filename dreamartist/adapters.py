@@ -230,7 +230,8 @@ class _Plan:
         """Generation: each update straight into its rows of the layer's fresh output."""
         if self.blocks and dim == 0 and output.dtype == x.dtype and output.is_contiguous():
             loras, scale = self.blocks
-            stacked = self.stacked or _stacked(loras, x.dtype)
+            stacked = self.stacked or lora_blocks.stacked([lora.down for lora in loras], [lora.up for lora in loras],
+                                                          x.dtype)
             if not any(t.requires_grad for t in stacked):  # trained tensors change with every step
                 self.stacked = stacked
             lora_blocks.add_to(output, x, *stacked, scale)
@@ -267,10 +268,6 @@ def _blocks(runs: list[tuple[Lora, float, list[Run]]], rows: int) -> tuple[list[
                and lora.down.dtype == lora.up.dtype == first.down.dtype and s == strength for lora, s, _ in runs):
         return None
     return [r[0] for r in ordered], strength * first.alpha / first.rank
-
-
-def _stacked(loras: list[Lora], dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    return torch.stack([lora.down for lora in loras]).to(dtype), torch.stack([lora.up for lora in loras]).to(dtype)
 
 
 def _runs(flags: Sequence[bool]) -> list[Run]:

@@ -26,12 +26,20 @@ def update(x: torch.Tensor, downs: Sequence[torch.Tensor], ups: Sequence[torch.T
     return _Blocks.apply(x, plan, *downs, *ups, *kept)
 
 
-def add_to(output: torch.Tensor, x: torch.Tensor, down: torch.Tensor, up: torch.Tensor, scale: float) -> None:
+def stacked(downs: Sequence[torch.Tensor], ups: Sequence[torch.Tensor],
+            dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generation's weights, made once per generation: the downs (n, in, rank) and ups (n, rank, out), each
+    transposed for its matmul, in ``dtype``."""
+    return (torch.stack(downs).transpose(1, 2).to(dtype).contiguous(),
+            torch.stack(ups).transpose(1, 2).to(dtype).contiguous())
+
+
+def add_to(output: torch.Tensor, x: torch.Tensor, downs: torch.Tensor, ups: torch.Tensor, scale: float) -> None:
     """Generation (no gradient, no dropout): each block of ``output``'s rows += ``scale * up_i(down_i(x_i))``, in
-    place, ``down`` (n, rank, in) and ``up`` (n, out, rank) stacked in ``x``'s dtype: two kernels for all blocks."""
-    n = down.shape[0]
-    h = torch.bmm(x.reshape(n, -1, x.shape[-1]), down.transpose(1, 2))
-    output.view(n, -1, output.shape[-1]).baddbmm_(h, up.transpose(1, 2), alpha=scale)
+    place, with the weights ``stacked`` in ``x``'s dtype: two kernels for all blocks."""
+    n = downs.shape[0]
+    h = torch.bmm(x.reshape(n, -1, x.shape[-1]), downs)
+    output.view(n, -1, output.shape[-1]).baddbmm_(h, ups, alpha=scale)
 
 
 class _Blocks(torch.autograd.Function):
