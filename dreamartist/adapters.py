@@ -4,7 +4,8 @@ of a batch that carry its label.
 A LoRA adds ``strength * (alpha / rank) * up(down(x))`` to a layer's output. Here several adapters share the
 layers and each acts on its own rows: the rows of a UNet (or text-encoder) call are labelled (``row_labels``),
 and the forward hook of a layer adds each adapter's delta to the rows whose label names it, out of place, so
-gradients reach exactly the adapter that acted on a row. The hooks are module-level and removed when the
+gradients reach exactly the adapter that acted on a row (both branches at once where they act on equal blocks of
+rows, ``lora_blocks``). The hooks are module-level and removed when the
 ``installed`` block ends (also on error), so they coexist with class-level patches such as the webui's
 built-in Lora, which change the layer's own output.
 
@@ -19,7 +20,7 @@ import contextvars
 import math
 import re
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -218,7 +219,9 @@ class _Plan:
 
     runs: list[tuple[Lora, float, list[Run]]]
     blocks: tuple[list[Lora], float] | None
-    stacked: tuple[torch.Tensor, torch.Tensor] | None = None  # generation's, of adapters that do not train
+    # generation's weights by the output's dtype (autocast's, where the input is a float32 norm's output), of
+    # adapters that do not train
+    stacked: dict[torch.dtype, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
     @classmethod
     def of(cls, acting: list[tuple[str, Lora, float]], labels: Sequence[Label]) -> _Plan:
@@ -228,12 +231,12 @@ class _Plan:
 
     def add_to(self, output: torch.Tensor, x: torch.Tensor, dim: int) -> None:
         """Generation: each update straight into its rows of the layer's fresh output."""
-        if self.blocks and dim == 0 and output.dtype == x.dtype and output.is_contiguous():
+        if self.blocks and dim == 0 and output.is_contiguous():
             loras, scale = self.blocks
-            stacked = self.stacked or lora_blocks.stacked([lora.down for lora in loras], [lora.up for lora in loras],
-                                                          x.dtype)
+            stacked = self.stacked.get(output.dtype) or lora_blocks.stacked(
+                [lora.down for lora in loras], [lora.up for lora in loras], output.dtype)
             if not any(t.requires_grad for t in stacked):  # trained tensors change with every step
-                self.stacked = stacked
+                self.stacked[output.dtype] = stacked
             lora_blocks.add_to(output, x, *stacked, scale)
             return
         for lora, strength, lora_runs in self.runs:

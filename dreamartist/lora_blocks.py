@@ -1,11 +1,12 @@
-"""A training step's adapters of one layer as one autograd node of batched matmuls, where each adapter acts on one
-block of the batch's rows, the blocks equal and in order (a training call's [S^n; S^p] rows).
+"""One layer's adapters computed together as batched matmuls, where each acts on one block of the batch's rows,
+the blocks equal and in order: a training call's [S^n; S^p] rows, a CFG call's [cond; uncond].
 
-Made one adapter at a time (``Lora.delta``), the updates take about 24 kernels per adapter and layer, forward and
-backward, and the cut rows' gradients are padded back to the input's full size. On a GPU at two rows those
-launches cost more than the layer's own work. Here each step of the LoRA is one batched matmul over the blocks,
-dropout one mask over all of them, and the input's gradient comes whole. The layer's input is made again for the
-backward pass where it can be (``recomputed_linear``).
+Made one adapter at a time (``Lora.delta``), a training step's updates took about 24 kernels per adapter and layer,
+forward and backward, and the cut rows' gradients were padded back to the input's full size; on a GPU at two rows
+those launches cost more than the layer's own work. Here training is one autograd node per layer: each step of the
+LoRA one batched matmul over the blocks, dropout one mask over all of them, the input's gradient whole, and the
+input made again for the backward pass where it can be (``recomputed_linear``). Generation is two kernels per
+layer for all blocks.
 """
 from __future__ import annotations
 
@@ -36,9 +37,10 @@ def stacked(downs: Sequence[torch.Tensor], ups: Sequence[torch.Tensor],
 
 def add_to(output: torch.Tensor, x: torch.Tensor, downs: torch.Tensor, ups: torch.Tensor, scale: float) -> None:
     """Generation (no gradient, no dropout): each block of ``output``'s rows += ``scale * up_i(down_i(x_i))``, in
-    place, with the weights ``stacked`` in ``x``'s dtype: two kernels for all blocks."""
+    place, with the weights ``stacked`` in the output's dtype: two kernels for all blocks (three where ``x`` is in
+    another dtype, as under autocast)."""
     n = downs.shape[0]
-    h = torch.bmm(x.reshape(n, -1, x.shape[-1]), downs)
+    h = torch.bmm(x.to(output.dtype).reshape(n, -1, x.shape[-1]), downs)
     output.view(n, -1, output.shape[-1]).baddbmm_(h, ups, alpha=scale)
 
 

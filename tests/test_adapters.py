@@ -354,6 +354,30 @@ def test_branches_on_equal_blocks_of_rows_cost_the_kernels_of_one_adapter_and_ma
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
 
 
+def test_generation_batches_the_branches_under_autocast_where_the_input_is_a_float32_norm_output(monkeypatch):
+    """Under autocast a LayerNorm's output stays float32 and the layer's output is bfloat16: both branches still
+    take one batched matmul pair (after one cast of the input), adding what the per-adapter path adds."""
+    torch.manual_seed(0)
+    norm, layer = torch.nn.LayerNorm(16), torch.nn.Linear(16, 24).requires_grad_(False)
+    x = torch.randn(4, 5, 16)
+    pn = {b: {"l": Lora(torch.randn(2, 16), torch.randn(24, 2), 2.0)} for b in ("pos", "neg")}
+
+    def generate():
+        with installed({"l": layer}, {b: (pn[b], 0.8) for b in pn}), row_labels(["pos", "pos", "neg", "neg"]), \
+                torch.no_grad(), torch.autocast("cpu", torch.bfloat16):
+            layer(norm(x))
+            with KernelOps() as counted:
+                return layer(norm(x)), counted.ops
+
+    out, ops = generate()
+    assert out.dtype == torch.bfloat16 and ops["bmm"] == ops["baddbmm_"] == 1
+    with monkeypatch.context() as per_adapter:
+        per_adapter.setattr(adapters, "_blocks", lambda runs, rows: None)
+        expected, per_adapter_ops = generate()
+    assert per_adapter_ops["bmm"] == 0
+    torch.testing.assert_close(out.float(), expected.float(), rtol=2e-2, atol=2e-2)
+
+
 @pytest.mark.parametrize("path, name", [
     ("model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn1.to_k",
      "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_k"),
