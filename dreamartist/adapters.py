@@ -69,7 +69,7 @@ class Lora:
         dimension 1 are strided, so those are cut from the rank-r projection of all rows instead. Dropout acts
         on the update, as in HCP-Diffusion's LoraLayer (DreamArtist++); every scale (strength, alpha / rank,
         1 / the share dropout keeps) acts on the rank-r projection, the smallest tensor."""
-        levels = seeded_dropout.kept_levels(dropout) if dropout and training else seeded_dropout.LEVELS
+        levels = seeded_dropout.kept_levels(dropout if training else 0.0)
         keep = levels / seeded_dropout.LEVELS
         down, up = self.down.to(x.device, x.dtype), self.up.to(x.device, x.dtype)
         if dim == 0:
@@ -188,7 +188,7 @@ def _batch_dim(output: torch.Tensor, rows: int) -> int:
 def _hook(acting: list[tuple[str, Lora, float]], dropout: float, training: bool):
     # each adapter where the layer's input is, moved once per install rather than on every call (adapters read
     # from files are CPU tensors: a copy to the GPU per layer and step otherwise); and a plan per labelling of the
-    # rows, since on a GPU at a small batch the hook's own Python costs as much as its kernels
+    # rows, worked out on its first call rather than on every one
     placed: dict[tuple[torch.device, torch.dtype], list[tuple[str, Lora, float]]] = {}
     plans: dict[tuple, _Plan] = {}
 
@@ -249,7 +249,7 @@ class _Plan:
         one full-size tensor fewer per layer)."""
         if self.blocks and dim == 0:
             loras, scale = self.blocks
-            levels = seeded_dropout.kept_levels(dropout) if dropout and training else seeded_dropout.LEVELS
+            levels = seeded_dropout.kept_levels(dropout if training else 0.0)
             return lora_blocks.update(x, [lora.down for lora in loras], [lora.up for lora in loras],
                                       scale / (levels / seeded_dropout.LEVELS), levels, output.dtype).add_(output)
         pieces = [piece for lora, strength, lora_runs in self.runs

@@ -14,7 +14,7 @@ LEVELS = 2**16  # no dropout
 
 
 def kept_levels(dropout: float) -> int:
-    """How many of the 65536 levels keep an element at this dropout."""
+    """How many of the 65536 levels keep an element at this dropout (all of them, ``LEVELS``, at 0)."""
     return min(LEVELS, max(1, round((1.0 - dropout) * LEVELS)))
 
 
