@@ -1,15 +1,18 @@
 """Time and memory of a DreamArtist step against its floors, measured side by side in one run; prints ratios.
 
-    python benchmarks/step_time.py [--full-size sd1 | --ckpt MODEL] [--size 256] [--steps 5]
+    python benchmarks/step_time.py [--full-size sd1 | --ckpt MODEL] [--size 256] [--batch 1] [--steps 5]
 
 Each row's time is the median of --steps steps, taken in rounds that step every row once in turn (so a machine
-whose speed drifts slows every row alike), after the memory measurement's two steps. Rows:
-- floor: a bare UNet forward+backward on the same two-row batch (gradient to a fixed context only);
-- textual inversion: the positive-only step (one row);
+whose speed drifts slows every row alike), after the memory measurement's two steps. A step of --batch images
+takes twice as many rows through the UNet, [S^n; S^p] or [uncond; cond]. Rows:
+- floor: a bare UNet forward+backward on the same rows (gradient to a fixed context only);
+- textual inversion: the positive-only step (half the rows);
 - DreamArtist: one UNet call on [S^n; S^p] rows (eq. 3), then the same with PN adapters;
 - reconstruction floor: the VAE decoder's forward+backward alone at that size; DreamArtist + reconstruction (eq. 6);
-- sampling: one CFG step (two rows, no gradient) with phi^p / phi^n as per-row hooks, against the same step
-  with a LoRA merged into the weights, which is what the webui's built-in Lora costs.
+- sampling: one CFG step (the same rows, no gradient) with phi^p / phi^n as per-row hooks, against the same step
+  with a LoRA merged into the weights, which is what the webui's built-in Lora costs. Both are a generation's later
+  steps: each round installs the hooks or merges the LoRA and takes one untimed step first, as the first step of a
+  generation places and stacks the adapters it keeps for the rest.
 Memory: the CUDA peak where a GPU is used; on a CPU its counterpart (process RSS says nothing about one step): the
 bytes alive before the row's first step (the model's weights, the trainable tensors) plus the highest the CPU
 allocator's count rose above that over two steps, as torch's profiler records it (so the optimiser's moments,
@@ -76,6 +79,7 @@ class Row:
     step: Callable[[], None]
     resident: int = 0  # bytes alive before its first step beyond the model's weights (the trainable tensors)
     context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
+    settle: bool = False  # an untimed step in the context first: a generation's first step builds what it keeps
     seconds: list[float] = field(default_factory=list)
     memory: int = 0
 
@@ -97,6 +101,10 @@ def time_in_rounds(rows: dict[str, Row], device: torch.device, rounds: int) -> N
     for _ in range(rounds):
         for row in rows.values():
             with row.context():
+                if row.settle:
+                    row.step()
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
                 start = time.perf_counter()
                 row.step()
                 if device.type == "cuda":
@@ -119,11 +127,12 @@ def textual_inversion_step(trainer: Trainer):
     optimizer = torch.optim.AdamW(list(trainer.params[POS].values()), lr=trainer.config.lr)
 
     def step():
-        z0 = trainer.latents[0]
-        t = torch.randint(0, backend.alphas_cumprod.shape[0], (1,))
+        b = trainer.config.batch_size
+        z0 = torch.cat([trainer.latents[0]] * b)
+        t = torch.randint(0, backend.alphas_cumprod.shape[0], (b,))
         noise = torch.randn_like(z0)
         abar = backend.alphas_cumprod[t].to(backend.device).view(-1, 1, 1, 1)
-        cond = backend.encode(["a photo of walle"], {"walle": trainer.params[POS]}, ("pos",))
+        cond = backend.encode(["a photo of walle"] * b, {"walle": trainer.params[POS]}, ("pos",) * b)
         out = backend.unet(losses.add_noise(z0, noise, abar), t.to(backend.device), cond)
         losses.da_loss(out, losses.target(backend.prediction_type, z0, noise, abar)).backward()
         optimizer.step()
@@ -135,19 +144,22 @@ def unet_floor_step(trainer: Trainer):
     """A bare UNet forward+backward on the two-row batch, gradient to a fixed context only."""
     backend = trainer.backend
     with torch.no_grad():
-        cond = backend.encode(["a photo of walle-neg", "a photo of walle"], trainer.objective.words(trainer.params))
+        b = trainer.config.batch_size
+        cond = backend.encode(["a photo of walle-neg"] * b + ["a photo of walle"] * b,
+                              trainer.objective.words(trainer.params))
     context = cond.context.detach().requires_grad_(True)
 
     def step():
-        z = torch.cat([trainer.latents[0]] * 2)
-        backend.unet(z, torch.full((2,), 500, device=backend.device), Conditioning(context)).square().mean().backward()
+        z = torch.cat([trainer.latents[0]] * 2 * b)
+        backend.unet(z, torch.full((2 * b,), 500, device=backend.device),
+                     Conditioning(context)).square().mean().backward()
         context.grad = None
     return step
 
 
 def decoder_floor_step(trainer: Trainer):
     """The VAE decoder's forward+backward alone on one latent: the part eq. 6 adds."""
-    latent = trainer.latents[0].detach().clone().requires_grad_(True)
+    latent = torch.cat([trainer.latents[0]] * trainer.config.batch_size).detach().requires_grad_(True)
 
     def step():
         trainer.backend.vae_decode(latent).abs().mean().backward()
@@ -160,11 +172,14 @@ def sampling_step(trainer: Trainer):
     the adapters or merges the LoRA, once per generation as in the webui)."""
     backend = trainer.backend
     with torch.no_grad():
-        cond = backend.encode(["walle-neg", "walle"], trainer.objective.words(trainer.params), ("neg", "pos"))
+        b = trainer.config.batch_size
+        cond = backend.encode(["walle-neg"] * b + ["walle"] * b, trainer.objective.words(trainer.params),
+                              ("neg",) * b + ("pos",) * b)
 
     def step():
         with torch.no_grad():
-            backend.unet(torch.cat([trainer.latents[0]] * 2), torch.full((2,), 500, device=backend.device), cond)
+            backend.unet(torch.cat([trainer.latents[0]] * 2 * b), torch.full((2 * b,), 500, device=backend.device),
+                         cond)
     return step
 
 
@@ -189,6 +204,8 @@ def main() -> None:
     parser.add_argument("--ckpt", help="an SD 1.x / 2.x checkpoint (default: the tiny random model)")
     parser.add_argument("--full-size", choices=("sd1", "sd2"), help="the real architecture with random weights")
     parser.add_argument("--size", type=int, default=256, help="training size in pixels (default: 256)")
+    parser.add_argument("--batch", type=int, default=1,
+                        help="images per step (default: 1): 2 x batch rows, the prompts' and the negatives'")
     parser.add_argument("--steps", type=int, default=5, help="timed steps per row, one per round (default: 5)")
     parser.add_argument("--image", default=str(Path(__file__).resolve().parents[1] / "examples" / "reference.png"),
                         help="reference image (default: examples/reference.png)")
@@ -203,8 +220,8 @@ def main() -> None:
         backend = full_size_backend(args.full_size) if args.full_size else build_random_backend()
     reference = prepare_reference(load_image(args.image), args.size, args.size)
     device = backend.device
-    print(f"model {backend.model_name} ({backend.family}), {device}, {args.size}x{args.size}, torch "
-          f"{torch.__version__}, {torch.get_num_threads()} threads, median of {args.steps} rounds")
+    print(f"model {backend.model_name} ({backend.family}), {device}, {args.size}x{args.size}, batch {args.batch}, "
+          f"torch {torch.__version__}, {torch.get_num_threads()} threads, median of {args.steps} rounds")
     storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
                 for module in backend.modules for t in [*module.parameters(), *module.buffers()]}
     weights = sum(storages.values())
@@ -213,9 +230,10 @@ def main() -> None:
         return sum(t.nbytes for group in trainer.params.values() for t in group.values())
 
     with tempfile.TemporaryDirectory() as out, backend.training():
-        plain = ready_trainer(backend, args.size, Path(out), reference, reconstruction=False)
-        with_adapters = ready_trainer(backend, args.size, Path(out), reference, reconstruction=False, adapters=True)
-        rec = ready_trainer(backend, args.size, Path(out), reference, reconstruction=True)
+        plain, with_adapters, rec = (
+            ready_trainer(backend, args.size, Path(out), reference, batch_size=args.batch, **options)
+            for options in ({"reconstruction": False}, {"reconstruction": False, "adapters": True},
+                            {"reconstruction": True}))
         pos_lora = unflatten(with_adapters.params[f"{UNET}_pos"])
         # generation's adapters: frozen tensors from the files, which the hooks move to the model's device and dtype
         # on a generation's first step
@@ -223,16 +241,16 @@ def main() -> None:
                   for group, values in with_adapters.params.items()}
         patches = with_adapters.objective.patches(frozen)
         rows = {
-            "floor: UNet fwd+bwd, 2 rows": Row(unet_floor_step(plain)),
-            "textual inversion (S^p only, 1 row)": Row(textual_inversion_step(plain), trainable_bytes(plain)),
+            "floor: UNet fwd+bwd, same rows": Row(unet_floor_step(plain)),
+            "textual inversion (S^p rows only)": Row(textual_inversion_step(plain), trainable_bytes(plain)),
             "DreamArtist": Row(plain._optimizer_step, trainable_bytes(plain)),
             "DreamArtist + adapters": Row(with_adapters._optimizer_step, trainable_bytes(with_adapters)),
             "reconstruction floor: decoder fwd+bwd": Row(decoder_floor_step(plain)),
             "DreamArtist + reconstruction": Row(rec._optimizer_step, trainable_bytes(rec)),
             "sampling step, adapter hooks": Row(sampling_step(with_adapters), trainable_bytes(with_adapters),
-                                                lambda: backend.patched(patches)),
+                                                lambda: backend.patched(patches), settle=True),
             "sampling step, LoRA merged": Row(sampling_step(with_adapters), trainable_bytes(with_adapters),
-                                              lambda: merged(backend.adapter_layers()[UNET], pos_lora)),
+                                              lambda: merged(backend.adapter_layers()[UNET], pos_lora), settle=True),
         }
         for row in rows.values():
             row.memory = peak_memory(row, device, weights)
@@ -243,7 +261,7 @@ def main() -> None:
         spread = f"({min(row.seconds) * 1000:.0f}-{max(row.seconds) * 1000:.0f})"
         print(f"{label:42s} {seconds[label] * 1000:10.1f} ms/step {spread:>15s} {row.memory / 2**20:10.1f} MiB {unit}")
     ratios = {
-        "DreamArtist / floor": seconds["DreamArtist"] / seconds["floor: UNet fwd+bwd, 2 rows"],
+        "DreamArtist / floor": seconds["DreamArtist"] / seconds["floor: UNet fwd+bwd, same rows"],
         "DA + adapters / DA": seconds["DreamArtist + adapters"] / seconds["DreamArtist"],
         "DA + rec / (DA + rec floor)": seconds["DreamArtist + reconstruction"]
         / (seconds["DreamArtist"] + seconds["reconstruction floor: decoder fwd+bwd"]),

@@ -233,10 +233,11 @@ class _Plan:
         """Generation: each update straight into its rows of the layer's fresh output."""
         if self.blocks and dim == 0 and output.is_contiguous():
             loras, scale = self.blocks
-            stacked = self.stacked.get(output.dtype) or lora_blocks.stacked(
-                [lora.down for lora in loras], [lora.up for lora in loras], output.dtype)
-            if not any(t.requires_grad for t in stacked):  # trained tensors change with every step
-                self.stacked[output.dtype] = stacked
+            stacked = self.stacked.get(output.dtype)
+            if stacked is None:
+                stacked = lora_blocks.stacked([lora.down for lora in loras], [lora.up for lora in loras], output.dtype)
+                if not any(t.requires_grad for t in stacked):  # trained tensors change with every step
+                    self.stacked[output.dtype] = stacked
             lora_blocks.add_to(output, x, *stacked, scale)
             return
         for lora, strength, lora_runs in self.runs:
@@ -250,8 +251,8 @@ class _Plan:
         if self.blocks and dim == 0:
             loras, scale = self.blocks
             levels = seeded_dropout.kept_levels(dropout if training else 0.0)
-            return lora_blocks.update(x, [lora.down for lora in loras], [lora.up for lora in loras],
-                                      scale / (levels / seeded_dropout.LEVELS), levels, output.dtype).add_(output)
+            return lora_blocks.added(output, x, [lora.down for lora in loras], [lora.up for lora in loras],
+                                     scale / (levels / seeded_dropout.LEVELS), levels)
         pieces = [piece for lora, strength, lora_runs in self.runs
                   for piece in zip(lora_runs, lora.delta(x, lora_runs, dim, strength, dropout, training))]
         for group in _disjoint(pieces):

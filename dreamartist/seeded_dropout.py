@@ -22,13 +22,13 @@ def new_seed() -> int:
     return int(torch.randint(0, 2**62, (1,)))
 
 
-def dropped(like: torch.Tensor, levels: int, seed: int) -> torch.Tensor:
-    """True where an element is dropped: its 16 random bits, as a signed number, reach ``levels`` - 2**15."""
+def kept(like: torch.Tensor, levels: int, seed: int) -> torch.Tensor:
+    """True where an element is kept: its 16 random bits, as a signed number, fall below ``levels`` - 2**15."""
     generator = torch.Generator(like.device).manual_seed(seed)
     n = like.numel()
     bits = torch.empty((n + 3) // 4, dtype=torch.int64, device=like.device).random_(-2**63, None,
                                                                                     generator=generator)
-    return (bits.view(torch.int16)[:n] >= levels - 2**15).view(like.shape)
+    return (bits.view(torch.int16)[:n] < levels - 2**15).view(like.shape)
 
 
 class Mask(torch.autograd.Function):
@@ -39,8 +39,8 @@ class Mask(torch.autograd.Function):
         # in place: the update is a fresh tensor that nothing else holds, and its matmul's backward does not need it
         ctx.levels, ctx.seed = levels, new_seed()
         ctx.mark_dirty(update)
-        return update.masked_fill_(dropped(update, levels, ctx.seed), 0.0)
+        return update.mul_(kept(update, levels, ctx.seed))
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        return grad.masked_fill(dropped(grad, ctx.levels, ctx.seed), 0.0), None
+        return grad * kept(grad, ctx.levels, ctx.seed), None
