@@ -62,7 +62,8 @@ class _Blocks(torch.autograd.Function):
             added = torch.baddbmm(rows, h, up.transpose(1, 2))
         else:
             update = torch.bmm(h, up.transpose(1, 2))
-            added = torch.addcmul(rows, update, seeded_dropout.kept(update, levels, ctx.seed))
+            # into the update's own memory: one tensor of the output's size fewer at once
+            added = torch.addcmul(rows, update, seeded_dropout.kept(update, levels, ctx.seed), out=update)
         ctx.plan, ctx.x_meta, ctx.kept = plan, (x.shape, x.dtype), len(kept)
         # the weights uncast, their casts made again in the backward pass rather than kept through the step (the
         # adapters' size in the model's dtype, per branch); the input as multiplied, where it cannot be made again
