@@ -141,7 +141,7 @@ def textual_inversion_step(trainer: Trainer):
 
 
 def unet_floor_step(trainer: Trainer):
-    """A bare UNet forward+backward on the two-row batch, gradient to a fixed context only."""
+    """A bare UNet forward+backward on the step's rows, gradient to a fixed context only."""
     backend = trainer.backend
     with torch.no_grad():
         b = trainer.config.batch_size
@@ -158,7 +158,7 @@ def unet_floor_step(trainer: Trainer):
 
 
 def decoder_floor_step(trainer: Trainer):
-    """The VAE decoder's forward+backward alone on one latent: the part eq. 6 adds."""
+    """The VAE decoder's forward+backward alone on the step's latents: the part eq. 6 adds."""
     latent = torch.cat([trainer.latents[0]] * trainer.config.batch_size).detach().requires_grad_(True)
 
     def step():

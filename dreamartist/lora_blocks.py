@@ -8,7 +8,7 @@ layer's output with the updates added: each step of the LoRA one batched matmul 
 into the output (with dropout, one mask over all blocks, applied as the update is added), the input's gradient
 whole, and the input made again for the backward pass where it can be (``recomputed_linear``). The weights' stacks
 in the model's dtype are made again in the backward pass too, not kept through the step (76 MiB of a float16 step's
-peak on SD 1.5). Generation is two kernels per layer for all blocks.
+peak on SD 1.5 at 512 px). Generation is two kernels per layer for all blocks.
 """
 from __future__ import annotations
 
@@ -32,8 +32,7 @@ def stacked(downs: Sequence[torch.Tensor], ups: Sequence[torch.Tensor],
             dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """Generation's weights, made once per generation: the downs (n, in, rank) and ups (n, rank, out), each
     transposed for its matmul, in ``dtype``."""
-    return (torch.stack(downs).transpose(1, 2).to(dtype).contiguous(),
-            torch.stack(ups).transpose(1, 2).to(dtype).contiguous())
+    return _stacked(downs, dtype).transpose(1, 2).contiguous(), _stacked(ups, dtype).transpose(1, 2).contiguous()
 
 
 def add_to(output: torch.Tensor, x: torch.Tensor, downs: torch.Tensor, ups: torch.Tensor, scale: float) -> None:
