@@ -1,10 +1,12 @@
 """Dropout on an adapter's update whose mask is drawn again from its seed in the backward pass, rather than kept.
 
 F.dropout keeps its mask, as large as the layer's output: more memory than the adapters' own inputs. An element is
-kept when 16 random bits fall below ``levels``, four elements to one 64-bit draw (a quarter of the draws torch.rand
-makes; on a CPU the draws are most of dropout's cost). The kept share is 1 - dropout to within 1 / 65536, and the
-update is scaled by the inverse of that exact share. The seed comes from torch's global generator, so a seeded run
-repeats, and a checkpointed block's recomputation (which restores that generator) draws the same mask.
+kept with probability ``levels`` / 65536: 1 - dropout to within 1 / 65536, and the update is scaled by the inverse
+of that exact share. On a CPU it is kept when 16 random bits fall below ``levels``, four elements to one 64-bit draw
+(a quarter of the draws torch.rand makes; there the draws are most of dropout's cost). On a GPU, whose two-row step
+is bound by its launches, the mask is one bernoulli kernel rather than a draw and a comparison. The seed comes from
+torch's global generator, so a seeded run repeats, and a checkpointed block's recomputation (which restores that
+generator) draws the same mask.
 """
 from __future__ import annotations
 
@@ -23,8 +25,12 @@ def new_seed() -> int:
 
 
 def kept(like: torch.Tensor, levels: int, seed: int) -> torch.Tensor:
-    """True where an element is kept: its 16 random bits, as a signed number, fall below ``levels`` - 2**15."""
+    """True where an element is kept, with probability ``levels`` / 65536; on a CPU, where its 16 random bits, as a
+    signed number, fall below ``levels`` - 2**15."""
     generator = torch.Generator(like.device).manual_seed(seed)
+    if like.device.type == "cuda":
+        return torch.empty(like.shape, dtype=torch.bool, device=like.device).bernoulli_(levels / LEVELS,
+                                                                                        generator=generator)
     n = like.numel()
     bits = torch.empty((n + 3) // 4, dtype=torch.int64, device=like.device).random_(-2**63, None,
                                                                                     generator=generator)

@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from dreamartist import adapters, recomputed_linear
+from dreamartist import adapters, recomputed_linear, seeded_dropout
 from dreamartist.adapters import Lora, installed, row_labels
 from dreamartist.backend import Conditioning
 from dreamartist.config import TrainConfig
@@ -312,6 +312,17 @@ def test_dropout_backward_uses_the_forward_mask_and_keeps_none():
     assert 0 < kept.count_nonzero() < kept.numel()
     torch.testing.assert_close(lora.up.grad, (kept * weights).T @ (x @ lora.down.T))
     assert not [tuple(t.shape) for t in saved if t.numel() >= update.numel()]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the GPU's mask: needs CUDA")
+def test_a_gpu_draws_the_dropout_mask_in_one_kernel_with_its_share_and_again_from_its_seed():
+    like = torch.empty(2, 4096, 64, device="cuda")
+    with KernelOps() as counted:
+        mask = seeded_dropout.kept(like, 58982, seed=5)
+    assert dict(counted.ops) == {"bernoulli_": 1} and mask.dtype == torch.bool
+    assert mask.equal(seeded_dropout.kept(like, 58982, seed=5)) and not mask.equal(seeded_dropout.kept(like, 58982, 6))
+    keep, n = 58982 / 65536, mask.numel()
+    assert abs(mask.sum().item() - keep * n) < 4 * (n * keep * (1 - keep)) ** 0.5
 
 
 class KernelOps(TorchDispatchMode):
