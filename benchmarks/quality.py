@@ -1,38 +1,51 @@
-"""One-shot quality on the toy world: positive-only textual inversion against DreamArtist pairs.
+"""One-shot quality on the toy world: textual inversion against DreamArtist, over training steps, with intervals.
 
-    python benchmarks/quality.py            # the full benchmark: 3 held-out concepts x 3 seeds per method
-    python benchmarks/quality.py --quick    # a one-minute version (CI): the figures come out and lie in range
-    python benchmarks/quality.py --base     # the base model's per-attribute accuracy on held-out combinations
+    python benchmarks/quality.py              # the full benchmark, resumable: run it again to continue
+    python benchmarks/quality.py --hours 2    # stop after the piece of work that passes two hours; continue later
+    python benchmarks/quality.py --quick      # a one-minute version (CI): every figure comes out and lies in range
+    python benchmarks/quality.py --base       # the base model's per-attribute accuracy on held-out combinations
 
-Every method trains one pair from one reference render of a concept held out from pretraining
-(dreamartist.toyworld.world.CONCEPT_REFERENCES), through dreamartist.trainer at matched steps, with the
-trainer's defaults otherwise (S^p and S^n of 3 vectors, lr 0.0025, reconstruction loss, the object template).
-Textual inversion is DreamArtist at gamma 1: eps_hat = eps_n + 1 * (eps_p - eps_n) = eps_p, so S^n gets no
-gradient and never moves (weight decay is 0); it is sampled with the ordinary empty negative prompt, the
-DreamArtist pairs with NAME-neg as the negative prompt, as the webui extension does. DreamArtist + adapters
-(DreamArtist++, `adapters=True`) samples as `python -m dreamartist generate` does by default: phi^p on the
-prompt's rows, S^n and phi^n on the negative prompt's, at the CLI's default strengths. All methods sample at
-the same CFG scale (the toy model's, dreamartist.toyworld.evaluate.GUIDANCE) with the same seeds.
+Each run learns one concept held out from pretraining (dreamartist.toyworld.world.CONCEPT_REFERENCES: a purple
+star, a green heart, an orange moon) from one reference render, through dreamartist.trainer with the product's
+defaults unless the method says otherwise. A unit is one concept and one training seed; every method runs on
+every unit, and all the runs step together (dreamartist.trainer.train_together: one UNet call a step for all of
+them, the same pairs as alone). Each run is scored at every checkpoint, sampled at its own operating point:
 
-Figures, read by the shipped attribute classifier from the images of each saved checkpoint:
-  fidelity  the prompt is just NAME: share of the reference's shape and colour reproduced
-  control   prompts that change one attribute ("a NAME on a green background", "a NAME on a striped
-            background", "a NAME in blue"): share of images showing the asked value
-  leak      the same prompts: share of images showing the reference's value where another was asked
-  kept      the same prompts: share of the concept's other attributes (shape; colour unless asked) kept
-  steps     the first checkpoint where fidelity >= FIDELITY_OK and control >= CONTROL_OK (a usable pair)
-Table: mean +- standard deviation over seeds (each seed averaged over the concepts first).
+  textual inversion   positive only (S^n gets no gradient at gamma 1 and is never sampled), no reconstruction
+                      loss, the webui's TI defaults (1 vector, lr 0.005); sampled at the base model's CFG with an
+                      empty negative prompt
+  DreamArtist         the product's defaults (3 + 3 vectors, lr 0.0025, reconstruction loss) at gamma 3 and 5,
+                      gamma 3 without the reconstruction loss, gamma 3 at a third of the lr (the lr per unit of
+                      guidance TI has), and with PN adapters at the strengths the CLI ships; sampled at the
+                      training gamma with NAME-neg as the negative prompt, as the webui extension does
+  the concept's words a ceiling: the base model given "a purple star" where the others have NAME
+
+and at the product's default step count on a CFG sweep as well. Scores, read by the shipped attribute classifier
+(dreamartist.toyworld.metrics), per image:
+
+  fidelity  prompts the method is used with ("a photo of a NAME": two training templates and two held out):
+            the share of images showing the reference's shape AND colour
+  control   "a photo of a NAME on a green background" / "on a striped background" (two values each of
+            background colour and pattern, never the reference's): the share of images showing the concept AND
+            the asked value; per attribute, and their mean
+  leak      the same prompts, only the images showing the concept: the share keeping the reference's value
+  usable    fidelity >= FIDELITY_OK and control >= CONTROL_OK; the first checkpoint where a unit gets there
+
+The sampling noise of an image depends on its unit, prompt and sample only, so every method and checkpoint sees
+the same noise. Tables give the mean over units with a 95 % bootstrap interval over units
+(dreamartist.toyworld.intervals), and paired differences against textual inversion and DreamArtist gamma 3; a
+difference is claimed only where its interval excludes zero.
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -41,239 +54,406 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dreamartist import pairfiles  # noqa: E402
 from dreamartist.config import TrainConfig  # noqa: E402
+from dreamartist.gamma import parse_gamma  # noqa: E402
 from dreamartist.images import prepare_reference  # noqa: E402
 from dreamartist.names import negative_name  # noqa: E402
-from dreamartist.toyworld.evaluate import GUIDANCE, generate  # noqa: E402
+from dreamartist.sampling import sample_rows, to_images  # noqa: E402
+from dreamartist.toyworld.evaluate import GUIDANCE  # noqa: E402
+from dreamartist.toyworld.intervals import Interval, bootstrap, paired  # noqa: E402
+from dreamartist.toyworld.ledger import Ledger  # noqa: E402
+from dreamartist.toyworld.metrics import CONTROL_OK, FIDELITY_OK, edit_scores, faithful, share  # noqa: E402
 from dreamartist.toyworld.render import render  # noqa: E402
-from dreamartist.toyworld.world import (  # noqa: E402
-    ATTRIBUTES,
-    CONCEPT_REFERENCES,
-    REFERENCE_SEED,
-    VALUES,
-    Scene,
-    describe,
-)
-from dreamartist.trainer import Progress, Trainer  # noqa: E402
+from dreamartist.toyworld.world import ATTRIBUTES, CONCEPT_REFERENCES, REFERENCE_SEED, Scene  # noqa: E402
+from dreamartist.trainer import Trainer, train_together  # noqa: E402
 
-NAME = "toyobj"
-FIDELITY_OK = 0.75
-CONTROL_OK = 0.6
-METRICS = ("fidelity", "control", "leak", "kept")
+EDITED = ("background", "pattern")  # what control changes; the concept's own shape and colour are never edited
+FIGURES = ("fidelity", "control", "leak", *(f"control_{a}" for a in EDITED), *(f"leak_{a}" for a in EDITED),
+           "fidelity_seen", "fidelity_unseen")
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
+SAVE_EVERY = 250  # a run stopped mid-way continues from its last save
+CEILING = "words"
+REFERENCE_METHODS = ("ti", "da3")
+JOBS_PER_CALL = 24  # the rows every other is compared with
 
 
 @dataclass(frozen=True)
 class Method:
-    """How one method trains (TrainConfig fields) and samples (with NAME-neg as the negative prompt or not)."""
+    """How a method trains (TrainConfig fields) and samples: its CFG, NAME-neg as the negative prompt or not, and
+    its adapters' strengths (phi^p, phi^n)."""
 
     label: str
     config: dict = field(default_factory=dict)
+    cfg: float = GUIDANCE
     negative: bool = True
+    strengths: tuple[float, float] = (0.8, 0.65)  # the defaults of `python -m dreamartist generate`
 
 
-# The methods compared, at matched steps.
 METHODS: dict[str, Method] = {
-    "ti": Method("textual inversion", {"gamma": "1"}, negative=False),
-    "da3": Method("DreamArtist gamma 3", {"gamma": "3"}),
-    "da5": Method("DreamArtist gamma 5", {"gamma": "5"}),
-    "da3_adapters": Method("DreamArtist gamma 3 + adapters", {"gamma": "3", "adapters": True}),
+    "ti": Method("textual inversion", {"gamma": "1", "reconstruction": False, "pos_len": 1, "neg_len": 1,
+                                       "lr": 0.005}, cfg=GUIDANCE, negative=False),
+    "da3": Method("DreamArtist gamma 3", {"gamma": "3"}, cfg=3.0),
+    "da5": Method("DreamArtist gamma 5", {"gamma": "5"}, cfg=5.0),
+    "da3_norec": Method("DreamArtist gamma 3, no reconstruction", {"gamma": "3", "reconstruction": False}, cfg=3.0),
+    "da3_lr3": Method("DreamArtist gamma 3, lr / 3", {"gamma": "3", "lr": 0.0025 / 3}, cfg=3.0),
+    "da3_adapters": Method("DreamArtist gamma 3 + PN adapters", {"gamma": "3", "adapters": True}, cfg=3.0),
 }
-ADAPTER_STRENGTHS = (0.8, 0.65)  # phi^p, phi^n: the defaults of `python -m dreamartist generate`
+CEILING_LABEL = "the concept's own words (base model)"
+
+# The prompts, [name] standing for the pseudo-word (or the concept's words). Fidelity: two lines of the training
+# templates and two that training never shows.
+FIDELITY_PROMPTS = (("seen", "a photo of a [name]"), ("seen", "a rendering of a [name]"),
+                    ("unseen", "a picture of a [name]"), ("unseen", "an image of the [name]"))
+CONTROL_PROMPT = {"background": "a photo of a [name] on a {value} background",
+                  "pattern": "a photo of a [name] on a {value} background"}
+# Values asked for, in order of preference; the reference's own (and its object's colour) are skipped.
+EDIT_ORDER = {"background": ("green", "blue", "red", "white", "yellow"),
+              "pattern": ("striped", "checkered", "dotted", "plain")}
 
 
 @dataclass(frozen=True)
 class Plan:
-    """How much to run: concepts, seeds, training steps, evaluation checkpoints and samples."""
+    """How much to run: concepts, seeds, checkpoints, samples; the CFG sweep at ``sweep_step``."""
 
     concepts: tuple[Scene, ...] = CONCEPT_REFERENCES[:3]
-    seeds: tuple[int, ...] = (0, 1, 2)
-    steps: int = 300
-    eval_every: int = 100
+    seeds: tuple[int, ...] = (0, 1, 2, 3)
+    checkpoints: tuple[int, ...] = (100, 250, 500, 1000, 1500, 2000, 3000)
     samples: int = 4  # per prompt
+    values_per_attribute: int = 2
     sample_steps: int = 20  # DDIM steps
-    edits_per_attribute: int = 1
+    sweep_step: int = 1500  # the product's default
+    sweep: tuple[float, ...] = (2.0, 3.0, 4.0, 5.0, 7.0)
+    chunk: int = 96  # images per sampling call
 
 
 FULL = Plan()
-QUICK = Plan(concepts=CONCEPT_REFERENCES[:1], seeds=(0,), steps=20, eval_every=10, samples=2, sample_steps=8,
-             edits_per_attribute=1)
-
-# Values asked for in the control prompts, in order of preference (the reference's own values are skipped).
-EDIT_ORDER = {"background": ("green", "blue", "red", "white", "yellow"),
-              "pattern": ("striped", "checkered", "dotted", "plain"),
-              "colour": ("blue", "red", "green", "yellow", "white")}
+QUICK = Plan(concepts=CONCEPT_REFERENCES[:1], seeds=(0,), checkpoints=(10, 20), samples=1, sample_steps=6,
+             sweep_step=20, sweep=(2.0, 4.0))
 
 
-def control_prompts(reference: Scene, per_attribute: int) -> list[tuple[str, str, str]]:
-    """(prompt, attribute, asked value) for prompts that change one attribute of the reference."""
-    prompts = []
-    for attribute, order in EDIT_ORDER.items():
-        taken = {reference.value(attribute), reference.colour, reference.background}
-        for value in [v for v in order if v not in taken][:per_attribute]:
-            if attribute == "colour":
-                prompts.append((describe(NAME, colour=value, colour_after=True), attribute, value))
+@dataclass(frozen=True)
+class Run:
+    method: str
+    concept: int
+    seed: int
+
+    @property
+    def key(self) -> str:
+        return f"{self.method}-c{self.concept}-s{self.seed}"
+
+    @property
+    def unit(self) -> tuple[int, int]:
+        return self.concept, self.seed
+
+
+def prompts(reference: Scene, name: str, per_attribute: int) -> list[dict]:
+    """Every prompt a run is scored on: {kind, text, attribute, value} (fidelity prompts have no attribute)."""
+    out = [{"kind": kind, "text": line.replace("[name]", name), "attribute": None, "value": None}
+           for kind, line in FIDELITY_PROMPTS]
+    for attribute in EDITED:
+        taken = {reference.value(attribute), reference.colour}
+        for value in [v for v in EDIT_ORDER[attribute] if v not in taken][:per_attribute]:
+            text = CONTROL_PROMPT[attribute].format(value=value).replace("[name]", name)
+            out.append({"kind": "edit", "text": text, "attribute": attribute, "value": value})
+    return out
+
+
+def noise_for(unit: tuple[int, int], prompt: int, samples: int, shape: tuple[int, ...]) -> torch.Tensor:
+    """The starting noise of a unit's prompt: the same for every method, checkpoint and CFG."""
+    digest = hashlib.sha256(f"{unit}:{prompt}".encode()).digest()
+    generator = torch.Generator().manual_seed(int.from_bytes(digest[:7], "big"))
+    return torch.randn((samples, *shape), generator=generator)
+
+
+def figures(reference: Scene, read: torch.Tensor, scored: list[dict], samples: int) -> dict[str, float]:
+    """The run's figures from the readings of its images (``samples`` per prompt, in the order of ``scored``)."""
+    flags: dict[str, list[bool]] = {"seen": [], "unseen": []}
+    edits = {a: {"followed": [], "leaked": []} for a in EDITED}
+    for i, prompt in enumerate(scored):
+        rows = read[i * samples:(i + 1) * samples]
+        if prompt["kind"] == "edit":
+            scores = edit_scores(rows, reference, prompt["attribute"], prompt["value"])
+            for what in ("followed", "leaked"):
+                edits[prompt["attribute"]][what] += scores[what]
+        else:
+            flags[prompt["kind"]] += faithful(rows, reference).tolist()
+    out = {"fidelity": share(flags["seen"] + flags["unseen"]), "fidelity_seen": share(flags["seen"]),
+           "fidelity_unseen": share(flags["unseen"])}
+    for attribute in EDITED:
+        out[f"control_{attribute}"] = share(edits[attribute]["followed"])
+        out[f"leak_{attribute}"] = share(edits[attribute]["leaked"])
+    out["control"] = statistics.fmean(out[f"control_{a}"] for a in EDITED)
+    out["leak"] = share([flag for a in EDITED for flag in edits[a]["leaked"]])
+    return out
+
+
+class Benchmark:
+    """The runs, their folders and the ledger of finished scores; ``run()`` does what is left."""
+
+    def __init__(self, plan: Plan, work: Path, methods: dict[str, Method] | None = None, backend=None,
+                 classifier=None, log=print):
+        from dreamartist.toyworld import load_backend, load_classifier
+
+        self.plan, self.work, self.log = plan, Path(work), log
+        self.methods = methods or METHODS
+        self.backend = backend if backend is not None else load_backend(device="cpu")
+        self.classifier = classifier if classifier is not None else load_classifier()
+        self.ledger = Ledger(self.work / "ledger.jsonl")
+        self.runs = [Run(m, c, s) for m in self.methods for c in range(len(plan.concepts)) for s in plan.seeds]
+        self.names = {run: f"toyobj{i}" for i, run in enumerate(self.runs)}  # distinct: they step together
+        self.seconds = {"training": 0.0, "sampling": 0.0}
+
+    def spent(self, what: str, seconds: float) -> None:
+        """Count ``seconds`` of ``what`` in this process and in the ledger, where every resumed part adds its own."""
+        self.seconds[what] += seconds
+        self.ledger.add(f"seconds@{what}@{time.time_ns()}", {"what": what, "seconds": round(seconds, 1),
+                                                               "device": str(self.backend.device),
+                                                               "threads": torch.get_num_threads()})
+
+    # -- training ---------------------------------------------------------------------------------------
+    def folder(self, run: Run) -> Path:
+        return self.work / "runs" / run.key
+
+    def saved_step(self, run: Run) -> int:
+        try:
+            return int(pairfiles.load_pair(self.folder(run), self.names[run])[0].step or 0)
+        except Exception:  # noqa: BLE001 - no pair yet
+            return 0
+
+    def train_to(self, checkpoint: int) -> None:
+        """Every run that is short of ``checkpoint`` continues to it, all of them stepping together."""
+        trainers = []
+        for run in self.runs:
+            step = self.saved_step(run)
+            if step >= checkpoint:
+                continue
+            reference = self.plan.concepts[run.concept]
+            config = TrainConfig(name=self.names[run], steps=checkpoint, width=64, height=64, seed=run.seed,
+                                 save_every=SAVE_EVERY, resume=step > 0, overwrite=step == 0,
+                                 **self.methods[run.method].config)
+            image = prepare_reference(render(reference, REFERENCE_SEED), 64, 64, vae_scale=self.backend.vae_scale)
+            trainers.append(Trainer(self.backend, config, [image], self.folder(run)))
+        if trainers:
+            started = time.monotonic()
+            train_together(trainers)
+            self.spent("training", time.monotonic() - started)
+
+    # -- sampling and scoring ---------------------------------------------------------------------------
+    def score(self, jobs: list[tuple[str, Run | tuple[int, int], float]]) -> None:
+        """Sample and score each job (ledger key, the run or a ceiling unit, CFG) in batched calls; record each."""
+        from dreamartist.adapters import TEXT, UNET, unflatten
+
+        plan, shape = self.plan, (self.backend.latent_channels, 16, 16)
+        images, words, patches = [], {}, {UNET: {}, TEXT: {}}
+        for index, (_, who, cfg) in enumerate(jobs):
+            if isinstance(who, Run):
+                method, unit, name = self.methods[who.method], who.unit, self.names[who]
+                pos, neg = pairfiles.load_pair(self.folder(who), name)
+                words |= {name: pos.vectors, negative_name(name): neg.vectors}
+                negative = negative_name(name) if method.negative else ""
+                groups = pairfiles.load_adapters(self.folder(who), name) or {}
+                for part in (UNET, TEXT):
+                    for branch, strength in zip(("pos", "neg"), method.strengths):
+                        if f"{part}_{branch}" in groups:
+                            patches[part][f"{index}:{branch}"] = (unflatten(groups[f"{part}_{branch}"]), strength)
+                labels = (f"{index}:neg", f"{index}:pos") if groups else ("", "")
             else:
-                prompts.append((describe(NAME, **{attribute: value}), attribute, value))
-    return prompts
+                unit, reference = who, plan.concepts[who[0]]
+                name, negative, labels = f"{reference.colour} {reference.shape}", "", ("", "")
+            for p, prompt in enumerate(prompts(plan.concepts[unit[0]], name, plan.values_per_attribute)):
+                noise = noise_for(unit, p, plan.samples, shape)
+                images += [(index, prompt["text"], negative, cfg, noise[s], labels) for s in range(plan.samples)]
+        started = time.monotonic()
+        reads = []
+        with self.backend.patched(patches):
+            for start in range(0, len(images), plan.chunk):
+                chunk = images[start:start + plan.chunk]
+                pixels = sample_rows(
+                    self.backend, [c[1] for c in chunk], [c[2] for c in chunk], words,
+                    [parse_gamma(str(c[3])) for c in chunk], torch.stack([c[4] for c in chunk]), plan.sample_steps,
+                    tuple(c[5][0] for c in chunk) + tuple(c[5][1] for c in chunk))
+                reads.append(self.classifier.predict(to_images(pixels)))
+        self.spent("sampling", time.monotonic() - started)
+        read = torch.cat(reads)
+        offset = 0
+        for key, who, cfg in jobs:
+            unit = who.unit if isinstance(who, Run) else who
+            reference = self.plan.concepts[unit[0]]
+            scored = prompts(reference, "x", plan.values_per_attribute)
+            count = len(scored) * plan.samples
+            result = figures(reference, read[offset:offset + count], scored, plan.samples)
+            offset += count
+            self.ledger.add(key, {"run": asdict(who) if isinstance(who, Run) else {"method": CEILING,
+                                                                                   "concept": unit[0],
+                                                                                   "seed": unit[1]},
+                                  "cfg": cfg, **result, "read": read[offset - count:offset].tolist()})
+
+    def jobs_at(self, checkpoint: int) -> list:
+        """The scoring left to do at ``checkpoint``: every run at its own CFG, and the sweep where it is due."""
+        jobs = []
+        cfgs = {run: [self.methods[run.method].cfg] for run in self.runs}
+        if checkpoint == self.plan.sweep_step:
+            for run in self.runs:
+                cfgs[run] += [c for c in self.plan.sweep if c != cfgs[run][0]]
+        for run in self.runs:
+            jobs += [(f"{run.key}@{checkpoint}@{cfg:g}", run, cfg) for cfg in cfgs[run]]
+        return [job for job in jobs if job[0] not in self.ledger]
+
+    def ceiling_jobs(self) -> list:
+        units = [(c, s) for c in range(len(self.plan.concepts)) for s in self.plan.seeds]
+        cfgs = sorted({GUIDANCE, *self.plan.sweep})
+        jobs = [(f"{CEILING}-c{c}-s{s}@0@{cfg:g}", (c, s), cfg) for c, s in units for cfg in cfgs]
+        return [job for job in jobs if job[0] not in self.ledger]
+
+    def run(self, hours: float | None = None) -> bool:
+        """Do what is left, checkpoint by checkpoint; returns True when everything is done. With ``hours``, stops
+        after the first piece of work that ends past that budget."""
+        started = time.monotonic()
+        if jobs := self.ceiling_jobs():
+            self.score(jobs)
+        for checkpoint in self.plan.checkpoints:
+            if not (jobs := self.jobs_at(checkpoint)):
+                continue
+            if hours is not None and time.monotonic() - started > hours * 3600:
+                self.log(f"stopped before checkpoint {checkpoint}: the budget of {hours} h is spent; run again "
+                         "to go on")
+                return False
+            self.train_to(checkpoint)
+            for start in range(0, len(jobs), JOBS_PER_CALL):  # the ledger grows as the scores come
+                self.score(jobs[start:start + JOBS_PER_CALL])
+            self.log(f"checkpoint {checkpoint} done: training {self.seconds['training']:.0f} s, sampling "
+                     f"{self.seconds['sampling']:.0f} s so far in this process")
+        return True
 
 
-def adapter_patches(groups: dict | None) -> dict:
-    """What the sampler installs for a pair's adapters: phi^p on the prompt's rows, phi^n on the negative's."""
-    from dreamartist.adapters import TEXT, UNET, unflatten
-
-    if not groups:
-        return {}
-    patches = {part: {f"{NAME}:{branch}": (unflatten(groups[f"{part}_{branch}"]), strength)
-                      for branch, strength in zip(("pos", "neg"), ADAPTER_STRENGTHS) if f"{part}_{branch}" in groups}
-               for part in (UNET, TEXT)}
-    labels = (frozenset({f"{NAME}:neg"}), frozenset({f"{NAME}:pos"}))
-    return {"patches": patches, "labels": labels}
+# -- the summary ---------------------------------------------------------------------------------------------
+def per_unit(records: list[dict], method: str, step: int, cfg: float, figure: str, units: list) -> list[float]:
+    """One value per unit (NaN where the unit has no record)."""
+    found = {(r["run"]["concept"], r["run"]["seed"]): r[figure] for r in records
+             if r["run"]["method"] == method and r["step"] == step and r["cfg"] == cfg}
+    return [float(found.get(u, float("nan"))) for u in units]
 
 
-def score_pair(backend, classifier, reference: Scene, words: dict, negative: bool, plan: Plan,
-               adapters: dict | None = None) -> dict[str, float]:
-    """Fidelity, control, leak and kept of one pair (see the module docstring), from fresh samples."""
-    negative_prompt = negative_name(NAME) if negative else ""
-    index = {a: i for i, a in enumerate(ATTRIBUTES)}
-    want = torch.tensor(reference.labels())
-    samples = dict(words=words, samples=plan.samples, steps=plan.sample_steps, guidance=GUIDANCE, **(adapters or {}))
-    read = classifier.predict(generate(backend, NAME, negative_prompt, seed=0, **samples))
-    concept = [index["shape"], index["colour"]]
-    fidelity = (read[:, concept] == want[concept]).float().mean().item()
-    control, leak, kept = [], [], []
-    for k, (prompt, attribute, value) in enumerate(control_prompts(reference, plan.edits_per_attribute)):
-        read = classifier.predict(generate(backend, prompt, negative_prompt, seed=1 + k, **samples))
-        column = index[attribute]
-        control += (read[:, column] == VALUES[attribute].index(value)).tolist()
-        leak += (read[:, column] == want[column]).tolist()
-        others = [c for c in concept if c != column]
-        kept += (read[:, others] == want[others]).float().mean(dim=1).tolist()
-    return {"fidelity": fidelity, "control": statistics.fmean(control), "leak": statistics.fmean(leak),
-            "kept": statistics.fmean(kept)}
-
-
-def run_one(backend, classifier, method: Method, reference: Scene, seed: int, plan: Plan,
-            folder: Path) -> dict[int, dict[str, float]]:
-    """Train one pair, scoring every saved checkpoint; returns {step: figures}."""
-    image = render(reference, REFERENCE_SEED)
-    config = TrainConfig(name=NAME, steps=plan.steps, width=64, height=64, seed=seed, save_every=plan.eval_every,
-                         preview_every=0, overwrite=True, **method.config)
-    curve: dict[int, dict[str, float]] = {}
-
-    def on_progress(progress: Progress) -> None:
-        if progress.step % plan.eval_every == 0:  # the trainer has just saved this step's pair
-            pos, neg = pairfiles.load_pair(folder, NAME)
-            words = {NAME: pos.vectors, negative_name(NAME): neg.vectors}
-            adapters = adapter_patches(pairfiles.load_adapters(folder, NAME))
-            curve[progress.step] = score_pair(backend, classifier, reference, words, method.negative, plan, adapters)
-
-    references = [prepare_reference(image, 64, 64, vae_scale=backend.vae_scale)]
-    Trainer(backend, config, references, folder, on_progress=on_progress).run()
-    return curve
-
-
-def usable_step(curve: dict[int, dict[str, float]]) -> int | None:
-    """The first checkpoint that passes both thresholds; None when none does."""
-    for step in sorted(curve):
-        if curve[step]["fidelity"] >= FIDELITY_OK and curve[step]["control"] >= CONTROL_OK:
-            return step
-    return None
-
-
-def run(plan: Plan, methods: dict[str, Method] | None = None, backend=None, classifier=None,
-        log: Callable[[str], None] = print) -> dict:
-    """Every method x concept x seed; returns the raw curves and the per-method summary."""
-    from dreamartist.toyworld import load_backend, load_classifier
-
-    methods = methods or METHODS
-    backend = backend if backend is not None else load_backend(device="cpu")
-    classifier = classifier if classifier is not None else load_classifier()
-    runs = []
-    for key in methods:
-        for reference in plan.concepts:
-            for seed in plan.seeds:
-                started = time.monotonic()
-                with tempfile.TemporaryDirectory(prefix="dreamartist-quality-") as folder:
-                    curve = run_one(backend, classifier, methods[key], reference, seed, plan, Path(folder))
-                runs.append({"method": key, "concept": asdict(reference), "seed": seed, "final": curve[max(curve)],
-                             "usable_step": usable_step(curve), "curve": {str(s): v for s, v in curve.items()},
-                             "seconds": round(time.monotonic() - started, 1)})
-                log(_describe(runs[-1], methods))
-    return {"plan": asdict(plan), "thresholds": {"fidelity": FIDELITY_OK, "control": CONTROL_OK},
-            "guidance": GUIDANCE, "runs": runs, "summary": summarize(runs, methods, plan)}
-
-
-def _describe(entry: dict, methods: dict[str, Method]) -> str:
-    final, concept = entry["final"], entry["concept"]
-    return (f"{methods[entry['method']].label:30s} {concept['colour']} {concept['shape']:8s} seed {entry['seed']}: "
-            + " ".join(f"{m} {final[m]:.2f}" for m in METRICS)
-            + f" usable at {entry['usable_step']} ({entry['seconds']:.0f} s)")
-
-
-def summarize(runs: list[dict], methods: dict[str, Method], plan: Plan) -> dict[str, dict]:
-    """Per method: mean and standard deviation over seeds of each figure (concepts averaged first)."""
-    summary = {}
-    for key, method in methods.items():
-        mine = [r for r in runs if r["method"] == key]
-        row: dict = {"label": method.label}
-        for metric in METRICS:
-            per_seed = [statistics.fmean(r["final"][metric] for r in mine if r["seed"] == seed) for seed in plan.seeds]
-            row[metric] = {"mean": statistics.fmean(per_seed),
-                           "std": statistics.stdev(per_seed) if len(per_seed) > 1 else 0.0}
-        steps = [r["usable_step"] for r in mine]
-        reached = sorted(s for s in steps if s is not None)
-        row["usable"] = {"reached": len(reached), "runs": len(steps),
-                         "median_step": statistics.median(reached) if reached else None}
-        summary[key] = row
+def summarize(ledger_records: list[dict], plan: Plan, methods: dict[str, Method]) -> dict:
+    """Means with intervals per method, checkpoint and figure; paired differences; usable steps; the sweep."""
+    records = [{**r, "step": int(r["key"].split("@")[1])} for r in ledger_records if "run" in r]
+    units = [(c, s) for c in range(len(plan.concepts)) for s in plan.seeds]
+    rows = {m: (methods[m].label, methods[m].cfg) for m in methods} | {CEILING: (CEILING_LABEL, GUIDANCE)}
+    steps = {m: plan.checkpoints for m in methods} | {CEILING: (0,)}
+    summary: dict = {"methods": {}, "differences": {}, "sweep": {}, "usable": {}, "seconds": {}}
+    for r in ledger_records:
+        if "what" in r:
+            where = f"{r['device']}, {r['threads']} threads"
+            summary["seconds"].setdefault(where, {}).setdefault(r["what"], 0.0)
+            summary["seconds"][where][r["what"]] += r["seconds"]
+    for m, (label, cfg) in rows.items():
+        summary["methods"][m] = {"label": label, "cfg": cfg, "steps": {
+            str(step): {f: asdict(bootstrap(per_unit(records, m, step, cfg, f, units))) for f in FIGURES}
+            for step in steps[m]}}
+    for base in REFERENCE_METHODS:
+        for m in methods:
+            if m == base or f"{base}-{m}" in summary["differences"]:
+                continue
+            summary["differences"][f"{m}-{base}"] = {str(step): {
+                f: asdict(paired(per_unit(records, m, step, methods[m].cfg, f, units),
+                                 per_unit(records, base, step, methods[base].cfg, f, units)))
+                for f in ("fidelity", "control", "leak")} for step in plan.checkpoints}
+    for m in rows:
+        cfgs = sorted({GUIDANCE, *plan.sweep, rows[m][1]})
+        step = 0 if m == CEILING else plan.sweep_step
+        summary["sweep"][m] = {f"{cfg:g}": {f: asdict(bootstrap(per_unit(records, m, step, cfg, f, units)))
+                                            for f in ("fidelity", "control", "leak")} for cfg in cfgs}
+    for m in methods:
+        firsts = []
+        for u in units:
+            reached = [s for s in plan.checkpoints
+                       if per_unit(records, m, s, methods[m].cfg, "fidelity", [u])[0] >= FIDELITY_OK
+                       and per_unit(records, m, s, methods[m].cfg, "control", [u])[0] >= CONTROL_OK]
+            firsts.append(min(reached) if reached else None)
+        got = sorted(s for s in firsts if s is not None)
+        summary["usable"][m] = {"reached": len(got), "units": len(units),
+                                "median_step": statistics.median(got) if got else None}
     return summary
 
 
-def table(result: dict) -> str:
-    """The summary as a markdown table."""
-    plan = result["plan"]
-    lines = ["| method | fidelity | control | leak | kept | usable pair (median step, runs reaching it) |",
-             "|---|---|---|---|---|---|"]
-    for row in result["summary"].values():
-        cells = [f"{row[m]['mean']:.2f} ± {row[m]['std']:.2f}" for m in METRICS]
-        usable = row["usable"]
-        median = f"{usable['median_step']:.0f}" if usable["median_step"] is not None else f"> {plan['steps']}"
-        reached = f"{median} ({usable['reached']}/{usable['runs']})"
-        lines.append(f"| {row['label']} | " + " | ".join(cells) + f" | {reached} |")
-    return "\n".join(lines)
+def _cell(interval: dict) -> str:
+    return str(Interval(**interval))
 
 
-def plot(result: dict, path: Path) -> None:
-    """Fidelity against control, one point per method, error bars over seeds."""
+def tables(summary: dict, plan: Plan) -> str:
+    """Markdown: the figures at the product's default and at the last checkpoint, the differences, the sweep."""
+    out = []
+    for step in sorted({plan.sweep_step, plan.checkpoints[-1]}):
+        out += [f"### At {step} steps (each method at its own CFG; mean over units [95 % interval])", "",
+                "| method | CFG | fidelity | control | control: background | control: pattern | leak | "
+                "usable (units reaching it, median step) |", "|---|---|---|---|---|---|---|---|"]
+        for m, row in summary["methods"].items():
+            figs = row["steps"].get(str(step)) or row["steps"]["0"]
+            usable = summary["usable"].get(m)
+            reach = (f"{usable['reached']}/{usable['units']}, "
+                     + (f"{usable['median_step']:g}" if usable["median_step"] is not None else "-")) if usable else "-"
+            out.append(f"| {row['label']} | {row['cfg']:g} | " + " | ".join(
+                _cell(figs[f]) for f in ("fidelity", "control", "control_background", "control_pattern", "leak"))
+                + f" | {reach} |")
+        out.append("")
+    out += ["### Paired differences (method - reference, 95 % interval; * where it excludes zero)", "",
+            "| difference | step | fidelity | control | leak |", "|---|---|---|---|---|"]
+    for pair, by_step in summary["differences"].items():
+        for step in sorted({str(plan.sweep_step), str(plan.checkpoints[-1])}, key=int):
+            cells = [_cell(by_step[step][f]) + (" *" if Interval(**by_step[step][f]).excludes_zero else "")
+                     for f in ("fidelity", "control", "leak")]
+            out.append(f"| {pair} | {step} | " + " | ".join(cells) + " |")
+    out += ["", f"### CFG sweep at {plan.sweep_step} steps (the words row: the base model): fidelity / control", "",
+            "| method | " + " | ".join(f"CFG {c:g}" for c in sorted({GUIDANCE, *plan.sweep})) + " |",
+            "|---|" + "---|" * len(sorted({GUIDANCE, *plan.sweep}))]
+    for m, by_cfg in summary["sweep"].items():
+        cells = [f"{by_cfg[f'{c:g}']['fidelity']['mean']:.2f} / {by_cfg[f'{c:g}']['control']['mean']:.2f}"
+                 for c in sorted({GUIDANCE, *plan.sweep})]
+        out.append(f"| {summary['methods'][m]['label']} | " + " | ".join(cells) + " |")
+    for where, spent in summary["seconds"].items():
+        out.append(f"\nTime spent ({where}, summed over every resumed part): "
+                   + ", ".join(f"{what} {seconds / 3600:.2f} h" for what, seconds in spent.items())
+                   + f", {sum(spent.values()) / 3600:.2f} h in all.")
+    return "\n".join(out) + "\n"
+
+
+def plot(summary: dict, plan: Plan, path: Path) -> None:
+    """Fidelity and control over steps with their intervals, one line per method; the ceiling as a band."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axes = plt.subplots(figsize=(5.5, 4.5), dpi=120)
-    for row in result["summary"].values():
-        axes.errorbar(row["fidelity"]["mean"], row["control"]["mean"], xerr=row["fidelity"]["std"],
-                      yerr=row["control"]["std"], fmt="o", capsize=4, label=row["label"])
-    axes.axvline(FIDELITY_OK, color="grey", linewidth=0.8, linestyle=":")
-    axes.axhline(CONTROL_OK, color="grey", linewidth=0.8, linestyle=":")
-    axes.set(xlim=(0, 1.02), ylim=(0, 1.02), xlabel="fidelity (prompt: NAME)", ylabel="control (one attribute changed)",
-             title=f"One-shot concepts on the toy world, {result['plan']['steps']} steps")
-    axes.legend(loc="lower left", fontsize=8)
+    figure, axes = plt.subplots(1, 2, figsize=(11, 4.2), dpi=110)
+    for ax, f in zip(axes, ("fidelity", "control")):
+        for m, row in summary["methods"].items():
+            if m == CEILING:
+                ceiling = row["steps"]["0"][f]
+                ax.axhspan(ceiling["low"], ceiling["high"], color="grey", alpha=0.15, label=row["label"])
+                continue
+            xs = [s for s in plan.checkpoints if row["steps"][str(s)][f]["units"]]
+            if not xs:
+                continue
+            mean = [row["steps"][str(s)][f]["mean"] for s in xs]
+            ax.plot(xs, mean, marker="o", markersize=3, label=row["label"])
+            ax.fill_between(xs, [row["steps"][str(s)][f]["low"] for s in xs],
+                            [row["steps"][str(s)][f]["high"] for s in xs], alpha=0.12)
+        ax.axhline(FIDELITY_OK if f == "fidelity" else CONTROL_OK, color="grey", linewidth=0.8, linestyle=":")
+        ax.axvline(plan.sweep_step, color="grey", linewidth=0.6, linestyle="--")
+        ax.set(xscale="log", ylim=(0, 1.02), xlabel="training steps", ylabel=f,
+               title=f"{f} (95 % intervals over concepts x seeds)")
+    axes[0].legend(loc="lower right", fontsize=7)
     figure.tight_layout()
     figure.savefig(path)
     plt.close(figure)
 
 
-def check_ranges(result: dict) -> None:
-    """Every figure is a share in [0, 1] and every usable step is a checkpoint: what --quick asserts."""
-    plan = result["plan"]
-    for r in result["runs"]:
-        for metric in METRICS:
-            if not 0.0 <= r["final"][metric] <= 1.0:
-                raise AssertionError(f"{metric} {r['final'][metric]} is not in [0, 1]")
-        if r["usable_step"] is not None and (r["usable_step"] % plan["eval_every"] or r["usable_step"] > plan["steps"]):
-            raise AssertionError(f"usable step {r['usable_step']} is not a checkpoint")
-        if sorted(int(s) for s in r["curve"]) != list(range(plan["eval_every"], plan["steps"] + 1, plan["eval_every"])):
-            raise AssertionError(f"checkpoints {sorted(r['curve'])} do not match the plan")
+def check_ranges(summary: dict) -> None:
+    """Every mean and interval bound is a share in [0, 1] and every interval holds its mean: what --quick asserts."""
+    for m, row in summary["methods"].items():
+        for step, figs in row["steps"].items():
+            for f, interval in figs.items():
+                if interval["units"] and not 0 <= interval["low"] <= interval["mean"] <= interval["high"] <= 1:
+                    raise AssertionError(f"{m} at {step}: {f} {interval} is not an interval in [0, 1]")
 
 
 def base(samples: int) -> dict[str, float]:
@@ -292,23 +472,38 @@ def main(argv: list[str] | None = None) -> int:
     mode.add_argument("--quick", action="store_true", help="one concept, one seed, few steps (CI)")
     mode.add_argument("--base", action="store_true", help="the base model's accuracy on held-out combinations")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="folder for quality.json/.md/.png")
+    parser.add_argument("--work", type=Path, default=None,
+                        help="folder of the runs and the ledger, which a later call continues "
+                             "(default OUT/quality-work)")
+    parser.add_argument("--hours", type=float, default=None, help="stop after the piece of work that passes this")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
-    parser.add_argument("--seeds", type=int, default=len(FULL.seeds),
-                        help=f"seeds per concept (default {len(FULL.seeds)}; fewer: shorter, with less spread)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.base:
         scores = base(samples=4)
         print(" ".join(f"{a} {scores[a]:.3f}" for a in (*ATTRIBUTES, "all")))
         return 0
-    result = run(QUICK if args.quick else replace(FULL, seeds=tuple(range(args.seeds))))
-    check_ranges(result)
-    print(table(result))
+    from dreamartist.toyworld import load_backend
+
+    plan = QUICK if args.quick else FULL
+    with tempfile.TemporaryDirectory(prefix="dreamartist-quality-") as scratch:
+        work = Path(scratch) if args.quick else (args.work or args.out / "quality-work")
+        bench = Benchmark(plan, work, backend=load_backend(device=args.device))
+        started = time.monotonic()
+        done = bench.run(args.hours)
+        summary = summarize(list(bench.ledger.records.values()), plan, bench.methods)
+    check_ranges(summary)
+    print(tables(summary, plan))
+    print(f"{time.monotonic() - started:.0f} s in this process (training {bench.seconds['training']:.0f} s, "
+          f"sampling {bench.seconds['sampling']:.0f} s); {'finished' if done else 'not finished'}")
     if not args.quick:
         args.out.mkdir(parents=True, exist_ok=True)
+        result = {"plan": asdict(plan), "thresholds": {"fidelity": FIDELITY_OK, "control": CONTROL_OK},
+                  "finished": done, "summary": summary}
         (args.out / "quality.json").write_text(json.dumps(result, indent=1) + "\n")
-        (args.out / "quality.md").write_text(table(result) + "\n")
-        plot(result, args.out / "quality.png")
+        (args.out / "quality.md").write_text(tables(summary, plan))
+        plot(summary, plan, args.out / "quality.png")
         print(f"wrote {args.out / 'quality.json'}, quality.md, quality.png")
     return 0
 

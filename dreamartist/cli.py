@@ -150,7 +150,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from . import fileops, pairfiles
     from .images import load_references
     from .templates import read_template_file
-    from .trainer import Trainer
+    from .trainer import Trainer, resumable_pair
 
     values = {f.name: getattr(args, f.name) for f in config_module.fields()}
     values["template"] = read_template_file(args.template)
@@ -163,6 +163,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     if previews.resolve().is_relative_to(out.resolve()):
         raise InputError(f"--previews {previews} is inside --out {out}: the webui would try to load the preview "
                          "images as embeddings; choose a folder outside it.")
+    if config.resume:
+        resumable_pair(out, config.name)  # before anything is made in a folder that may not exist
     fileops.check_writable(out, 1 << 20)
     fileops.recover_folder(out)  # a run that died mid-save left its journal: finish that first
     if not config.resume:
@@ -170,8 +172,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     if config.preview_every or args.final_preview:
         fileops.make_folder(previews)
     backend = _load_backend(args.ckpt, args.prediction_type, args.precision)
-    if config.size_for(backend.image_size) != size:
-        references = load_references(args.image, *config.size_for(backend.image_size), mask_path=args.mask)
+    # again at the model's own size and latent grid (a mask is averaged down to the latents' cells)
+    references = load_references(args.image, *config.size_for(backend.image_size), mask_path=args.mask,
+                                 vae_scale=backend.vae_scale)
 
     bar = None
 

@@ -40,15 +40,16 @@ class Reference:
     crop_top_left: tuple[int, int] = (0, 0)  # (top, left) of the crop in the scaled image, in pixels
 
 
-def load_image(source: str | Path | bytes | Image.Image) -> Image.Image:
+def load_image(source: str | Path | bytes | Image.Image, mask: bool = False) -> Image.Image:
     """Open, fully decode and return an RGB image, upright per its EXIF orientation.
 
     Transparent areas are composited over white; 16-bit and float greyscale are scaled to 8 bits.
-    Raises InputError naming the file when it is not an image, is truncated or is smaller than 16 px.
+    Raises InputError naming the file when it is not an image, is truncated or is smaller than 16 px, and, for a
+    ``mask``, when it is transparent everywhere.
     """
     label = _label(source)
     if isinstance(source, Image.Image):
-        rgb = _decoded(source, label)
+        rgb = _decoded(source, label, mask)
     else:
         if isinstance(source, (str, Path)) and Path(source).is_dir():
             raise InputError(f"{label} is a folder, not an image file.")
@@ -61,7 +62,7 @@ def load_image(source: str | Path | bytes | Image.Image) -> Image.Image:
         except (OSError, ValueError, Image.DecompressionBombError) as e:
             raise InputError(f"{label} could not be opened as an image ({e}).") from None
         with opened:
-            rgb = _decoded(opened, label)
+            rgb = _decoded(opened, label, mask)
     if min(rgb.size) < MIN_SIDE:
         raise InputError(f"{label} is only {rgb.width}x{rgb.height} pixels; each side must be at least {MIN_SIDE}.")
     return rgb
@@ -99,7 +100,7 @@ def prepare_reference(image: Image.Image, width: int, height: int, mask: Image.I
     pixels = torch.from_numpy(np.asarray(cropped, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1).contiguous()
     weight = None
     if mask is not None:
-        grey = load_image(mask).convert("L").convert("F")  # float grey 0..255, no rounding while resizing
+        grey = load_image(mask, mask=True).convert("L").convert("F")  # float grey 0..255, no rounding while resizing
         if grey.size != image.size:
             grey = grey.resize(image.size, Image.Resampling.BICUBIC)
         grey = grey.resize((width, height), Image.Resampling.LANCZOS, box=box)
@@ -166,7 +167,7 @@ def caption_for(image_path: Path) -> str:
 
 def _reference(image_path: Path, mask_path: Path | None, width: int, height: int, vae_scale: int) -> Reference:
     image = load_image(image_path)
-    mask = load_image(mask_path) if mask_path is not None else None
+    mask = load_image(mask_path, mask=True) if mask_path is not None else None
     return prepare_reference(image, width, height, mask=mask, caption=caption_for(image_path), vae_scale=vae_scale)
 
 
@@ -183,12 +184,22 @@ def _is_image(p: Path) -> bool:
         return False
 
 
-def _decoded(img: Image.Image, label: str) -> Image.Image:
+def _decoded(img: Image.Image, label: str, mask: bool = False) -> Image.Image:
     try:
         img.load()  # decode every pixel now so a truncated file fails here, not mid-training
+        if mask and _invisible(img):
+            raise InputError(f"{label} (the mask) is transparent everywhere, so it marks no pixel; paint the concept "
+                             "white or grey on black, without transparency.")
         return _to_rgb(_upright(img))
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
         raise InputError(f"{label} is damaged or truncated and could not be decoded ({e}).") from None
+
+
+def _invisible(img: Image.Image) -> bool:
+    """Transparent everywhere: over white it would read as a white mask, the weight of the concept itself."""
+    if img.mode not in _WITH_ALPHA and "transparency" not in img.info:
+        return False
+    return img.convert("RGBA").getchannel("A").getextrema()[1] == 0
 
 
 def _label(source: object) -> str:

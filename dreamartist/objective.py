@@ -97,45 +97,116 @@ class DreamArtistObjective:
     def loss(self, params: Params, references: list[Reference], latents: torch.Tensor,
              generator: torch.Generator) -> torch.Tensor:
         """Loss of one micro-batch: ``references`` and their ``latents`` (B,C,h,w) drawn by the loop."""
-        backend, device, b = self.backend, self.backend.device, len(references)
-        lines = torch.randint(0, len(self.templates), (b,), generator=generator).tolist()
-        T = backend.alphas_cumprod.shape[0]
-        t = torch.randint(0, T, (b,), generator=generator)
-        noise = torch.randn(latents.shape, generator=generator).to(device)
-        abar = backend.alphas_cumprod[t].to(device, torch.float32).view(-1, 1, 1, 1)
-        z_t = losses.add_noise(latents, noise, abar)
-        pos_text = [fill(self.templates[j], self.name, r.caption) for j, r in zip(lines, references)]
-        neg_text = [fill(self.templates[j], self.neg_name, r.caption) for j, r in zip(lines, references)]
-        rows = ("neg",) * b + ("pos",) * b
-        with self._dropout_seeded(generator), \
-                backend.patched(self.patches(params), self.config.adapter_dropout, training=True):
-            cond = backend.encode(neg_text + pos_text, self.words(params), rows)
-            cond.extras[TIME_IDS] = size_conditioning.for_references(references).repeat(2, 1)  # SDXL: per image
-            out_neg, out_pos = backend.unet(torch.cat([z_t, z_t]), torch.cat([t, t]).to(device), cond).chunk(2)
-        guided = losses.guide(out_neg, out_pos, self.gamma(t, T).to(device))
-        loss = losses.da_loss(guided, losses.target(backend.prediction_type, latents, noise, abar),
-                              _weights(references, device))
-        if self.config.reconstruction and self.config.rec_weight > 0:
-            z0_hat = losses.predict_z0(backend.prediction_type, guided, z_t, abar)
-            pixels = torch.stack([r.pixels for r in references]).to(device)  # reference pixels live on the CPU
-            loss = loss + self.config.rec_weight * losses.reconstruction_loss(backend.vae_decode(z0_hat), pixels)
-        return loss
+        return joint_loss([Part(self, params, references, latents, generator)])[0]
 
-    @contextlib.contextmanager
-    def _dropout_seeded(self, generator: torch.Generator) -> Iterator[None]:
-        """The adapters' dropout masks drawn from the run's own seed: torch's global generator (which they use, and
-        which a checkpointed block's recomputation restores) seeded from ``generator`` for the forward pass, and
-        put back as it was afterwards."""
-        if not (self.config.adapters and self.config.adapter_dropout):
-            yield
-            return
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(int(torch.randint(0, 2**62, (1,), generator=generator)))
-            yield
+    def draw(self, part: Part) -> _Draw:
+        """The micro-batch's random draws from the run's own generator: template lines, t and eps."""
+        backend, b = self.backend, len(part.references)
+        lines = torch.randint(0, len(self.templates), (b,), generator=part.generator).tolist()
+        T = backend.alphas_cumprod.shape[0]
+        t = torch.randint(0, T, (b,), generator=part.generator)
+        noise = torch.randn(part.latents.shape, generator=part.generator).to(backend.device)
+        abar = backend.alphas_cumprod[t].to(backend.device, torch.float32).view(-1, 1, 1, 1)
+        pos_text = [fill(self.templates[j], self.name, r.caption) for j, r in zip(lines, part.references)]
+        neg_text = [fill(self.templates[j], self.neg_name, r.caption) for j, r in zip(lines, part.references)]
+        return _Draw(neg_text + pos_text, t, noise, abar, losses.add_noise(part.latents, noise, abar))
+
+    def rec_on(self) -> bool:
+        return self.config.reconstruction and self.config.rec_weight > 0
 
     def preview_prompts(self) -> list[tuple[str, str]]:
         """(prompt, negative prompt) for up to four previews: the first template lines with S^p / S^n."""
         return [(fill(line, self.name), fill(line, self.neg_name)) for line in self.templates[:4]]
+
+
+@dataclass
+class Part:
+    """One run's share of a step: its objective, its parameters and the micro-batch its loop drew."""
+
+    objective: DreamArtistObjective
+    params: Params
+    references: list[Reference]
+    latents: torch.Tensor  # (B,C,h,w)
+    generator: torch.Generator
+
+
+@dataclass
+class _Draw:
+    prompts: list[str]  # the S^n rows' prompts, then the S^p rows'
+    t: torch.Tensor  # (B,) on the CPU
+    noise: torch.Tensor
+    abar: torch.Tensor  # (B,1,1,1)
+    z_t: torch.Tensor
+
+
+def joint_loss(parts: list[Part]) -> list[torch.Tensor]:
+    """Each part's micro-batch loss, all parts through ONE text-encoder call and ONE UNet call.
+
+    The parts are independent runs on the same backend (distinct names; their adapters act on their own rows
+    only), so the sum of the losses has, for each run's parameters, exactly the gradient of that run alone; the
+    batched call is what makes several small runs cheap. Each run draws from its own generator, in the order a
+    run alone draws. One part is an ordinary step.
+    """
+    backend = parts[0].objective.backend
+    device = backend.device
+    draws = [p.objective.draw(p) for p in parts]
+    words: dict = {}
+    for p in parts:
+        mine = p.objective.words(p.params)
+        if words.keys() & mine.keys():
+            raise ValueError(f"runs stepped together need distinct names; {sorted(words.keys() & mine.keys())} twice")
+        words |= mine
+    prefixes = [""] if len(parts) == 1 else [f"{i}:" for i in range(len(parts))]  # adapter ids per run
+    patches: dict = {}
+    rows: tuple = ()
+    for p, prefix in zip(parts, prefixes):
+        for part, acting in p.objective.patches(p.params).items():
+            patches.setdefault(part, {}).update({prefix + branch: value for branch, value in acting.items()})
+        b = len(p.references)
+        rows += (prefix + "neg",) * b + (prefix + "pos",) * b
+    dropouts = {p.objective.config.adapter_dropout for p in parts if p.objective.config.adapters}
+    if len(dropouts) > 1:
+        raise ValueError("runs stepped together need the same adapter dropout")
+    dropout = dropouts.pop() if dropouts else 0.0
+    with _dropout_seeded(parts), backend.patched(patches, dropout, training=True):
+        cond = backend.encode([text for d in draws for text in d.prompts], words, rows)
+        cond.extras[TIME_IDS] = torch.cat([size_conditioning.for_references(p.references).repeat(2, 1)
+                                           for p in parts])  # SDXL: per image
+        z = torch.cat([torch.cat([d.z_t, d.z_t]) for d in draws])
+        t = torch.cat([torch.cat([d.t, d.t]) for d in draws]).to(device)
+        outputs = backend.unet(z, t, cond).split([2 * len(p.references) for p in parts])
+    results, decoding = [], []
+    for p, d, out in zip(parts, draws, outputs):
+        objective = p.objective
+        out_neg, out_pos = out.chunk(2)
+        T = backend.alphas_cumprod.shape[0]
+        guided = losses.guide(out_neg, out_pos, objective.gamma(d.t, T).to(device))
+        goal = losses.target(backend.prediction_type, p.latents, d.noise, d.abar)
+        results.append(losses.da_loss(guided, goal, _weights(p.references, device)))
+        if objective.rec_on():
+            decoding.append((len(results) - 1, losses.predict_z0(backend.prediction_type, guided, d.z_t, d.abar)))
+    if decoding:  # eq. 6 for every run that has it, through one VAE call
+        decoded = backend.vae_decode(torch.cat([z0 for _, z0 in decoding])).split([len(z0) for _, z0 in decoding])
+        for (i, _), pixels_hat in zip(decoding, decoded):
+            p = parts[i]
+            pixels = torch.stack([r.pixels for r in p.references]).to(device)  # reference pixels live on the CPU
+            results[i] = results[i] + p.objective.config.rec_weight * losses.reconstruction_loss(pixels_hat, pixels)
+    return results
+
+
+@contextlib.contextmanager
+def _dropout_seeded(parts: list[Part]) -> Iterator[None]:
+    """The adapters' dropout masks drawn from the runs' own seeds: torch's global generator (which they use, and
+    which a checkpointed block's recomputation restores) seeded from the first such run's generator for the
+    forward pass, and put back as it was afterwards. Every run with dropout draws its seed, as it does alone."""
+    seeds = [int(torch.randint(0, 2**62, (1,), generator=p.generator)) for p in parts
+             if p.objective.config.adapters and p.objective.config.adapter_dropout]
+    if not seeds:
+        yield
+        return
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seeds[0])
+        yield
 
 
 def _weights(references: list[Reference], device: torch.device) -> torch.Tensor | None:

@@ -5,7 +5,7 @@ scale may be a gamma schedule, so a preview samples with exactly the gamma the p
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -39,13 +39,25 @@ def sample(backend: Backend, prompt: str, negative_prompt: str = "", words: Word
 def _sample(backend, prompt, negative_prompt, words, guidance, steps, width, height, seed, batch,
             on_step, labels) -> list[Image.Image]:
     schedule = guidance if isinstance(guidance, GammaSchedule) else parse_gamma(guidance)
-    abar_all = backend.alphas_cumprod.to(torch.float32)
-    T = abar_all.shape[0]
     generator = torch.Generator().manual_seed(seed)
     shape = (batch, backend.latent_channels, height // backend.vae_scale, width // backend.vae_scale)
-    x = torch.randn(shape, generator=generator).to(backend.device)
-    rows = (labels[0],) * batch + (labels[1],) * batch
-    cond = backend.encode([negative_prompt] * batch + [prompt] * batch, words, rows)
+    noise = torch.randn(shape, generator=generator)
+    pixels = sample_rows(backend, [prompt] * batch, [negative_prompt] * batch, words, [schedule] * batch, noise,
+                         steps, (labels[0],) * batch + (labels[1],) * batch, on_step)
+    return to_images(pixels)
+
+
+@torch.no_grad()
+def sample_rows(backend: Backend, prompts: Sequence[str], negative_prompts: Sequence[str],
+                words: WordVectors | None, guidance: Sequence[GammaSchedule], noise: torch.Tensor, steps: int = 20,
+                labels: tuple = (), on_step: Callable[[int, int], None] | None = None) -> torch.Tensor:
+    """DDIM from ``noise`` (B,C,h,w) for B images, each with its own prompt, negative prompt and guidance, in one
+    UNet call per step; ``labels`` are the 2B rows' adapter labels (negative prompts first). Returns the decoded
+    pixels (B,3,H,W) in [-1,1]."""
+    abar_all = backend.alphas_cumprod.to(torch.float32)
+    T, batch = abar_all.shape[0], len(prompts)
+    x = noise.to(backend.device)
+    cond = backend.encode(list(negative_prompts) + list(prompts), words, labels)
     timesteps = ddim_timesteps(T, steps)
     for i, t in enumerate(timesteps):
         t_prev = timesteps[i + 1] if i + 1 < len(timesteps) else 0
@@ -53,14 +65,15 @@ def _sample(backend, prompt, negative_prompt, words, guidance, steps, width, hei
         abar_prev = abar_all[t_prev].to(backend.device).view(1, 1, 1, 1)
         t_batch = torch.full((2 * batch,), t, dtype=torch.long, device=backend.device)
         out_neg, out_pos = backend.unet(torch.cat([x, x]), t_batch, cond).chunk(2)
-        gamma = schedule(torch.full((batch,), t), T).to(backend.device)
+        at_t = torch.full((1,), t)
+        gamma = torch.cat([schedule(at_t, T) for schedule in guidance]).to(backend.device)
         out = guide(out_neg, out_pos, gamma)
         eps = predict_eps(backend.prediction_type, out, x, abar)
         z0 = predict_z0(backend.prediction_type, out, x, abar)
         x = abar_prev.sqrt() * z0 + (1 - abar_prev).sqrt() * eps
         if on_step:
             on_step(i + 1, len(timesteps))
-    return to_images(backend.vae_decode(x))
+    return backend.vae_decode(x)
 
 
 def to_images(pixels: torch.Tensor) -> list[Image.Image]:

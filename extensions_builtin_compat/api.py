@@ -85,7 +85,7 @@ def _train_in_turn(config: TrainConfig, image: bytes, mask: bytes | None) -> dic
     try:
         with call_queue.queue_lock:
             references = [prepare_reference(load_image(image), *jobs.training_size(config),
-                                            mask=load_image(mask) if mask is not None else None)]
+                                            mask=load_image(mask, mask=True) if mask is not None else None)]
             result = jobs.run_training(config, references)
     except (NameTaken, PairBusy) as e:
         raise HTTPException(status_code=409, detail=str(e)) from None

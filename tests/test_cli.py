@@ -295,11 +295,12 @@ def test_resume_honours_changed_options_and_refuses_a_changed_length(photo, tmp_
 
 @pytest.mark.parametrize("args, fragment", [
     (["--gamma", "1e15"], "at most 30"), (["--lr", "5"], "Learning rate"), (["--grad-clip", "1e9"], "clip"),
-    (["--mask", "BLACK"], "black everywhere")])
+    (["--mask", "BLACK"], "black everywhere"), (["--mask", "CLEAR"], "transparent everywhere")])
 def test_out_of_range_options_and_empty_masks_are_refused(photo, tmp_path, capsys, args, fragment):
-    black = tmp_path / "black.png"
-    Image.new("L", (64, 64), 0).save(black)
-    args = [str(black) if a == "BLACK" else a for a in args]
+    masks = {"BLACK": tmp_path / "black.png", "CLEAR": tmp_path / "clear.png"}
+    Image.new("L", (64, 64), 0).save(masks["BLACK"])
+    Image.new("RGBA", (64, 64), (0, 0, 0, 0)).save(masks["CLEAR"])  # over white it would read as all white
+    args = [str(masks.get(a, a)) for a in args]
     code, _, err = run(["train", "--image", photo, "--name", "walle", "--out", tmp_path / "emb", *FAST, *args],
                        capsys)
     assert_one_line_error(code, err, fragment)
@@ -353,3 +354,20 @@ def test_adapters_train_with_the_pair_act_in_generate_and_export_as_a_lora(photo
     assert not any("neg" in key for key in keys)  # phi^n is never an ordinary LoRA
     assert {k.rsplit(".", 2)[0] for k in keys if k.endswith(".alpha")} == {k.rsplit(".", 2)[0] for k in keys}
     assert down.shape[0] >= 1 and all(k.startswith(("lora_unet_", "lora_te_")) for k in keys)
+
+
+def test_a_mask_trains_on_the_toy_model_whose_latent_cell_is_four_pixels(photo, tmp_path, capsys):
+    """The mask is averaged down to the model's own latent grid (16x16 at 64 px here, not SD's 8x8)."""
+    mask = tmp_path / "mask.png"
+    Image.new("L", (64, 64), 128).save(mask)
+    code, stdout, err = run(["train", "--image", photo, "--mask", str(mask), "--name", "walle",
+                             "--out", tmp_path / "emb", *FAST], capsys)
+    assert code == 0, err
+    assert (tmp_path / "emb" / "walle.pt").exists()
+
+
+def test_resuming_a_pair_that_does_not_exist_makes_nothing(photo, tmp_path, capsys):
+    code, _, err = run(["train", "--image", photo, "--name", "walle", "--out", tmp_path / "new" / "emb", *FAST,
+                        "--resume"], capsys)
+    assert_one_line_error(code, err, "Nothing to resume")
+    assert not (tmp_path / "new").exists()

@@ -7,6 +7,7 @@ import torch
 from dreamartist import losses
 from dreamartist.errors import InputError
 from dreamartist.gamma import parse_gamma
+from dreamartist.objective import joint_loss
 
 
 def test_eq3_loss_matches_hand_computation():
@@ -114,7 +115,7 @@ def test_a_training_step_computes_eq3_on_one_unet_call_with_shared_t_and_noise(r
     trainer._start()
     with random_backend.training(), torch.no_grad():
         trainer.latents = [random_backend.vae_encode(r.pixels.unsqueeze(0)) for r in references]
-        loss = trainer._micro_batch_loss()
+        loss = joint_loss([trainer.part()])[0]
 
     (latents, timesteps, out), = calls["unet"]
     assert calls["branches"] == ("neg", "neg", "pos", "pos")

@@ -4,6 +4,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -155,16 +156,44 @@ def test_a_pair_trains_on_the_toy_model_through_the_trainer(toy_backend, tmp_pat
     assert neg.name == negative_name("toystar")
 
 
-def test_the_quick_quality_benchmark_gives_figures_in_range(toy_backend, classifier, monkeypatch):
+def _quality_module(monkeypatch):
     spec = importlib.util.spec_from_file_location("quality_benchmark", ROOT / "benchmarks" / "quality.py")
     quality = importlib.util.module_from_spec(spec)
     monkeypatch.setitem(sys.modules, spec.name, quality)  # dataclasses look their module up there
     spec.loader.exec_module(quality)
-    result = quality.run(quality.QUICK, backend=toy_backend, classifier=classifier, log=lambda line: None)
-    quality.check_ranges(result)  # what `python benchmarks/quality.py --quick` runs
-    assert set(result["summary"]) == set(quality.METHODS)
-    assert all(len(r["curve"]) == 2 for r in result["runs"])
-    assert "| textual inversion |" in quality.table(result)
+    return quality
+
+
+def test_the_quick_quality_benchmark_gives_every_figure_in_range(toy_backend, classifier, monkeypatch, tmp_path):
+    quality = _quality_module(monkeypatch)
+    bench = quality.Benchmark(quality.QUICK, tmp_path, backend=toy_backend, classifier=classifier)
+    assert bench.run()
+    summary = quality.summarize(list(bench.ledger.records.values()), quality.QUICK, bench.methods)
+    quality.check_ranges(summary)  # what `python benchmarks/quality.py --quick` runs
+    assert set(summary["methods"]) == {*quality.METHODS, quality.CEILING}
+    for m in quality.METHODS:  # every method at every checkpoint, scored on every image
+        for step in quality.QUICK.checkpoints:
+            assert summary["methods"][m]["steps"][str(step)]["fidelity"]["units"] == 1
+    assert "| textual inversion |" in quality.tables(summary, quality.QUICK)
+
+
+def test_the_quality_benchmark_stopped_and_continued_gives_the_same_scores(toy_backend, classifier, monkeypatch,
+                                                                          tmp_path):
+    quality = _quality_module(monkeypatch)
+    plan = quality.QUICK
+    methods = {m: quality.METHODS[m] for m in ("ti", "da3_adapters")}
+    whole = quality.Benchmark(plan, tmp_path / "whole", methods, toy_backend, classifier)
+    assert whole.run()
+    first = quality.Benchmark(replace(plan, checkpoints=plan.checkpoints[:1]), tmp_path / "parts", methods,
+                              toy_backend, classifier)
+    assert first.run()  # stops after the first checkpoint, as a run killed there would
+    again = quality.Benchmark(plan, tmp_path / "parts", methods, toy_backend, classifier)
+    assert again.run()  # the runs continue from their saved state
+    def scores(bench):
+        return {k: r["read"] for k, r in bench.ledger.records.items() if "run" in r}  # not the timing records
+
+    # two runs at 10 steps; at 20 (the sweep) TI at CFG 4 and 2, the adapters at 3, 2 and 4; the words at 2 and 4
+    assert scores(again) == scores(whole) and len(scores(whole)) == 2 + 5 + 2
 
 
 def test_the_cli_without_a_checkpoint_trains_on_the_toy_model_at_its_own_size(tmp_path, capsys):

@@ -11,7 +11,7 @@ from dreamartist import losses
 from dreamartist.config import TrainConfig
 from dreamartist.errors import InputError, TrainingStopped
 from dreamartist.images import prepare_reference
-from dreamartist.objective import NEG, POS
+from dreamartist.objective import NEG, POS, joint_loss
 from dreamartist.pairfiles import load_pair
 from dreamartist.standalone import build_random_backend
 from dreamartist.trainer import Trainer, train
@@ -68,7 +68,7 @@ def ready(trainer: Trainer):
 def test_gradients_reach_only_the_pseudo_words(backend, references, tmp_path):
     trainer = Trainer(backend, config(reconstruction=False), references, tmp_path)
     with ready(trainer):
-        trainer._micro_batch_loss().backward()
+        joint_loss([trainer.part()])[0].backward()
         model_grads = [p for m in backend.modules for p in m.parameters() if p.grad is not None]
     assert not model_grads
     for vectors in (trainer.params[POS], trainer.params[NEG]):
@@ -170,7 +170,7 @@ def test_gradient_accumulation_averages_every_micro_batch(backend, references, t
         state = trainer.generator.get_state()
         expected = [torch.zeros_like(p) for p in trainer.optimizer.param_groups[0]["params"]]
         for _ in range(3):
-            loss = trainer._micro_batch_loss()
+            loss = joint_loss([trainer.part()])[0]
             grads = torch.autograd.grad(loss, trainer.optimizer.param_groups[0]["params"])
             expected = [e + g / 3 for e, g in zip(expected, grads)]
         trainer.generator.set_state(state)
@@ -256,20 +256,61 @@ def test_with_loss_scaling_overflowing_gradients_stop_the_run_too(backend, refer
     """fp16 loss scaling skips a step whose gradients overflowed and lowers the scale; when every step overflows
     the same guard as without scaling stops the run, keeping the last good pair."""
     from dreamartist import trainer as trainer_module
-    from dreamartist.objective import DreamArtistObjective
 
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** -15)
     monkeypatch.setattr(trainer_module, "_grad_scaler", lambda device: scaler)
-    real, calls = DreamArtistObjective.loss, []
+    real, calls = trainer_module.joint_loss, []
 
-    def overflowing(self, *args):
+    def overflowing(parts):
         calls.append(1)
-        loss = real(self, *args)
-        return _InfiniteGradient.apply(loss) if len(calls) > 2 else loss
+        losses = real(parts)
+        return [_InfiniteGradient.apply(loss) for loss in losses] if len(calls) > 2 else losses
 
-    monkeypatch.setattr(DreamArtistObjective, "loss", overflowing)
+    monkeypatch.setattr(trainer_module, "joint_loss", overflowing)
     with pytest.raises(TrainingStopped, match=r"^The gradients overflowed at every loss scale at step 4; training "
                                               r"stopped\. The last good pair \(step 3\)"):
         train(backend, config(steps=10, reconstruction=False, save_every=1), references, tmp_path)
     pos, _ = load_pair(tmp_path, "walle")  # step 3 was skipped by the scaler: the values of step 2, finite
     assert pos.step == 3 and all(torch.isfinite(v).all() for v in pos.vectors.values())
+
+
+def test_runs_stepped_together_give_the_pairs_each_gives_alone(backend, references, tmp_path):
+    """One text-encoder and one UNet call for several runs (different gammas, the reconstruction loss on and off,
+    adapters on one) change no run's result: each pair, adapters included, is the one it trains alone."""
+    from dreamartist.pairfiles import load_adapters
+    from dreamartist.trainer import train_together
+
+    configs = [config(name="walle", gamma="3"),
+               config(name="eve", gamma="1", reconstruction=False, pos_len=1, lr=0.005),
+               config(name="mo", gamma="5", adapters=True, adapter_dropout=0.0, seed=3)]
+    alone = [train(backend, c, references, tmp_path / "alone" / c.name) for c in configs]
+    before = snapshot(backend)
+    together = train_together([Trainer(backend, c, references, tmp_path / "together" / c.name) for c in configs])
+    assert_same(before, snapshot(backend))
+    for c, one, joint in zip(configs, alone, together):
+        assert joint.step == one.step == 4
+        assert joint.losses == pytest.approx(one.losses, rel=1e-4)
+        for file_alone, file_joint in zip(load_pair(tmp_path / "alone" / c.name, c.name),
+                                          load_pair(tmp_path / "together" / c.name, c.name)):
+            for key, vectors in file_alone.vectors.items():
+                torch.testing.assert_close(file_joint.vectors[key], vectors, rtol=1e-4, atol=1e-6)
+    adapters_alone, adapters_joint = (load_adapters(tmp_path / where / "mo", "mo") for where in ("alone", "together"))
+    assert adapters_alone.keys() == adapters_joint.keys() and adapters_alone
+    for group, tensors in adapters_alone.items():
+        for key, value in tensors.items():
+            torch.testing.assert_close(adapters_joint[group][key], value, rtol=1e-4, atol=1e-6)
+    assert not torch.equal(load_pair(tmp_path / "together" / "walle", "walle")[0].vectors["clip_l"],
+                           load_pair(tmp_path / "together" / "mo", "mo")[0].vectors["clip_l"])
+
+
+def test_runs_stepped_together_need_distinct_names(backend, references, tmp_path):
+    from dreamartist.trainer import train_together
+
+    with pytest.raises(ValueError, match="distinct names"):
+        train_together([Trainer(backend, config(), references, tmp_path / str(i)) for i in range(2)])
+
+
+def test_resuming_a_pair_that_does_not_exist_leaves_no_folder_or_lock(backend, references, tmp_path):
+    with pytest.raises(InputError, match="Nothing to resume"):
+        train(backend, config(resume=True), references, tmp_path / "emb")
+    assert not (tmp_path / "emb").exists()

@@ -1,9 +1,14 @@
-"""A labelled sheet of a trained pair in new contexts on the toy model (what `make demo` shows).
+"""A labelled sheet of a trained pair in new contexts on the toy model, and what it shows, read by the classifier
+(what `make demo` shows).
 
     python -m dreamartist.toyworld.preview --embeddings demo-output --name demo-star \
         [--reference examples/toy-reference.png] [--out demo-output/demo-star-contexts.png]
 
-One row per prompt, the prompt written beside its samples; NAME-neg joins the negative prompt, as in the webui.
+One row per prompt, the prompt written beside its samples; NAME-neg joins the negative prompt, as in the webui,
+and the samples use the pair's training gamma as their CFG scale. With ``--reference`` the shipped attribute
+classifier reads the reference and every sample, and the sentences it prints (and writes beside the sheet, as
+.md) say how many samples keep the concept and how many also follow the rest of the prompt, with the scores of
+the quality benchmark (dreamartist.toyworld.metrics).
 """
 from __future__ import annotations
 
@@ -15,30 +20,71 @@ from PIL import Image, ImageDraw, ImageFont
 from dreamartist.errors import DreamArtistError
 from dreamartist.names import negative_name
 
-CONTEXT_PROMPTS = ("{name}", "a {name} on a green background", "a {name} on a striped background", "a {name} in blue")
+from .world import article
+
+# The quality benchmark's kinds of prompt: the concept alone, then another background colour and pattern.
+CONTEXT_PROMPTS = (("a photo of a {name}", None, None),
+                   ("a photo of a {name} on a green background", "background", "green"),
+                   ("a photo of a {name} on a striped background", "pattern", "striped"))
 CELL = 128  # each 64x64 sample is shown at twice its size
-LABEL_WIDTH = 300
+LABEL_WIDTH = 330
 
 
-def contexts_sheet(backend, name: str, words: dict, reference: Image.Image | None = None, samples: int = 4,
-                   prompts: tuple[str, ...] = CONTEXT_PROMPTS, seed: int = 0) -> Image.Image:
-    """Rows of samples, each labelled with its prompt; the reference first when given."""
+def sample_contexts(backend, name: str, words: dict, guidance: float | str, samples: int = 4,
+                    seed: int = 0) -> list[list[Image.Image]]:
+    """``samples`` images for each of CONTEXT_PROMPTS, NAME-neg as the negative prompt."""
     from .evaluate import generate
 
-    rows: list[tuple[str, list[Image.Image]]] = []
+    return [generate(backend, template.format(name=name), negative_name(name), words, guidance=guidance,
+                     samples=samples, seed=seed + i) for i, (template, _, _) in enumerate(CONTEXT_PROMPTS)]
+
+
+def contexts_sheet(name: str, rows: list[list[Image.Image]], reference: Image.Image | None = None) -> Image.Image:
+    """Rows of samples, each labelled with its prompt; the reference first when given."""
+    labelled = [(f'"{template.format(name=name)}"', images) for (template, _, _), images in zip(CONTEXT_PROMPTS, rows)]
     if reference is not None:
-        rows.append(("reference (the one training image)", [reference.convert("RGB")]))
-    for i, template in enumerate(prompts):
-        prompt = template.format(name=name)
-        images = generate(backend, prompt, negative_name(name), words, samples=samples, seed=seed + i)
-        rows.append((f'"{prompt}"', images))
-    sheet = Image.new("RGB", (LABEL_WIDTH + samples * CELL, len(rows) * CELL), "white")
+        labelled.insert(0, ("reference (the one training image)", [reference.convert("RGB")]))
+    columns = max(len(images) for _, images in labelled)
+    sheet = Image.new("RGB", (LABEL_WIDTH + columns * CELL, len(labelled) * CELL), "white")
     draw, font = ImageDraw.Draw(sheet), _font()
-    for r, (label, images) in enumerate(rows):
+    for r, (label, images) in enumerate(labelled):
         draw.text((10, r * CELL + CELL // 2), label, fill="black", font=font, anchor="lm")
         for c, image in enumerate(images):
             sheet.paste(image.resize((CELL, CELL), Image.Resampling.NEAREST), (LABEL_WIDTH + c * CELL, r * CELL))
     return sheet
+
+
+def reading(classifier, name: str, reference: Image.Image, rows: list[list[Image.Image]]) -> list[str]:
+    """What the classifier reads in the samples, in sentences, scored as the quality benchmark scores."""
+    from .metrics import CONTROL_OK, FIDELITY_OK, edit_scores, faithful, share
+    from .world import ATTRIBUTES, VALUES, Scene
+
+    read = classifier.predict([reference])[0]
+    seen = {a: VALUES[a][int(i)] for a, i in zip(ATTRIBUTES, read)}
+    concept = Scene(**seen)
+    thing = f"{concept.colour} {concept.shape}"
+    lines = [f"The classifier reads the reference as {article(concept.colour)} {thing} on "
+             f"{article(concept.background)} {concept.background} background, {concept.pattern}."]
+    fidelity, followed = [], []
+    for (template, attribute, value), images in zip(CONTEXT_PROMPTS, rows):
+        prompt, read = template.format(name=name), classifier.predict(images)
+        if attribute is None:
+            fidelity += faithful(read, concept).tolist()
+            lines.append(f'"{prompt}": the {thing} in {sum(fidelity)} of {len(images)} samples.')
+            continue
+        scores = edit_scores(read, concept, attribute, value)
+        followed += scores["followed"]
+        kept = sum(scores["faithful"])
+        leaked = (f"; {sum(scores['leaked'])} of those keep the reference's {concept.value(attribute)}" if kept
+                  else "")
+        lines.append(f'"{prompt}": the {thing} with the {value} {attribute} in {sum(scores["followed"])} of '
+                     f"{len(images)} samples (the {thing} in {kept}{leaked}).")
+    usable = share(fidelity) >= FIDELITY_OK and share(followed) >= CONTROL_OK
+    lines.append(f"Scored as the quality benchmark scores a pair (fidelity {share(fidelity):.2f}, control "
+                 f"{share(followed):.2f} on these {len(fidelity) + len(followed)} samples), this pair is "
+                 + ("usable." if usable else f"not usable (it needs fidelity >= {FIDELITY_OK} and control >= "
+                                             f"{CONTROL_OK})."))
+    return lines
 
 
 def _font() -> ImageFont.ImageFont:
@@ -52,12 +98,14 @@ def main(argv: list[str] | None = None) -> int:
     from dreamartist import pairfiles
     from dreamartist.images import load_image
 
+    from .classifier import load_classifier
     from .models import load_backend
 
     parser = argparse.ArgumentParser(prog="python -m dreamartist.toyworld.preview", description=__doc__.split("\n")[0])
     parser.add_argument("--embeddings", type=Path, required=True, help="folder holding NAME and NAME-neg")
     parser.add_argument("--name", required=True)
-    parser.add_argument("--reference", type=Path, help="the training image, shown in the first row")
+    parser.add_argument("--reference", type=Path, help="the training image: shown first, and the samples are read "
+                                                       "against it")
     parser.add_argument("--out", type=Path, help="image to write (default: EMBEDDINGS/NAME-contexts.png)")
     parser.add_argument("--samples", type=int, default=4)
     args = parser.parse_args(argv)
@@ -67,9 +115,15 @@ def main(argv: list[str] | None = None) -> int:
     except DreamArtistError as error:
         parser.exit(2, f"{parser.prog}: error: {error}\n")
     words = {args.name: pos.vectors, negative_name(args.name): neg.vectors}
+    guidance = pos.pair.gamma if pos.pair and pos.pair.gamma else "4"  # the pair's training gamma
     out = args.out or args.embeddings / f"{args.name}-contexts.png"
-    contexts_sheet(load_backend(), args.name, words, reference, args.samples).save(out)
-    print(f"wrote {out}")
+    rows = sample_contexts(load_backend(), args.name, words, guidance, args.samples)
+    contexts_sheet(args.name, rows, reference).save(out)
+    print(f"wrote {out} (CFG {guidance}, the pair's training gamma)")
+    if reference is not None:
+        lines = reading(load_classifier(), args.name, reference, rows)
+        out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+        print("\n".join(lines))
     return 0
 
 
