@@ -2,7 +2,7 @@
 # `make test` runs the tests.
 # Both create .venv on first use: the demo installs only what it needs, the tests add their own tools.
 VENV ?= .venv
-DEMO_STEPS ?= 300
+DEMO_STEPS ?= 1500
 PY := $(VENV)/bin/python
 
 $(VENV)/.demo: .ci/requirements-demo.txt
@@ -16,7 +16,7 @@ $(VENV)/.test: $(VENV)/.demo .ci/requirements.txt
 
 demo: $(VENV)/.demo
 	$(PY) -m dreamartist train --image examples/toy-reference.png --name demo-star --out demo-output/embeddings \
-		--previews demo-output/previews --steps $(DEMO_STEPS) --preview-every 100 --overwrite
+		--previews demo-output/previews --steps $(DEMO_STEPS) --preview-every 500 --overwrite
 	$(PY) -m dreamartist.toyworld.preview --embeddings demo-output/embeddings --name demo-star \
 		--reference examples/toy-reference.png --out demo-output/demo-star-contexts.png
 

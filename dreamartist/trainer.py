@@ -373,8 +373,9 @@ def resumable_pair(folder: Path, name: str) -> tuple[pairfiles.EmbeddingFile, pa
     """The saved pair a resumed run continues, or an InputError saying there is none."""
     try:
         return pairfiles.load_pair(folder, name)
-    except InputError as e:
-        raise InputError(f"{e} Nothing to resume: turn off Resume to train a new pair.") from None
+    except InputError as e:  # one sentence: which file is missing matters less than what to do
+        raise InputError(f"There is no pair {name} to resume in {folder} ({str(e).rstrip('.')}); turn off Resume "
+                         "to train a new pair.") from None
 
 
 def step_together(trainers: list[Trainer]) -> list[float]:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import base64
+import re
 
 import pytest
 import torch
@@ -93,6 +94,15 @@ def test_bad_requests_are_4xx_with_one_clear_detail(client, host_v1101, body, st
     response = client.post("/dreamartist/v1/train", json=body)
     assert response.status_code == status, response.text
     assert words in response.json()["detail"]
+    assert listing(host_v1101.embeddings_dir) == []
+
+
+def test_resuming_a_pair_that_does_not_exist_is_one_sentence(client, host_v1101):
+    """Seen in a real webui 1.6.0: the file loader's sentence and the advice came as two."""
+    response = client.post("/dreamartist/v1/train", json={"image": B64_PNG, "name": "walle", "resume": True})
+    detail = response.json()["detail"]
+    assert response.status_code == 422 and "no pair walle to resume" in detail and "turn off Resume" in detail
+    assert not re.search(r"[.!?]['\")]?\s+[A-Z]", detail) and detail.endswith(".")
     assert listing(host_v1101.embeddings_dir) == []
 
 

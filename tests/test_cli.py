@@ -369,5 +369,5 @@ def test_a_mask_trains_on_the_toy_model_whose_latent_cell_is_four_pixels(photo, 
 def test_resuming_a_pair_that_does_not_exist_makes_nothing(photo, tmp_path, capsys):
     code, _, err = run(["train", "--image", photo, "--name", "walle", "--out", tmp_path / "new" / "emb", *FAST,
                         "--resume"], capsys)
-    assert_one_line_error(code, err, "Nothing to resume")
+    assert_one_line_error(code, err, "no pair walle to resume")
     assert not (tmp_path / "new").exists()

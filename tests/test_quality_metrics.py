@@ -83,3 +83,33 @@ def test_the_ledger_keeps_what_was_finished_and_skips_a_cut_line(tmp_path):
     assert "a" in again and "b" not in again
     again.add("b", {"x": 2})
     assert Ledger(tmp_path / "ledger.jsonl").records["b"]["x"] == 2
+
+
+class _Reads:
+    """A classifier that reads the reference, then each row of samples, as told."""
+
+    def __init__(self, *reads: torch.Tensor):
+        self.reads = list(reads)
+
+    def predict(self, images):
+        return self.reads.pop(0)
+
+
+def test_the_demo_reading_counts_what_the_classifier_reads_and_says_which_part_is_kept():
+    from PIL import Image
+
+    from dreamartist.toyworld.preview import reading
+
+    swapped = ("star", "yellow", "purple", "dotted")  # the reference's colours the other way round
+    classifier = _Reads(reads(("star", "purple", "yellow", "dotted")),
+                        reads(*[("star", "purple", "yellow", "dotted")] * 2, *[swapped] * 2),
+                        reads(*[("star", "blue", "green", "dotted")] * 2, *[("star", "purple", "green", "plain")] * 2),
+                        reads(*[("star", "yellow", "purple", "striped")] * 4))
+    images = [[Image.new("RGB", (64, 64))] * 4] * 3
+    lines = reading(classifier, "walle", Image.new("RGB", (64, 64)), images)
+    assert lines[0] == "The classifier reads the reference as a purple star on a yellow background, dotted."
+    assert lines[1] == '"a photo of a walle": the purple star in 2 of 4 samples (a star in 4, purple in 2).'
+    assert lines[2].startswith('"a photo of a walle on a green background": the purple star with the green background '
+                               "in 2 of 4 samples (a star in 4, purple in 2; the green background in 4)")
+    assert "(fidelity 0.50, control 0.25)" in lines[-1] and "is not usable" in lines[-1]
+    assert lines[-1].endswith("it keeps the shape and loses the colour (a star in 12 of 12 samples, purple in 4).")

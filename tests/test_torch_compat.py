@@ -2,7 +2,7 @@
 torch name and keyword the webui-side code uses must exist there, and the core must run there.
 
 Point ``DREAMARTIST_WEBUI_TORCH`` at Python interpreters that have that torch (plus numpy, pillow, safetensors,
-filelock, pytest), separated by ':', to run both checks under them; README, "Development", says how to make them.
+filelock, pytest), separated by ':', to run both checks under them; docs/development.md says how to make them.
 """
 from __future__ import annotations
 
@@ -63,7 +63,7 @@ def _webui_interpreters() -> list[str]:
 
 
 @pytest.mark.skipif(not _webui_interpreters(), reason="set DREAMARTIST_WEBUI_TORCH to interpreters with the "
-                                                      "webuis' torch (README, Development) to run this check")
+                                                      "webuis' torch (docs/development.md) to run this check")
 @pytest.mark.parametrize("python", _webui_interpreters() or ["none"])
 def test_under_the_webuis_own_torch(python):
     names = subprocess.run([python, "tests/torch_api.py"], cwd=ROOT, capture_output=True, text=True, timeout=300)

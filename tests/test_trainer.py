@@ -311,6 +311,6 @@ def test_runs_stepped_together_need_distinct_names(backend, references, tmp_path
 
 
 def test_resuming_a_pair_that_does_not_exist_leaves_no_folder_or_lock(backend, references, tmp_path):
-    with pytest.raises(InputError, match="Nothing to resume"):
+    with pytest.raises(InputError, match="no pair walle to resume"):
         train(backend, config(resume=True), references, tmp_path / "emb")
     assert not (tmp_path / "emb").exists()

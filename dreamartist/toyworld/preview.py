@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from dreamartist.errors import DreamArtistError
@@ -27,7 +28,7 @@ CONTEXT_PROMPTS = (("a photo of a {name}", None, None),
                    ("a photo of a {name} on a green background", "background", "green"),
                    ("a photo of a {name} on a striped background", "pattern", "striped"))
 CELL = 128  # each 64x64 sample is shown at twice its size
-LABEL_WIDTH = 330
+LABEL_WIDTH = 440
 
 
 def sample_contexts(backend, name: str, words: dict, guidance: float | str, samples: int = 4,
@@ -55,35 +56,44 @@ def contexts_sheet(name: str, rows: list[list[Image.Image]], reference: Image.Im
 
 
 def reading(classifier, name: str, reference: Image.Image, rows: list[list[Image.Image]]) -> list[str]:
-    """What the classifier reads in the samples, in sentences, scored as the quality benchmark scores."""
-    from .metrics import CONTROL_OK, FIDELITY_OK, edit_scores, faithful, share
+    """What the classifier reads in the samples, in sentences, scored as the quality benchmark scores: the concept
+    (shape and colour) in each row, the asked attribute where a row asks for one, and which part of the concept the
+    samples keep."""
+    from .metrics import CONTROL_OK, FIDELITY_OK, edit_scores, faithful, share, shows
     from .world import ATTRIBUTES, VALUES, Scene
 
     read = classifier.predict([reference])[0]
-    seen = {a: VALUES[a][int(i)] for a, i in zip(ATTRIBUTES, read)}
-    concept = Scene(**seen)
+    concept = Scene(**{a: VALUES[a][int(i)] for a, i in zip(ATTRIBUTES, read)})
     thing = f"{concept.colour} {concept.shape}"
     lines = [f"The classifier reads the reference as {article(concept.colour)} {thing} on "
              f"{article(concept.background)} {concept.background} background, {concept.pattern}."]
-    fidelity, followed = [], []
+    fidelity, followed, shape, colour = [], [], [], []
     for (template, attribute, value), images in zip(CONTEXT_PROMPTS, rows):
         prompt, read = template.format(name=name), classifier.predict(images)
+        shape += shows(read, "shape", concept.shape).tolist()
+        colour += shows(read, "colour", concept.colour).tolist()
+        parts = (f"{article(concept.shape)} {concept.shape} in {sum(shows(read, 'shape', concept.shape).tolist())}, "
+                 f"{concept.colour} in {sum(shows(read, 'colour', concept.colour).tolist())}")
         if attribute is None:
-            fidelity += faithful(read, concept).tolist()
-            lines.append(f'"{prompt}": the {thing} in {sum(fidelity)} of {len(images)} samples.')
+            present = faithful(read, concept).tolist()
+            fidelity += present
+            lines.append(f'"{prompt}": the {thing} in {sum(present)} of {len(images)} samples ({parts}).')
             continue
         scores = edit_scores(read, concept, attribute, value)
         followed += scores["followed"]
-        kept = sum(scores["faithful"])
-        leaked = (f"; {sum(scores['leaked'])} of those keep the reference's {concept.value(attribute)}" if kept
-                  else "")
         lines.append(f'"{prompt}": the {thing} with the {value} {attribute} in {sum(scores["followed"])} of '
-                     f"{len(images)} samples (the {thing} in {kept}{leaked}).")
+                     f"{len(images)} samples ({parts}; the {value} {attribute} in {sum(scores['asked'])}).")
     usable = share(fidelity) >= FIDELITY_OK and share(followed) >= CONTROL_OK
+    counts = {"shape": f"{article(concept.shape)} {concept.shape} in {sum(shape)} of {len(shape)} samples",
+              "colour": f"{concept.colour} in {sum(colour)}"}
+    kept = [a for a, flags in (("shape", shape), ("colour", colour)) if share(flags) >= FIDELITY_OK]
+    lost = [a for a in counts if a not in kept]
+    verdict = "usable" if usable else f"not usable (that needs fidelity >= {FIDELITY_OK} and control >= {CONTROL_OK})"
+    keeps = " and ".join(f"the {a}" for a in kept) if kept else "neither the shape nor the colour"
+    loses = f" and loses the {lost[0]}" if kept and lost else ""
     lines.append(f"Scored as the quality benchmark scores a pair (fidelity {share(fidelity):.2f}, control "
-                 f"{share(followed):.2f} on these {len(fidelity) + len(followed)} samples), this pair is "
-                 + ("usable." if usable else f"not usable (it needs fidelity >= {FIDELITY_OK} and control >= "
-                                             f"{CONTROL_OK})."))
+                 f"{share(followed):.2f}), this pair is {verdict}: it keeps {keeps}{loses} "
+                 f"({counts['shape']}, {counts['colour']}).")
     return lines
 
 
@@ -117,6 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     words = {args.name: pos.vectors, negative_name(args.name): neg.vectors}
     guidance = pos.pair.gamma if pos.pair and pos.pair.gamma else "4"  # the pair's training gamma
     out = args.out or args.embeddings / f"{args.name}-contexts.png"
+    torch.set_num_threads(1)  # as the command line does for the toy model (dreamartist.cli)
     rows = sample_contexts(load_backend(), args.name, words, guidance, args.samples)
     contexts_sheet(args.name, rows, reference).save(out)
     print(f"wrote {out} (CFG {guidance}, the pair's training gamma)")
