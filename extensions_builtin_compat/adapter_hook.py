@@ -25,7 +25,7 @@ from modules import prompt_parser
 
 from dreamartist import adapters, pairfiles
 
-from . import embeddings, host_pairing
+from . import embeddings, host, host_pairing
 from .host_backend import layers_of, text_encoders
 
 MODES = ("pair", "DA++", "off")
@@ -151,8 +151,8 @@ class GenerationAdapters:
 def plan_for(p, mode: str, strengths: tuple[float, float]) -> Plan | None:
     """The adapters this generation uses (None when there are none, or the mode is off)."""
     encoder = host_pairing.prompt_encoder(p.sd_model)
-    if mode == "off" or encoder is None or not any(getattr(p.sd_model, f"is_{family}", False)
-                                                    for family in ("sd1", "sd2", "sdxl")):
+    if mode == "off" or encoder is None or not host.runs_webui_modules(p.sd_model) or not any(
+            getattr(p.sd_model, f"is_{family}", False) for family in ("sd1", "sd2", "sdxl")):
         return None
     partners = {name.lower(): partner for name, partner in embeddings.partners().items()}
     groups: dict[str, dict] = {}

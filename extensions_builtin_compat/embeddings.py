@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from modules import sd_hijack, shared
+from modules import shared
 
 from dreamartist.config import fields
 from dreamartist.errors import InputError
@@ -28,9 +28,9 @@ def recover() -> None:
 
 
 def databases() -> list:
-    """A1111: model_hijack.embedding_db. Forge: one database per text engine of the loaded model (none before
-    the first generation loads it)."""
-    db = getattr(sd_hijack.model_hijack, "embedding_db", None)
+    """A1111: model_hijack.embedding_db. Forge (Neo too): one database per text engine of the loaded model (none
+    before the first generation loads it)."""
+    db = host.embedding_db()
     if db is not None:
         return [db]
     model = host.loaded_model()
@@ -40,7 +40,7 @@ def databases() -> list:
 def refresh() -> None:
     """Reload from disk. A1111 is forced: it only notices the folder's own mtime changing. Forge's engine
     databases always reread, and their reload takes no arguments."""
-    db = getattr(sd_hijack.model_hijack, "embedding_db", None)
+    db = host.embedding_db()
     if db is not None:
         db.load_textual_inversion_embeddings(force_reload=True)
         return

@@ -5,7 +5,7 @@ import importlib
 import importlib.util
 
 import torch
-from modules import sd_hijack, shared
+from modules import shared
 
 
 def is_forge() -> bool:
@@ -13,16 +13,43 @@ def is_forge() -> bool:
     return importlib.util.find_spec("modules_forge") is not None
 
 
+def sd_hijack():
+    """The webui's modules.sd_hijack, or None where the host has none (Forge Neo dropped it)."""
+    try:
+        return importlib.import_module("modules.sd_hijack")
+    except ImportError:
+        return None
+
+
+def embedding_db():
+    """A1111's (and reForge's) model_hijack.embedding_db, or None: original Forge's hijack is a stub without one,
+    and Forge Neo has no hijack at all (its embeddings live in each text engine)."""
+    return getattr(getattr(sd_hijack(), "model_hijack", None), "embedding_db", None)
+
+
 def has_embedding_db() -> bool:
-    """A1111 keeps textual-inversion embeddings in model_hijack.embedding_db; Forge's stub has none."""
-    return hasattr(sd_hijack.model_hijack, "embedding_db")
+    return embedding_db() is not None
+
+
+def _is_model(model) -> bool:
+    """Whether ``model`` is a real model: Forge Neo holds a placeholder without any model part (cond_stage_model
+    None, no forge_objects) until its first generation loads one, and again after "unload"."""
+    return any(getattr(model, part, None) is not None for part in ("forge_objects", "cond_stage_model",
+                                                                   "conditioner", "model"))
+
+
+def runs_webui_modules(model) -> bool:
+    """Whether generation runs ``model``'s own ldm/sgm modules, where the PN adapters hook in. The Forge family
+    (Classic, reForge, Neo) samples through its backend's patchers instead: the adapters are off there."""
+    return getattr(model, "forge_objects", None) is None
 
 
 def loaded_model():
     """The loaded model, or None; unlike shared.sd_model this never starts loading one."""
     sd_models = importlib.import_module("modules.sd_models")
     model_data = getattr(sd_models, "model_data", None)
-    return getattr(model_data, "sd_model", None) if model_data is not None else shared.sd_model
+    model = getattr(model_data, "sd_model", None) if model_data is not None else shared.sd_model
+    return model if model is not None and _is_model(model) else None
 
 
 def host_unsupported_reason() -> str | None:

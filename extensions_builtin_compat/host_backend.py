@@ -14,7 +14,7 @@ import sys
 from collections.abc import Iterator, Mapping
 
 import torch
-from modules import devices, extra_networks, processing, sd_hijack, sd_models, shared
+from modules import devices, extra_networks, processing, sd_models, shared
 from modules.textual_inversion.textual_inversion import Embedding
 
 from dreamartist import adapters
@@ -28,9 +28,13 @@ from . import host
 MAX_INIT_TOKENS = 75  # one prompt chunk
 
 
-def _fixes(encoder: torch.nn.Module) -> sd_hijack.EmbeddingsWithFixes | None:
-    """The hijack's EmbeddingsWithFixes inside a prompt encoder (its ``wrapped`` is the token table)."""
-    return next((m for m in encoder.modules() if isinstance(m, sd_hijack.EmbeddingsWithFixes)), None)
+def _fixes(encoder: torch.nn.Module):
+    """The hijack's EmbeddingsWithFixes inside a prompt encoder (its ``wrapped`` is the token table); None also
+    where the host has no hijack (Forge Neo)."""
+    fixes_class = getattr(host.sd_hijack(), "EmbeddingsWithFixes", None)
+    if fixes_class is None:
+        return None
+    return next((m for m in encoder.modules() if isinstance(m, fixes_class)), None)
 
 
 def model_family(sd_model) -> str:
@@ -69,7 +73,7 @@ class HostBackend(PatchSlot):
             raise ModelError(reason)
         self.sd_model = model
         self.clip = model.cond_stage_model
-        self.db = sd_hijack.model_hijack.embedding_db
+        self.db = host.embedding_db()
         self.family = model_family(model)
         self.image_size = FAMILIES[self.family].size
         self.encoders = text_encoders(model)
@@ -194,6 +198,7 @@ class HostBackend(PatchSlot):
         undo_attention = not shared.opts.training_xattention_optimizations  # as the webui's own Train tab does
         self._unload_networks()
         unet = self.sd_model.model.diffusion_model
+        sd_hijack = host.sd_hijack()
         with frozen(self.sd_model), ldm_checkpointing_off(unet), checkpointed_blocks(unet, gradient_checkpointing), \
                 float32_weights(self.sd_model.first_stage_model):
             if undo_attention:

@@ -16,7 +16,7 @@ OUR_PACKAGES = ("dreamartist", "extensions_builtin_compat")
 CATEGORIES = {"ui_tabs": "tab", "ui_settings": "settings", "app_started": "api", "infotext_pasted": "infotext"}
 
 
-@pytest.fixture(params=["host_v160", "host_v1101", "host_forge"])
+@pytest.fixture(params=["host_v160", "host_v1101", "host_forge", "host_neo"])
 def any_host(request):
     return request.getfixturevalue(request.param)
 

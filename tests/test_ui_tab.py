@@ -12,7 +12,7 @@ from dreamartist.errors import InputError
 FIELDS = train_config.fields()
 
 
-@pytest.fixture(params=["host_v160", "host_v1101", "host_forge"])
+@pytest.fixture(params=["host_v160", "host_v1101", "host_forge", "host_neo"])
 def any_host(request):
     return request.getfixturevalue(request.param)
 
@@ -75,9 +75,11 @@ def test_train_button_is_wired_like_the_webui_train_tab(host_v1101):
     assert "dreamartist_notice" not in controls
 
 
-def test_on_forge_the_tab_loads_and_says_training_is_not_available(host_forge):
-    load_extension(host_forge)
-    controls = by_elem_id(build_tab(host_forge))
+@pytest.mark.parametrize("forge_host", ["host_forge", "host_neo"])
+def test_on_forge_the_tab_loads_and_says_training_is_not_available(request, forge_host):
+    host = request.getfixturevalue(forge_host)
+    load_extension(host)
+    controls = by_elem_id(build_tab(host))
     assert "Forge" in controls["dreamartist_notice"].value
     assert controls["dreamartist_train"].interactive is False
 

@@ -30,6 +30,11 @@ def host_forge(tmp_path):
     yield from _host("forge", tmp_path)
 
 
+@pytest.fixture
+def host_neo(tmp_path):
+    yield from _host("forge-neo", tmp_path)
+
+
 @pytest.fixture(params=["v1.6.0", "v1.10.1"])
 def host(request, tmp_path):
     yield from _host(request.param, tmp_path)

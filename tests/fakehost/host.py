@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import importlib
+import importlib.abc
 import importlib.machinery
 import importlib.util
 import sys
@@ -12,6 +13,20 @@ from .variants import VARIANTS
 
 HERE = Path(__file__).resolve().parent
 HOST_PACKAGES = ("modules", "ldm", "backend", "modules_forge", "networks", "extensions_builtin_compat")
+NEO_DROPPED = ("modules.sd_hijack", "modules.lowvram")  # and every modules.sd_hijack_*: Forge Neo has none of them
+
+
+class _Dropped(importlib.abc.MetaPathFinder):
+    """Makes the modules a host variant does not have unimportable, whatever the shared A1111 layer holds: ``from
+    modules import sd_hijack`` then fails as in Forge Neo ("cannot import name 'sd_hijack' from 'modules'")."""
+
+    def __init__(self, names: tuple[str, ...]):
+        self.names = names
+
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname in self.names or fullname.startswith("modules.sd_hijack_"):
+            raise ModuleNotFoundError(f"No module named {fullname!r}", name=fullname)
+        return None
 
 
 def _purge() -> None:
@@ -30,20 +45,23 @@ def _package(name: str, paths: list[Path]) -> types.ModuleType:
 
 
 class FakeHost:
-    """One stand-in webui (A1111 v1.6.0 / v1.10.1 or Forge) rooted in a temporary folder."""
+    """One stand-in webui (A1111 v1.6.0 / v1.10.1, Forge or Forge Neo) rooted in a temporary folder."""
 
     def __init__(self, variant: str, root: Path):
         self.variant = variant
         self.flags = VARIANTS[variant]
         self.root = Path(root)
-        self.embeddings_dir = self.root / "embeddings"
+        self.embeddings_dir = self.root / ("models/embeddings" if self.flags.models_embeddings_dir else "embeddings")
         self.lora = None
+        self._dropped = None if self.flags.hijack_modules else _Dropped(NEO_DROPPED)
 
     # ---- lifecycle -------------------------------------------------------------------------------
     def install(self) -> None:
         self._saved_path = (sys.path, list(sys.path))  # script loading rebinds sys.path, as the webui does
         _purge()
         self.embeddings_dir.mkdir(parents=True, exist_ok=True)
+        if self._dropped is not None:
+            sys.meta_path.insert(0, self._dropped)
         (self.root / "extensions").mkdir(exist_ok=True)
         # Earlier folders win: Forge replacements, then modules that exist only from 1.8 on, then the A1111 base.
         layers = (["forge"] if self.flags.forge else []) + (["since_1_8"] if self.flags.infotext_utils else [])
@@ -80,6 +98,8 @@ class FakeHost:
             if checkpoint is not None and hasattr(checkpoint, "remove"):
                 checkpoint.remove()
         finally:
+            if self._dropped in sys.meta_path:
+                sys.meta_path.remove(self._dropped)
             _purge()
             original, entries = self._saved_path
             original[:] = entries

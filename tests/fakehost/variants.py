@@ -20,6 +20,9 @@ class Flags:
     apply_model_always_cast: bool = False  # apply_model cast + autocast always (1.10), else only with upcast
     option_categories: bool = False  # OptionInfo(category_id=) and add_option writing the default to data, 1.7+
     train_tab: bool = True
+    hijack_modules: bool = True  # modules.sd_hijack, sd_hijack_* and lowvram exist (Forge Neo dropped them)
+    placeholder_model: bool = False  # model_data.sd_model is a part-less placeholder until the first load (Neo)
+    models_embeddings_dir: bool = False  # embeddings in <root>/models/embeddings (Neo), not <root>/embeddings
     unet_use_checkpoint: bool = False  # the SD1/SD2 configs' use_checkpoint: True reaches ldm's blocks (1.6; 1.7+ off)
 
 
@@ -31,4 +34,8 @@ VARIANTS = {
     "forge": Flags("forge", "f2.0.1v1.10.1-previous", forge=True, callback_name_kw=True, infotext_utils=True,
                    before_every_sampling=True, cfg_params_denoiser=True, extra_params_callables=True,
                    stopping_generation=True, option_categories=True, train_tab=False),
+    "forge-neo": Flags("forge-neo", "neo", forge=True, callback_name_kw=True, infotext_utils=True,
+                       before_every_sampling=True, cfg_params_denoiser=True, extra_params_callables=True,
+                       stopping_generation=True, option_categories=True, train_tab=False, hijack_modules=False,
+                       placeholder_model=True, models_embeddings_dir=True),
 }

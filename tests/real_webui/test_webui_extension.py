@@ -234,6 +234,8 @@ BAD_REQUESTS = {
     "gamma_not_a_number": ({"gamma": "abc"}, None),
     "zero_steps": ({"steps": 0}, None),
     "width_not_multiple_of_8": ({"width": 100}, None),
+    "transparent_mask": ({"mask": "CLEAR"}, None),  # read over white it was a white mask: trained as weight 5
+    "resume_of_nothing": ({"resume": True}, None),
     "json_array": (None, b"[1, 2]"),
     "not_json": (None, b"this is not JSON"),
 }
@@ -247,10 +249,15 @@ def test_api_rejects_bad_input(webui, reference_image, case):
         body = {"image": png_base64(reference_image), "name": "da_bad", "steps": 2, "width": 64, "height": 64}
         body.update(changes)
         body = {key: value for key, value in body.items() if value is not None}
+        if body.get("mask") == "CLEAR":
+            from PIL import Image
+
+            body["mask"] = png_base64(Image.new("RGBA", (64, 64), (0, 0, 0, 0)))
     reply = webui.post("/dreamartist/v1/train", body, raw=raw)
     assert 400 <= reply.status < 500, reply
     assert one_sentence(reply.detail), reply
     assert not (webui.embeddings / "da_bad.pt").exists()
+    assert not (webui.embeddings / ".dreamartist" / "da_bad.lock").exists()
 
 
 def test_api_resume_continues_from_the_saved_step(webui, trained_pair, reference_image):

@@ -1,5 +1,5 @@
-"""A real AUTOMATIC1111 webui from the harness named by DREAMARTIST_WEBUI_HARNESS: install this extension into it,
-start it, talk to its HTTP API, read its log, stop it and leave its folder as it was.
+"""A real webui (AUTOMATIC1111, or Forge Neo) from the harness named by DREAMARTIST_WEBUI_HARNESS: install this
+extension into it, start it, talk to its HTTP API, read its log, stop it and leave its folder as it was.
 
 Only the standard library is imported here, so that the folder is skipped in an instant where no harness exists.
 """
@@ -33,7 +33,11 @@ ENV_OUTPUT = "DREAMARTIST_WEBUI_OUTPUT"  # screenshots, webui logs and timings (
 ENV_SDXL = "DREAMARTIST_WEBUI_SDXL"  # an SDXL checkpoint for test_webui_sdxl.py (default: those tests are skipped)
 
 # version -> the webui's folder in the harness (its start.sh names its venv and port)
-VERSIONS = {"1.10.1": "a1111", "1.6.0": "a1111-v160"}
+VERSIONS = {"1.10.1": "a1111", "1.6.0": "a1111-v160", "neo": "forge-neo"}
+# Hosts where DreamArtist only pairs (the tab says training is not available there; no PN adapters), and the A1111
+# version each one's processing and API follow. Their tests are test_webui_pairing.py and test_webui_forge.py.
+PAIRING_ONLY = {"neo": "1.10.1"}
+EMBEDDINGS_DIR = {"neo": "models/embeddings"}  # where a host reads embeddings, relative to its folder
 EXTENSION_DIR = "sd-webui-dreamartist"  # the folder name under <webui>/extensions
 PROBE_DIR = "dreamartist-probe"  # the test-only extension that records adapter row labels (tests/real_webui/probe)
 READY_LINE = "Model loaded in"
@@ -177,7 +181,7 @@ class WebUI:
 
     def __post_init__(self) -> None:
         script = (self.folder / "start.sh").read_text()
-        port = re.search(r"--port\s+(\d+)", script)
+        port = re.search(r"--port\s+(\d+)", script) or re.search(r"^port=(\d+)$", script, re.MULTILINE)
         venv = re.search(r"^venv=\$web/(\S+)$", script, re.MULTILINE)
         if not port or not venv:
             raise RuntimeError(f"{self.folder / 'start.sh'}: cannot find its --port and venv")
@@ -192,7 +196,12 @@ class WebUI:
 
     @property
     def embeddings(self) -> Path:
-        return self.folder / "embeddings"
+        return self.folder / EMBEDDINGS_DIR.get(self.version, "embeddings")
+
+    @property
+    def trains(self) -> bool:
+        """Whether the extension trains in this host (False on Forge Neo, where only pairing works)."""
+        return self.version not in PAIRING_ONLY
 
     @property
     def python(self) -> Path:
@@ -200,10 +209,12 @@ class WebUI:
 
     @property
     def tag(self) -> str:
-        return f"v{self.version}"
+        return self.version if self.version in PAIRING_ONLY else f"v{self.version}"
 
     def version_at_least(self, *parts: int) -> bool:
-        return tuple(int(p) for p in self.version.split(".")) >= parts
+        """The A1111 version (for Forge Neo: the one whose processing and API it follows) is at least ``parts``."""
+        version = PAIRING_ONLY.get(self.version, self.version)
+        return tuple(int(p) for p in version.split(".")) >= parts
 
     # -- http ---------------------------------------------------------------------------------------------------------
     def get(self, path: str, timeout: float = 60) -> Response:

@@ -220,14 +220,15 @@ def _decode(sd_model, samples: torch.Tensor) -> list:
 
 
 def process_images_inner(p) -> Processed:
-    from modules.sd_hijack import model_hijack
-
     if FLAGS.forge:
         from modules import sd_models
 
         sd_models.forge_model_reload()
     seed = get_fixed_seed(p.seed)
-    model_hijack.clear_comments()
+    if FLAGS.hijack_modules:  # Forge Neo has no modules.sd_hijack
+        from modules.sd_hijack import model_hijack
+
+        model_hijack.clear_comments()
     p.setup_prompts()
     p.all_seeds = [seed + i for i in range(len(p.all_prompts))]
     p.all_subseeds = list(p.all_seeds)

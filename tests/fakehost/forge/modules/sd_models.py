@@ -5,6 +5,7 @@ import hashlib
 
 import torch
 from modules import script_callbacks
+from modules._variant import FLAGS
 
 
 class CheckpointInfo:
@@ -20,9 +21,21 @@ class CheckpointInfo:
         return self.shorthash
 
 
+class FakeInitialModel:
+    """Neo's stand-in before the first generation loads a model (and after "unload"): no model part at all."""
+
+    @property
+    def first_stage_model(self):
+        return None
+
+    @property
+    def cond_stage_model(self):
+        return None
+
+
 class SdModelData:
     def __init__(self):
-        self.sd_model = None
+        self.sd_model = FakeInitialModel() if FLAGS.placeholder_model else None
         self.loaded_sd_models: list = []
         self.loader = None  # the test host sets how a model is built at the first generation
 
@@ -50,6 +63,6 @@ def load_model(model, half: bool = False, checkpoint: str = "models/Stable-diffu
 
 def forge_model_reload():
     """Load the model at the first generation (shared.sd_model is None until then)."""
-    if model_data.sd_model is None and model_data.loader is not None:
+    if isinstance(model_data.sd_model, (type(None), FakeInitialModel)) and model_data.loader is not None:
         load_model(model_data.loader())
     return model_data.sd_model
