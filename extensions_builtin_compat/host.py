@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import inspect
+import re
 
 import torch
 from modules import shared
@@ -53,13 +55,39 @@ def loaded_model():
 
 
 def host_unsupported_reason() -> str | None:
-    """Why this webui cannot train at all, in one sentence; None when it can."""
-    if is_forge():
-        return ("Training in Forge is not supported yet (Forge runs the model through its own backend, which this "
-                "trainer does not drive); train with the command line (python -m dreamartist train --ckpt <the same "
-                f"checkpoint>) and copy the pair into {shared.cmd_opts.embeddings_dir}: pairs work in Forge's prompts.")
+    """Why this webui cannot train at all, in one sentence; None when it can. A Forge-family webui that keeps the
+    webui's model object and its textual-inversion database (reForge) trains on it; one whose prompts go through
+    its backend's own text engines (original Forge, Forge Neo) does not."""
     if not has_embedding_db():
+        if is_forge():
+            return ("Training in Forge is not supported yet (Forge runs the model through its own backend, which this "
+                    "trainer does not drive); train with the command line (python -m dreamartist train --ckpt <the "
+                    f"same checkpoint>) and copy the pair into {shared.cmd_opts.embeddings_dir}: pairs work in Forge's "
+                    "prompts.")
         return "This webui has no textual-inversion embeddings, so pairs cannot be trained or used here."
+    return None
+
+
+def inplace_residuals(unet: torch.nn.Module) -> bool:
+    """Whether the UNet's transformer blocks add a residual in place onto a tensor a norm has just read (Forge
+    Classic's ldm_patched: ``n = self.norm1(x) ... x += n``), which no backward pass can go through; A1111's and
+    reForge's add out of place. Read from the block's own code, the one place this shows."""
+    for block in {type(m) for m in unet.modules() if type(m).__name__ == "BasicTransformerBlock"}:
+        try:
+            source = inspect.getsource(block)
+        except (OSError, TypeError):  # no source to read: assume the common, out-of-place form
+            continue
+        if re.search(r"\bx\s*\+=\s*n\b", source):
+            return True
+    return False
+
+
+def adapters_unsupported_reason(model=None) -> str | None:
+    """Why PN adapters cannot be trained here, in one sentence; None when they can. A Forge-family webui samples
+    through its backend's patchers, where the adapters do not act (runs_webui_modules)."""
+    if is_forge() or (model is not None and not runs_webui_modules(model)):
+        return ("PN adapters are not supported in Forge-family webuis yet (they would not act at generation there); "
+                "turn off \"PN adapters\" to train the pair alone.")
     return None
 
 
@@ -67,8 +95,20 @@ def model_unsupported_reason(model) -> str | None:
     """Why ``model`` cannot be trained on, in one sentence; None when it can."""
     if model is None:
         return "No Stable Diffusion model is loaded; choose a checkpoint at the top of the page first."
-    if getattr(model, "forge_objects", None) is not None:
-        return host_unsupported_reason() or "This model was loaded by Forge's backend, which cannot be trained."
+    forge_model = getattr(model, "forge_objects", None) is not None
+    if forge_model:
+        reason = host_unsupported_reason()
+        if reason:
+            return reason
+        unet = getattr(getattr(model, "model", None), "diffusion_model", None)
+        if unet is None:
+            return "This model was loaded by Forge's backend without the webui's model object; it cannot be trained."
+        if inplace_residuals(unet):
+            return ("This webui's UNet adds its residuals in place (x += n in its transformer blocks), which a "
+                    "backward pass cannot go through, so it cannot train yet; train with the command line and copy "
+                    "the pair into its embeddings folder: pairs work in its prompts.")
+    if forge_model and (getattr(model, "is_sdxl", False) or hasattr(model, "conditioner")):
+        return "SDXL training in Forge-family webuis is not supported yet; load an SD1.x or SD2.x checkpoint to train."
     if getattr(model, "is_sdxl", False) or hasattr(model, "conditioner"):
         reason = sdxl_unsupported_reason(model)
         if reason:

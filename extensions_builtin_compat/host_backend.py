@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import importlib
+import inspect
 import sys
 from collections.abc import Iterator, Mapping
 
@@ -169,8 +171,12 @@ class HostBackend(PatchSlot):
         (float32 during training) with autocast off."""
         with torch.no_grad(), devices.without_autocast():
             posterior = self.sd_model.encode_first_stage(pixels.to(self.device, self._vae_dtype()))
-            mode = posterior.mode() if hasattr(posterior, "mode") else posterior
-            return self.sd_model.get_first_stage_encoding(mode).float()
+            # ldm's posterior (its mean); reForge's encode_first_stage returns the latents as a tensor, whose own
+            # mode() is the statistical one
+            mode = posterior if isinstance(posterior, torch.Tensor) else posterior.mode()
+            # clone(): reForge's encode_first_stage runs in inference mode, and an inference tensor cannot be saved
+            # for backward wherever the target meets the prediction.
+            return self.sd_model.get_first_stage_encoding(mode).float().clone()
 
     def vae_decode(self, latents: torch.Tensor) -> torch.Tensor:
         """first_stage_model.decode directly (decode_first_stage is no_grad; eq. 6 needs the gradient), in the
@@ -195,11 +201,14 @@ class HostBackend(PatchSlot):
         loads SD1/SD2 with use_checkpoint: True, and ldm's checkpoint differentiates frozen weights), optionally
         checkpoint the blocks our way, and follow the webui's "Use cross attention optimizations while training"
         setting; undo all on exit."""
-        undo_attention = not shared.opts.training_xattention_optimizations  # as the webui's own Train tab does
+        sd_hijack = host.sd_hijack()
+        # as the webui's own Train tab does; reForge's hijack has no optimisations of its own to undo
+        undo_attention = not shared.opts.training_xattention_optimizations and \
+            callable(getattr(sd_hijack, "undo_optimizations", None))
         self._unload_networks()
         unet = self.sd_model.model.diffusion_model
-        sd_hijack = host.sd_hijack()
-        with frozen(self.sd_model), ldm_checkpointing_off(unet), checkpointed_blocks(unet, gradient_checkpointing), \
+        with forge_parts_loaded(self.sd_model), normal_weights(self.sd_model), frozen(self.sd_model), \
+                ldm_checkpointing_off(unet), checkpointed_blocks(unet, gradient_checkpointing), \
                 float32_weights(self.sd_model.first_stage_model):
             if undo_attention:
                 sd_hijack.undo_optimizations()
@@ -208,6 +217,74 @@ class HostBackend(PatchSlot):
             finally:
                 if undo_attention:
                     sd_hijack.apply_optimizations()
+
+
+def _memory_manager():
+    """The Forge-family memory manager (reForge's and Forge Classic's ldm_patched, later Forge's backend), or None."""
+    for name in ("ldm_patched.modules.model_management", "backend.memory_management"):
+        try:
+            module = importlib.import_module(name)
+        except ImportError:
+            continue
+        if callable(getattr(module, "load_models_gpu", None)):
+            return module
+    return None
+
+
+@contextlib.contextmanager
+def forge_parts_loaded(sd_model) -> Iterator[None]:
+    """On a model a Forge-family backend manages (reForge: the webui's model object over its ModelPatchers): for the
+    run, the LoRA-free parts (forge_objects_original: an earlier generation's LoRA is unpatched by the memory manager
+    when they load, and the text encoder, which loads its own patcher at every encode, finds no LoRA clone either),
+    all three loaded whole on the device, outside inference mode; the model's forge_objects are put back after and
+    the next generation loads what it needs. Nothing happens on a model without forge_objects (AUTOMATIC1111)."""
+    current = getattr(sd_model, "forge_objects", None)
+    manager = _memory_manager() if current is not None else None
+    if manager is None:
+        yield
+        return
+    original = getattr(sd_model, "forge_objects_original", None) or current
+    use = original.shallow_copy() if callable(getattr(original, "shallow_copy", None)) else original
+    patchers = [part for part in (getattr(use, "unet", None), getattr(getattr(use, "clip", None), "patcher", None),
+                                  getattr(getattr(use, "vae", None), "patcher", None)) if part is not None]
+    full = {"force_full_load": True} if "force_full_load" in inspect.signature(manager.load_models_gpu).parameters \
+        else {}
+    try:
+        sd_model.forge_objects = use
+        with torch.inference_mode(False):
+            manager.load_models_gpu(patchers, **full)
+        yield
+    finally:
+        sd_model.forge_objects = current
+
+
+@contextlib.contextmanager
+def normal_weights(module: torch.nn.Module) -> Iterator[None]:
+    """Weights that a generation created, moved or LoRA-patched under torch.inference_mode are inference tensors,
+    which backward cannot save ("Inference tensors cannot be saved for backward"): for the run, each such Parameter
+    or buffer of ``module`` is replaced by a normal clone (a tensor shared by several modules by one clone), and the
+    original objects are put back after, so the host's memory manager and LoRA backups find their own tensors."""
+    swapped: list[tuple[dict, str, torch.Tensor]] = []
+    clones: dict[int, torch.Tensor] = {}
+    try:
+        with torch.inference_mode(False), torch.no_grad():
+            for owner in module.modules():
+                for table in (owner._parameters, owner._buffers):
+                    for name, tensor in list(table.items()):
+                        if tensor is None or not tensor.is_inference():
+                            continue
+                        clone = clones.get(id(tensor))
+                        if clone is None:
+                            clone = tensor.clone()
+                            if isinstance(tensor, torch.nn.Parameter):
+                                clone = torch.nn.Parameter(clone, requires_grad=tensor.requires_grad)
+                            clones[id(tensor)] = clone
+                        swapped.append((table, name, tensor))
+                        table[name] = clone
+        yield
+    finally:
+        for table, name, tensor in reversed(swapped):
+            table[name] = tensor
 
 
 def layers_of(sd_model) -> dict[str, dict[str, torch.nn.Module]]:

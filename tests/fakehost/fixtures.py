@@ -31,6 +31,11 @@ def host_forge(tmp_path):
 
 
 @pytest.fixture
+def host_reforge(tmp_path):
+    yield from _host("reforge", tmp_path)
+
+
+@pytest.fixture
 def host_neo(tmp_path):
     yield from _host("forge-neo", tmp_path)
 

@@ -12,7 +12,8 @@ from pathlib import Path
 from .variants import VARIANTS
 
 HERE = Path(__file__).resolve().parent
-HOST_PACKAGES = ("modules", "ldm", "backend", "modules_forge", "networks", "extensions_builtin_compat")
+HOST_PACKAGES = ("modules", "ldm", "ldm_patched", "backend", "modules_forge", "networks",
+                 "extensions_builtin_compat")
 NEO_DROPPED = ("modules.sd_hijack", "modules.lowvram")  # and every modules.sd_hijack_*: Forge Neo has none of them
 
 
@@ -74,6 +75,9 @@ class FakeHost:
             _package("modules_forge", [HERE / "forge" / "modules_forge"])
         else:
             _package("ldm", [HERE / "a1111" / "ldm"])
+        if self.flags.webui_model_on_forge_backend:  # reForge: A1111's modules and ldm over Forge's backend
+            _package("ldm_patched", [HERE / "reforge" / "ldm_patched"])
+            _package("modules_forge", [HERE / "reforge" / "modules_forge"])
         if not self.flags.forge:
             importlib.import_module("modules.safe").install()  # the webui replaces torch.load at start-up
         shared = importlib.import_module("modules.shared")

@@ -24,6 +24,11 @@ class Flags:
     placeholder_model: bool = False  # model_data.sd_model is a part-less placeholder until the first load (Neo)
     models_embeddings_dir: bool = False  # embeddings in <root>/models/embeddings (Neo), not <root>/embeddings
     unet_use_checkpoint: bool = False  # the SD1/SD2 configs' use_checkpoint: True reaches ldm's blocks (1.6; 1.7+ off)
+    # reForge: the webui's model object, its parts behind ldm_patched ModelPatchers (model.forge_objects) that the
+    # memory manager loads (LoRA patched in) at each generation, inside torch.inference_mode; encode_first_stage
+    # returns scaled latents (inference mode), get_first_stage_encoding is the identity
+    webui_model_on_forge_backend: bool = False
+    hijack_optimizations: bool = True  # module-level sd_hijack.apply/undo_optimizations (reForge removed them)
 
 
 VARIANTS = {
@@ -34,6 +39,10 @@ VARIANTS = {
     "forge": Flags("forge", "f2.0.1v1.10.1-previous", forge=True, callback_name_kw=True, infotext_utils=True,
                    before_every_sampling=True, cfg_params_denoiser=True, extra_params_callables=True,
                    stopping_generation=True, option_categories=True, train_tab=False),
+    "reforge": Flags("reforge", "f1.0.0v2-v1.10.1RC-1.10.1", callback_name_kw=True, infotext_utils=True,
+                     before_every_sampling=True, cfg_params_denoiser=True, embeddings_cast_to_input=True,
+                     extra_params_callables=True, stopping_generation=True, apply_model_always_cast=True,
+                     option_categories=True, webui_model_on_forge_backend=True, hijack_optimizations=False),
     "forge-neo": Flags("forge-neo", "neo", forge=True, callback_name_kw=True, infotext_utils=True,
                        before_every_sampling=True, cfg_params_denoiser=True, extra_params_callables=True,
                        stopping_generation=True, option_categories=True, train_tab=False, hijack_modules=False,

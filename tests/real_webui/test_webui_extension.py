@@ -12,7 +12,16 @@ from dataclasses import dataclass, field
 from pathlib import PurePath
 
 import pytest
-from webui_harness import BASELINE, PAIR, one_sentence, parse_infotext, png_base64, skip_without_harness, word_pattern
+from webui_harness import (
+    BASELINE,
+    PAIR,
+    TRAINS_WITHOUT_ADAPTERS,
+    one_sentence,
+    parse_infotext,
+    png_base64,
+    skip_without_harness,
+    word_pattern,
+)
 
 skip_without_harness()
 
@@ -39,6 +48,11 @@ KNOWN_NOISE = [
     r"UserWarning: torch\.cuda\.amp\.GradScaler is enabled, but CUDA is not available",
     r"^\s*scaler = torch\.cuda\.amp\.GradScaler\(\)$",
     r"^\s*warnings\.warn\(\"torch\.cuda\.amp\.GradScaler is enabled",
+    # a stock reForge here: its banner about the harness's ~/.cache path (a leading dot), a deprecation in its
+    # sd_models.py, and the SD1.5 checkpoint's CLIP-L without text_projection (a key reForge's loader expects)
+    r"^!+ Warning !+$",
+    r"FutureWarning: `torch\.distributed\.reduce_op` is deprecated",
+    r"^WARNING:root:Text encoder missing keys: \['clip_l\.text_projection'\]$",
 ]
 SUSPECT = re.compile(r"traceback|error|warn|dreamartist", re.IGNORECASE)
 
@@ -209,6 +223,19 @@ def test_api_trains_a_pair(webui, trained_pair):
     assert {f"{PAIR}.pt", f"{PAIR}-neg.pt"} <= set(body["files"])
     for name in (PAIR, f"{PAIR}-neg"):
         assert file_step(webui.embeddings / f"{name}.pt") == 4
+
+
+def test_api_refuses_adapters_where_they_do_not_act(webui, reference_image):
+    """reForge trains pairs but samples through its backend, where the PN adapters would not act: 501, nothing
+    written."""
+    if webui.version not in TRAINS_WITHOUT_ADAPTERS:
+        pytest.skip(f"webui {webui.version} trains PN adapters (test_webui_adapters.py)")
+    reply = webui.post("/dreamartist/v1/train", {"image": png_base64(reference_image), "name": "da_refused",
+                                                 "steps": 1, "width": 64, "height": 64, "adapters": True})
+    assert reply.status == 501, reply
+    detail = reply.json()["detail"]
+    assert "PN adapters" in detail and one_sentence(detail), detail
+    assert not list(webui.embeddings.glob("da_refused*"))
 
 
 def test_api_lists_the_pairs(webui, trained_pair):

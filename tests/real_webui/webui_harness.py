@@ -33,14 +33,19 @@ ENV_OUTPUT = "DREAMARTIST_WEBUI_OUTPUT"  # screenshots, webui logs and timings (
 ENV_SDXL = "DREAMARTIST_WEBUI_SDXL"  # an SDXL checkpoint for test_webui_sdxl.py (default: those tests are skipped)
 
 # version -> the webui's folder in the harness (its start.sh names its venv and port)
-VERSIONS = {"1.10.1": "a1111", "1.6.0": "a1111-v160", "neo": "forge-neo"}
+VERSIONS = {"1.10.1": "a1111", "1.6.0": "a1111-v160", "neo": "forge-neo", "reforge": "reforge"}
 # Hosts where DreamArtist only pairs (the tab says training is not available there; no PN adapters), and the A1111
 # version each one's processing and API follow. Their tests are test_webui_pairing.py and test_webui_forge.py.
 PAIRING_ONLY = {"neo": "1.10.1"}
 EMBEDDINGS_DIR = {"neo": "models/embeddings"}  # where a host reads embeddings, relative to its folder
+# Forge-family hosts where DreamArtist trains (SD1/SD2, on the webui's model object) but has no PN adapters and
+# refuses SDXL, and the A1111 version each follows: the adapter and SDXL tests skip them.
+TRAINS_WITHOUT_ADAPTERS = {"reforge": "1.10.1"}
+FOLLOWS = {**PAIRING_ONLY, **TRAINS_WITHOUT_ADAPTERS}  # a Forge-family host -> the A1111 version it follows
 EXTENSION_DIR = "sd-webui-dreamartist"  # the folder name under <webui>/extensions
 PROBE_DIR = "dreamartist-probe"  # the test-only extension that records adapter row labels (tests/real_webui/probe)
 READY_LINE = "Model loaded in"
+READY = re.compile(r"^Model (\S.* \[\w+\] )?loaded in", re.MULTILINE)  # reForge: "Model NAME [HASH] loaded in"
 START_TIMEOUT = 900  # seconds; start-up takes 40-90 s on two idle cores, much longer on busy ones
 TRAIN_TIMEOUT = 1800
 # Files the webui itself rewrites while it runs (settings, component defaults, hash caches): put back at the end.
@@ -209,11 +214,11 @@ class WebUI:
 
     @property
     def tag(self) -> str:
-        return self.version if self.version in PAIRING_ONLY else f"v{self.version}"
+        return self.version if self.version in FOLLOWS else f"v{self.version}"
 
     def version_at_least(self, *parts: int) -> bool:
         """The A1111 version (for Forge Neo: the one whose processing and API it follows) is at least ``parts``."""
-        version = PAIRING_ONLY.get(self.version, self.version)
+        version = FOLLOWS.get(self.version, self.version)
         return tuple(int(p) for p in version.split(".")) >= parts
 
     # -- http ---------------------------------------------------------------------------------------------------------
@@ -304,7 +309,7 @@ class WebUI:
         deadline = time.monotonic() + START_TIMEOUT
         while time.monotonic() < deadline:
             text = log.read_text(errors="replace") if log.exists() else ""
-            if READY_LINE in text and self.get("/dreamartist/v1/pairs", timeout=30).status != 0:
+            if READY.search(text) and self.get("/dreamartist/v1/pairs", timeout=30).status != 0:
                 return
             if self.running_pid() is None:
                 raise RuntimeError(f"webui {self.version} exited during start-up; log:\n{text[-5000:]}")

@@ -239,7 +239,7 @@ def process_images_inner(p) -> Processed:
     infotexts, output_images = [], []
     if shared.state.job_count == -1:
         shared.state.job_count = p.n_iter
-    grad_mode = torch.inference_mode() if FLAGS.forge else torch.no_grad()
+    grad_mode = torch.inference_mode() if FLAGS.forge or FLAGS.webui_model_on_forge_backend else torch.no_grad()
     with grad_mode, getattr(p.sd_model, "ema_scope", contextlib.nullcontext)():
         for n in range(p.n_iter):
             p.iteration = n
@@ -253,9 +253,16 @@ def process_images_inner(p) -> Processed:
             batch_kwargs = dict(batch_number=n, prompts=p.prompts, seeds=p.seeds, subseeds=p.subseeds)
             if p.scripts is not None:
                 p.scripts.before_process_batch(p, **batch_kwargs)
+            if FLAGS.webui_model_on_forge_backend:
+                p.sd_model.forge_objects = p.sd_model.forge_objects_original.shallow_copy()
             if not p.disable_extra_networks:
                 p.parse_extra_network_prompts()
                 extra_networks.activate(p, p.extra_network_data)
+            if FLAGS.webui_model_on_forge_backend:  # reForge: the parts load (LoRA patched in) in inference mode
+                from ldm_patched.modules import model_management
+
+                objects = p.sd_model.forge_objects = p.sd_model.forge_objects_after_applying_lora.shallow_copy()
+                model_management.load_models_gpu([objects.unet, objects.clip.patcher, objects.vae.patcher])
             if p.scripts is not None:
                 p.scripts.after_extra_networks_activate(p, **batch_kwargs, extra_network_data=p.extra_network_data)
                 p.scripts.process_batch(p, **batch_kwargs)

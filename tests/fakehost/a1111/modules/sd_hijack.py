@@ -54,6 +54,8 @@ class StableDiffusionModelHijack:
         self.embedding_db.add_embedding_dir(shared.cmd_opts.embeddings_dir)
 
     def apply_optimizations(self, option=None):
+        if not FLAGS.hijack_optimizations:  # reForge: a method that does nothing
+            return
         try:
             self.optimization_method = apply_optimizations(option)
         except Exception:
@@ -113,7 +115,8 @@ class StableDiffusionModelHijack:
         elif hasattr(wrapped, "model"):
             wrapped.model.token_embedding = wrapped.model.token_embedding.wrapped
             m.cond_stage_model = wrapped
-        undo_optimizations()
+        if FLAGS.hijack_optimizations:
+            undo_optimizations()
         self.clip = None
 
     def clear_comments(self) -> None:
@@ -140,3 +143,7 @@ def apply_optimizations(option=None) -> str:
 def undo_optimizations() -> None:
     """Put the plain attention back; model_hijack.optimization_method keeps its value."""
     sd_hijack_optimizations.SdOptimization().undo()
+
+
+if not FLAGS.hijack_optimizations:  # reForge removed the module-level functions (its Train tab still calls them)
+    del apply_optimizations, undo_optimizations

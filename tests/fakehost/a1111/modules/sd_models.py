@@ -109,6 +109,10 @@ def load_model(model, half: bool = False, checkpoint: str = "models/Stable-diffu
         model.alphas_cumprod_original = alphas
         apply_alpha_schedule_override(model)
     sd_hijack.model_hijack.hijack(model)
+    if FLAGS.webui_model_on_forge_backend:
+        from modules_forge import forge_loader
+
+        forge_loader.attach(model)
     model_data.set_sd_model(model)
     sd_hijack.model_hijack.embedding_db.load_textual_inversion_embeddings(force_reload=True)
     model.cond_stage_model_empty_prompt = get_empty_cond(model)

@@ -1,0 +1,44 @@
+"""What reForge's load_model_for_a1111 makes of the webui's model object: its UNet, text encoder and VAE behind
+ModelPatchers (forge_objects, with the LoRA-free forge_objects_original and forge_objects_after_applying_lora),
+the same module objects as the model's own parts, and a VAE encode that returns scaled latents in inference mode."""
+from __future__ import annotations
+
+import types
+
+import torch
+from ldm_patched.modules.model_patcher import ModelPatcher
+
+
+class ForgeObjects:
+    def __init__(self, unet, clip, vae):
+        self.unet, self.clip, self.vae = unet, clip, vae
+
+    def shallow_copy(self) -> ForgeObjects:
+        return ForgeObjects(self.unet, self.clip, self.vae)
+
+
+class BaseModel(torch.nn.Module):
+    """ldm_patched's model_base.BaseModel: holds the diffusion model (the webui model's own)."""
+
+    def __init__(self, diffusion_model: torch.nn.Module):
+        super().__init__()
+        self.diffusion_model = diffusion_model
+
+
+def attach(sd_model) -> None:
+    objects = ForgeObjects(
+        unet=ModelPatcher(BaseModel(sd_model.model.diffusion_model)),
+        clip=types.SimpleNamespace(patcher=ModelPatcher(sd_model.cond_stage_model.wrapped)),
+        vae=types.SimpleNamespace(patcher=ModelPatcher(sd_model.first_stage_model)))
+    sd_model.forge_objects = objects
+    sd_model.forge_objects_original = objects.shallow_copy()
+    sd_model.forge_objects_after_applying_lora = objects.shallow_copy()
+    encode, encoding = sd_model.encode_first_stage, sd_model.get_first_stage_encoding
+
+    @torch.inference_mode()
+    def encode_first_stage(x):
+        posterior = encode(x)
+        return encoding(posterior.mode() if hasattr(posterior, "mode") else posterior)
+
+    sd_model.encode_first_stage = encode_first_stage
+    sd_model.get_first_stage_encoding = lambda x: x

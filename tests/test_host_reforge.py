@@ -1,0 +1,181 @@
+"""reForge on the stand-in host: the webui's model object over ldm_patched's ModelPatchers, loaded (LoRA patched in)
+at each generation inside torch.inference_mode, a hijack without module-level optimisation functions, and a VAE
+encode that returns scaled latents. Each test reproduces what the real reForge (tests/real_webui) showed, or what its
+source says a GPU does (tests/fakehost/reforge)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from fakehost.checks import assert_same_state, model_state
+from PIL import Image
+from tabhelpers import load_extension
+
+from dreamartist.config import TrainConfig
+from dreamartist.errors import ModelError
+from dreamartist.images import prepare_reference
+
+
+@pytest.fixture
+def references():
+    image = Image.new("RGB", (64, 64), (200, 120, 40))
+    image.paste((30, 60, 200), (16, 8, 48, 40))
+    return [prepare_reference(image, 64, 64, caption="orange box")]
+
+
+def config(**changes) -> TrainConfig:
+    return TrainConfig(**{**dict(name="walle", steps=2, width=64, height=64, init_words="robot"), **changes})
+
+
+def generate(host, prompt="a photo of a cat", **fields):
+    p = host.txt2img(prompt=prompt, seed=1234, **fields)
+    processed = host.process_images(p)
+    return np.asarray(processed.images[0]), processed
+
+
+def lora_patch(model) -> dict:
+    """A LoRA as reForge's Lora extension applies it: a clone of the UNet patcher with weight deltas."""
+    unet = model.forge_objects_original.unet
+    key, weight = next((k, w) for k, w in unet.model.named_parameters() if "to_q" in k)
+    return {key: torch.full_like(weight, 0.05)}
+
+
+def test_reforge_host_keeps_the_webui_model_and_hijack(host_reforge):
+    from modules import sd_hijack
+
+    from extensions_builtin_compat import host as probes
+
+    model = host_reforge.load_model("sd1")
+    assert probes.is_forge() and probes.has_embedding_db() and not hasattr(sd_hijack, "undo_optimizations")
+    assert model.forge_objects.unet.model.diffusion_model is model.model.diffusion_model
+    assert probes.host_unsupported_reason() is None and probes.training_unavailable_reason() is None
+
+
+def test_trains_after_a_generation_left_inference_weights_and_puts_them_back(host_reforge, references):
+    """The real reForge: "'torch.return_types.mode' object has no attribute 'float'" (its encode_first_stage returns
+    the latents as a tensor); and with the defaults the hijack's undo_optimizations, which reForge removed, would
+    be called. On a GPU a generation leaves inference tensors in the loaded parts (the stand-in models the move)."""
+    from ldm_patched.modules import model_management
+
+    from extensions_builtin_compat import jobs
+
+    load_extension(host_reforge)
+    model = host_reforge.load_model("sd1")
+    before_image, _ = generate(host_reforge)
+    params = {name: p for name, p in model.named_parameters()}
+    assert all(p.is_inference() for p in params.values())
+    state = model_state(model)
+    assert not host_reforge.shared.opts.training_xattention_optimizations
+
+    result = jobs.run_training(config(), references)
+
+    assert [f.name for f in result.files] == ["walle.pt", "walle-neg.pt"] and result.step == 2
+    assert all((host_reforge.embeddings_dir / f.name).is_file() for f in result.files)
+    load = model_management.calls[-1]  # the whole parts, loaded outside inference mode
+    assert not load["inference_mode"] and load["force_full_load"] and len(load["models"]) == 3
+    assert {name: p for name, p in model.named_parameters()} == params  # the same objects put back
+    assert all(a is b for a, b in zip(params.values(), dict(model.named_parameters()).values(), strict=True))
+    assert_same_state(state, model_state(model))
+    after_image, _ = generate(host_reforge)
+    assert np.array_equal(before_image, after_image)
+    _, processed = generate(host_reforge, prompt="a photo of walle")
+    assert "Negative prompt: walle-neg" in processed.infotexts[0] and "DreamArtist: walle" in processed.infotexts[0]
+
+
+def test_a_lora_of_an_earlier_generation_is_off_for_the_run_and_works_after(host_reforge, references):
+    from ldm_patched.modules import model_management
+
+    from extensions_builtin_compat import jobs
+
+    model = host_reforge.load_model("sd1")
+    plain, _ = generate(host_reforge)
+    lora = model.forge_objects_original.unet.clone()
+    lora.add_patches(lora_patch(model))
+    model.forge_objects_after_applying_lora.unet = lora  # what reForge's Lora activation leaves
+    with_lora, _ = generate(host_reforge)
+    assert not np.array_equal(plain, with_lora)
+    seen = []
+
+    jobs.run_training(config(), references, on_progress=lambda progress: seen.append(
+        [m is model.forge_objects_original.unet for m in model_management.current_loaded_models[:1]]))
+
+    assert seen == [[True]] * 2  # trained on the LoRA-free UNet
+    assert np.array_equal(generate(host_reforge)[0], with_lora)
+    model.forge_objects_after_applying_lora = model.forge_objects_original.shallow_copy()
+    assert np.array_equal(generate(host_reforge)[0], plain)
+
+
+def test_training_on_a_fresh_model_equals_training_after_a_generation(host_reforge, references):
+    from extensions_builtin_compat import jobs
+
+    host_reforge.load_model("sd1")
+    fresh = jobs.run_training(config(), references)
+    generate(host_reforge)
+    again = jobs.run_training(config(overwrite=True), references)
+    assert fresh.losses == again.losses
+
+
+def test_adapters_are_refused_with_one_sentence(host_reforge, references):
+    from extensions_builtin_compat import jobs
+
+    host_reforge.load_model("sd1")
+    with pytest.raises(ModelError) as refused:
+        jobs.run_training(config(adapters=True), references)
+    message = str(refused.value)
+    assert "PN adapters" in message and message.count(". ") == 0
+    assert not any(host_reforge.embeddings_dir.glob("walle*"))
+
+
+def test_sdxl_is_refused_with_one_sentence(host_reforge):
+    from extensions_builtin_compat import host as probes
+    from extensions_builtin_compat.host_backend_sdxl import backend_for
+
+    host_reforge.load_model("sdxl")
+    reason = probes.training_unavailable_reason()
+    assert "SDXL" in reason and reason.count(". ") == 0
+    with pytest.raises(ModelError, match="SDXL"):
+        backend_for()
+
+
+def test_the_api_trains_and_refuses_adapters_with_501(host_reforge):
+    from test_api import B64_PNG, TINY, api_client
+
+    client = api_client(host_reforge)
+    host_reforge.load_model("sd1")
+    response = client.post("/dreamartist/v1/train", json={"image": B64_PNG, "name": "walle", **TINY})
+    assert response.status_code == 200, response.text
+    assert response.json()["files"] == ["walle.pt", "walle-neg.pt"]
+    response = client.post("/dreamartist/v1/train", json={"image": B64_PNG, "name": "eve", "adapters": True, **TINY})
+    assert response.status_code == 501 and "PN adapters" in response.json()["detail"]
+
+
+class BasicTransformerBlock(torch.nn.Module):
+    """Forge Classic's transformer block in the one respect that matters here: its residual added in place."""
+
+    def __init__(self):
+        super().__init__()
+        self.norm1 = torch.nn.LayerNorm(4)
+
+    def forward(self, x):
+        n = self.norm1(x)
+        x += n
+        return x
+
+
+def test_a_forge_whose_blocks_add_residuals_in_place_is_refused_in_one_sentence(host_reforge):
+    """Forge Classic keeps the webui's model object and database as reForge does, but its blocks' ``x += n`` after a
+    norm read ``x`` fails the first backward pass; the stand-in's blocks, like reForge's, add out of place."""
+    from extensions_builtin_compat import host as probes
+
+    model = host_reforge.load_model("sd1")
+    assert not probes.inplace_residuals(model.model.diffusion_model)
+    x = torch.randn(2, 4, requires_grad=True)
+    with pytest.raises(RuntimeError, match="inplace"):
+        BasicTransformerBlock()(x * 1).sum().backward()  # what Classic's own block does to a backward pass
+    model.model.diffusion_model.add_module("classic_block", BasicTransformerBlock())
+    try:
+        assert probes.inplace_residuals(model.model.diffusion_model)
+        reason = probes.model_unsupported_reason(model)
+        assert reason.startswith("This webui's UNet adds its residuals in place") and reason.count(". ") == 0
+    finally:
+        del model.model.diffusion_model.classic_block
