@@ -342,7 +342,7 @@ def summarize(ledger_records: list[dict], plan: Plan, methods: dict[str, Method]
     summary: dict = {"methods": {}, "differences": {}, "sweep": {}, "usable": {}, "seconds": {}}
     for r in ledger_records:
         if "what" in r:
-            where = f"{r['device']}, {r['threads']} threads"
+            where = f"{r['device']}, {r['threads']} thread" + ("s" if r["threads"] != 1 else "")
             summary["seconds"].setdefault(where, {}).setdefault(r["what"], 0.0)
             summary["seconds"][where][r["what"]] += r["seconds"]
     for m, (label, cfg) in rows.items():
@@ -379,13 +379,32 @@ def _cell(interval: dict) -> str:
     return str(Interval(**interval))
 
 
+def done_steps(summary: dict, plan: Plan) -> list[int]:
+    """The checkpoints every method has been scored at on every unit."""
+    rows = [row for m, row in summary["methods"].items() if m != CEILING]
+    return [s for s in plan.checkpoints
+            if all(row["steps"][str(s)]["fidelity"]["units"] == len(plan.concepts) * len(plan.seeds) for row in rows)]
+
+
 def tables(summary: dict, plan: Plan) -> str:
-    """Markdown: the figures at the product's default and at the last checkpoint, the differences, the sweep."""
-    out = []
-    for step in sorted({plan.sweep_step, plan.checkpoints[-1]}):
+    """Markdown: fidelity and control over the steps; every figure with its interval, and the paired differences,
+    at the product's default and at the last checkpoint (or the last one done); the CFG sweep; the time spent."""
+    done = done_steps(summary, plan)
+    shown = sorted({plan.sweep_step, plan.checkpoints[-1]} & set(done)) or done[-1:]
+    out = [] if done == list(plan.checkpoints) else [
+        f"**Partial**: scored so far at {', '.join(map(str, done)) or 'no checkpoint'} of "
+        f"{', '.join(map(str, plan.checkpoints))} steps; `python benchmarks/quality.py` goes on from there.", ""]
+    out += ["### Fidelity / control over the steps (means over units, each method at its own CFG)", "",
+            "| method | " + " | ".join(f"{s}" for s in done) + " |", "|---|" + "---|" * len(done)]
+    for row in summary["methods"].values():
+        figs = [row["steps"].get(str(s)) or row["steps"]["0"] for s in done]
+        out.append(f"| {row['label']} | " + " | ".join(
+            f"{f['fidelity']['mean']:.2f} / {f['control']['mean']:.2f}" for f in figs) + " |")
+    out.append("")
+    for step in shown:
         out += [f"### At {step} steps (each method at its own CFG; mean over units [95 % interval])", "",
                 "| method | CFG | fidelity | control | control: background | control: pattern | leak | "
-                "usable (units reaching it, median step) |", "|---|---|---|---|---|---|---|---|"]
+                f"usable by {done[-1]} steps (units, median step) |", "|---|---|---|---|---|---|---|---|"]
         for m, row in summary["methods"].items():
             figs = row["steps"].get(str(step)) or row["steps"]["0"]
             usable = summary["usable"].get(m)
@@ -398,17 +417,18 @@ def tables(summary: dict, plan: Plan) -> str:
     out += ["### Paired differences (method - reference, 95 % interval; * where it excludes zero)", "",
             "| difference | step | fidelity | control | leak |", "|---|---|---|---|---|"]
     for pair, by_step in summary["differences"].items():
-        for step in sorted({str(plan.sweep_step), str(plan.checkpoints[-1])}, key=int):
+        for step in map(str, shown):
             cells = [_cell(by_step[step][f]) + (" *" if Interval(**by_step[step][f]).excludes_zero else "")
                      for f in ("fidelity", "control", "leak")]
             out.append(f"| {pair} | {step} | " + " | ".join(cells) + " |")
-    out += ["", f"### CFG sweep at {plan.sweep_step} steps (the words row: the base model): fidelity / control", "",
-            "| method | " + " | ".join(f"CFG {c:g}" for c in sorted({GUIDANCE, *plan.sweep})) + " |",
-            "|---|" + "---|" * len(sorted({GUIDANCE, *plan.sweep}))]
-    for m, by_cfg in summary["sweep"].items():
-        cells = [f"{by_cfg[f'{c:g}']['fidelity']['mean']:.2f} / {by_cfg[f'{c:g}']['control']['mean']:.2f}"
-                 for c in sorted({GUIDANCE, *plan.sweep})]
-        out.append(f"| {summary['methods'][m]['label']} | " + " | ".join(cells) + " |")
+    if plan.sweep_step in done:
+        cfgs = sorted({GUIDANCE, *plan.sweep})
+        out += ["", f"### CFG sweep at {plan.sweep_step} steps (the words row: the base model): fidelity / control",
+                "", "| method | " + " | ".join(f"CFG {c:g}" for c in cfgs) + " |", "|---|" + "---|" * len(cfgs)]
+        for m, by_cfg in summary["sweep"].items():
+            cells = [f"{by_cfg[f'{c:g}']['fidelity']['mean']:.2f} / {by_cfg[f'{c:g}']['control']['mean']:.2f}"
+                     for c in cfgs]
+            out.append(f"| {summary['methods'][m]['label']} | " + " | ".join(cells) + " |")
     for where, spent in summary["seconds"].items():
         out.append(f"\nTime spent ({where}, summed over every resumed part): "
                    + ", ".join(f"{what} {seconds / 3600:.2f} h" for what, seconds in spent.items())
@@ -439,7 +459,8 @@ def plot(summary: dict, plan: Plan, path: Path) -> None:
                             [row["steps"][str(s)][f]["high"] for s in xs], alpha=0.12)
         ax.axhline(FIDELITY_OK if f == "fidelity" else CONTROL_OK, color="grey", linewidth=0.8, linestyle=":")
         ax.axvline(plan.sweep_step, color="grey", linewidth=0.6, linestyle="--")
-        ax.set(xscale="log", ylim=(0, 1.02), xlabel="training steps", ylabel=f,
+        ax.set(xscale="log", xlim=(plan.checkpoints[0] * 0.8, plan.checkpoints[-1] * 1.25), ylim=(0, 1.02),
+               xlabel="training steps", ylabel=f,
                title=f"{f} (95 % intervals over concepts x seeds)")
     axes[0].legend(loc="lower right", fontsize=7)
     figure.tight_layout()
@@ -475,6 +496,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", type=Path, default=None,
                         help="folder of the runs and the ledger, which a later call continues "
                              "(default OUT/quality-work)")
+    mode.add_argument("--report", action="store_true", help="only write the tables and plot from the ledger so far")
     parser.add_argument("--hours", type=float, default=None, help="stop after the piece of work that passes this")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
@@ -487,16 +509,21 @@ def main(argv: list[str] | None = None) -> int:
     from dreamartist.toyworld import load_backend
 
     plan = QUICK if args.quick else FULL
-    with tempfile.TemporaryDirectory(prefix="dreamartist-quality-") as scratch:
-        work = Path(scratch) if args.quick else (args.work or args.out / "quality-work")
-        bench = Benchmark(plan, work, backend=load_backend(device=args.device))
-        started = time.monotonic()
-        done = bench.run(args.hours)
-        summary = summarize(list(bench.ledger.records.values()), plan, bench.methods)
+    work = args.work or args.out / "quality-work"
+    if args.report:
+        done, ledger = False, Ledger(work / "ledger.jsonl")
+        summary = summarize(list(ledger.records.values()), plan, METHODS)
+        done = done_steps(summary, plan) == list(plan.checkpoints)
+    else:
+        with tempfile.TemporaryDirectory(prefix="dreamartist-quality-") as scratch:
+            bench = Benchmark(plan, Path(scratch) if args.quick else work, backend=load_backend(device=args.device))
+            started = time.monotonic()
+            done = bench.run(args.hours)
+            summary = summarize(list(bench.ledger.records.values()), plan, bench.methods)
+        print(f"{time.monotonic() - started:.0f} s in this process (training {bench.seconds['training']:.0f} s, "
+              f"sampling {bench.seconds['sampling']:.0f} s); {'finished' if done else 'not finished'}")
     check_ranges(summary)
     print(tables(summary, plan))
-    print(f"{time.monotonic() - started:.0f} s in this process (training {bench.seconds['training']:.0f} s, "
-          f"sampling {bench.seconds['sampling']:.0f} s); {'finished' if done else 'not finished'}")
     if not args.quick:
         args.out.mkdir(parents=True, exist_ok=True)
         result = {"plan": asdict(plan), "thresholds": {"fidelity": FIDELITY_OK, "control": CONTROL_OK},
