@@ -175,11 +175,10 @@ def joint_loss(parts: list[Part]) -> list[torch.Tensor]:
         z = torch.cat([torch.cat([d.z_t, d.z_t]) for d in draws])
         t = torch.cat([torch.cat([d.t, d.t]) for d in draws]).to(device)
         outputs = backend.unet(z, t, cond).split([2 * len(p.references) for p in parts])
-    results, decoding = [], []
+    results, decoding, T = [], [], backend.alphas_cumprod.shape[0]
     for p, d, out in zip(parts, draws, outputs):
         objective = p.objective
         out_neg, out_pos = out.chunk(2)
-        T = backend.alphas_cumprod.shape[0]
         guided = losses.guide(out_neg, out_pos, objective.gamma(d.t, T).to(device))
         goal = losses.target(backend.prediction_type, p.latents, d.noise, d.abar)
         results.append(losses.da_loss(guided, goal, _weights(p.references, device)))

@@ -75,8 +75,7 @@ async def train(request: Request) -> dict:
         config = TrainConfig.from_dict(fields)
     except InputError as e:
         raise HTTPException(status_code=422, detail=str(e)) from None
-    unavailable = host.host_unsupported_reason() or (
-        host.adapters_unsupported_reason(host.loaded_model()) if config.adapters else None)
+    unavailable = host.host_unsupported_reason() or host.adapters_unsupported_reason(config.adapters)
     if unavailable:
         raise HTTPException(status_code=501, detail=unavailable)
     return await run_in_threadpool(_train_in_turn, config, image, mask)

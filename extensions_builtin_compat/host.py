@@ -82,9 +82,13 @@ def inplace_residuals(unet: torch.nn.Module) -> bool:
     return False
 
 
-def adapters_unsupported_reason(model=None) -> str | None:
-    """Why PN adapters cannot be trained here, in one sentence; None when they can. A Forge-family webui samples
-    through its backend's patchers, where the adapters do not act (runs_webui_modules)."""
+def adapters_unsupported_reason(wanted: bool) -> str | None:
+    """Why the PN adapters a run ``wanted`` cannot be trained here, in one sentence; None when they can (or are not
+    wanted). A Forge-family webui samples through its backend's patchers, where the adapters do not act
+    (runs_webui_modules)."""
+    if not wanted:
+        return None
+    model = loaded_model()
     if is_forge() or (model is not None and not runs_webui_modules(model)):
         return ("PN adapters are not supported in Forge-family webuis yet (they would not act at generation there); "
                 "turn off \"PN adapters\" to train the pair alone.")

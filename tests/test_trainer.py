@@ -299,8 +299,6 @@ def test_runs_stepped_together_give_the_pairs_each_gives_alone(backend, referenc
     for group, tensors in adapters_alone.items():
         for key, value in tensors.items():
             torch.testing.assert_close(adapters_joint[group][key], value, rtol=1e-4, atol=1e-6)
-    assert not torch.equal(load_pair(tmp_path / "together" / "walle", "walle")[0].vectors["clip_l"],
-                           load_pair(tmp_path / "together" / "mo", "mo")[0].vectors["clip_l"])
 
 
 def test_runs_stepped_together_need_distinct_names(backend, references, tmp_path):

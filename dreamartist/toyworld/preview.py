@@ -70,10 +70,10 @@ def reading(classifier, name: str, reference: Image.Image, rows: list[list[Image
     fidelity, followed, shape, colour = [], [], [], []
     for (template, attribute, value), images in zip(CONTEXT_PROMPTS, rows):
         prompt, read = template.format(name=name), classifier.predict(images)
-        shape += shows(read, "shape", concept.shape).tolist()
-        colour += shows(read, "colour", concept.colour).tolist()
-        parts = (f"{article(concept.shape)} {concept.shape} in {sum(shows(read, 'shape', concept.shape).tolist())}, "
-                 f"{concept.colour} in {sum(shows(read, 'colour', concept.colour).tolist())}")
+        row_shape = shows(read, "shape", concept.shape).tolist()
+        row_colour = shows(read, "colour", concept.colour).tolist()
+        shape, colour = shape + row_shape, colour + row_colour
+        parts = f"{article(concept.shape)} {concept.shape} in {sum(row_shape)}, {concept.colour} in {sum(row_colour)}"
         if attribute is None:
             present = faithful(read, concept).tolist()
             fidelity += present
