@@ -48,6 +48,14 @@ def refresh() -> None:
         engine_db.load_textual_inversion_embeddings()
 
 
+def catch_up() -> None:
+    """Read what the folder gained since the database last read it (a no-op when nothing changed). reForge reads
+    it at its first generation only, not at model load as A1111 does, so until then it knows no pair."""
+    db = host.embedding_db()
+    if db is not None and host.loaded_model() is not None:
+        db.load_textual_inversion_embeddings()
+
+
 def known_names() -> list[str]:
     """Names usable in prompts now, in the database's order."""
     names: dict[str, None] = {}
@@ -109,5 +117,9 @@ def saved_options(name: str) -> dict:
 
 
 def pairs() -> list[str]:
-    """The positive names of the pairs the webui knows, sorted case-insensitively."""
+    """The positive names of the pairs the webui knows, sorted case-insensitively. Before Forge's text engines exist
+    (Neo, original Forge: until a model loads), the pairs in the folder, which they read when it does."""
+    catch_up()
+    if not databases():
+        return saved_pairs()
     return sorted(partners(), key=str.lower)

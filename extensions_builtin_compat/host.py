@@ -1,6 +1,7 @@
 """What the running webui can do, found by probing attributes and modules, never by version strings."""
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.util
 import inspect
@@ -55,31 +56,37 @@ def loaded_model():
 
 
 def host_unsupported_reason() -> str | None:
-    """Why this webui cannot train at all, in one sentence; None when it can. A Forge-family webui that keeps the
-    webui's model object and its textual-inversion database (reForge) trains on it; one whose prompts go through
-    its backend's own text engines (original Forge, Forge Neo) does not."""
-    if not has_embedding_db():
-        if is_forge():
-            return ("Training in Forge is not supported yet (Forge runs the model through its own backend, which this "
-                    "trainer does not drive); train with the command line (python -m dreamartist train --ckpt <the "
-                    f"same checkpoint>) and copy the pair into {shared.cmd_opts.embeddings_dir}: pairs work in Forge's "
-                    "prompts.")
+    """Why this webui cannot train at all, in one sentence; None when it can: A1111, and the Forge family (reForge and
+    Forge Classic on the webui's model object, Forge Neo and original Forge through their backend's text engines)."""
+    if not has_embedding_db() and not is_forge():
         return "This webui has no textual-inversion embeddings, so pairs cannot be trained or used here."
     return None
 
 
-def inplace_residuals(unet: torch.nn.Module) -> bool:
-    """Whether the UNet's transformer blocks add a residual in place onto a tensor a norm has just read (Forge
-    Classic's ldm_patched: ``n = self.norm1(x) ... x += n``), which no backward pass can go through; A1111's and
+TEXT_ENGINES = ("text_processing_engine", "text_processing_engine_l", "text_processing_engine_g")
+
+
+def runs_forge_engine(model) -> bool:
+    """Whether ``model`` is one Forge's own backend loaded (Forge Neo, original Forge): its prompts go through the
+    backend's text engines and there is no webui model object around its UNet."""
+    return getattr(getattr(model, "model", None), "diffusion_model", None) is None and \
+        any(getattr(model, name, None) is not None for name in TEXT_ENGINES)
+
+
+def adds_residuals_in_place(block: torch.nn.Module) -> bool:
+    """Whether a transformer block adds its residual in place onto a tensor its norm has just read (Forge Classic's
+    ldm_patched: ``n = self.norm1(x) ... x += n``), which a backward pass cannot go through as it is; A1111's and
     reForge's add out of place. Read from the block's own code, the one place this shows."""
-    for block in {type(m) for m in unet.modules() if type(m).__name__ == "BasicTransformerBlock"}:
-        try:
-            source = inspect.getsource(block)
-        except (OSError, TypeError):  # no source to read: assume the common, out-of-place form
-            continue
-        if re.search(r"\bx\s*\+=\s*n\b", source):
-            return True
-    return False
+    return type(block).__name__ == "BasicTransformerBlock" and _inplace_source(type(block))
+
+
+@functools.cache
+def _inplace_source(block_class: type) -> bool:
+    try:
+        source = inspect.getsource(block_class)
+    except (OSError, TypeError):  # no source to read: assume the common, out-of-place form
+        return False
+    return re.search(r"\bx\s*\+=\s*n\b", source) is not None
 
 
 def adapters_unsupported_reason(wanted: bool) -> str | None:
@@ -100,17 +107,9 @@ def model_unsupported_reason(model) -> str | None:
     if model is None:
         return "No Stable Diffusion model is loaded; choose a checkpoint at the top of the page first."
     forge_model = getattr(model, "forge_objects", None) is not None
-    if forge_model:
-        reason = host_unsupported_reason()
-        if reason:
-            return reason
-        unet = getattr(getattr(model, "model", None), "diffusion_model", None)
-        if unet is None:
-            return "This model was loaded by Forge's backend without the webui's model object; it cannot be trained."
-        if inplace_residuals(unet):
-            return ("This webui's UNet adds its residuals in place (x += n in its transformer blocks), which a "
-                    "backward pass cannot go through, so it cannot train yet; train with the command line and copy "
-                    "the pair into its embeddings folder: pairs work in its prompts.")
+    engine_model = forge_model and runs_forge_engine(model)
+    if forge_model and not engine_model and getattr(getattr(model, "model", None), "diffusion_model", None) is None:
+        return "This model was loaded by Forge's backend without a text engine or UNet to train on; reload it."
     if forge_model and (getattr(model, "is_sdxl", False) or hasattr(model, "conditioner")):
         return "SDXL training in Forge-family webuis is not supported yet; load an SD1.x or SD2.x checkpoint to train."
     if getattr(model, "is_sdxl", False) or hasattr(model, "conditioner"):
@@ -119,13 +118,14 @@ def model_unsupported_reason(model) -> str | None:
             return reason
     elif not (getattr(model, "is_sd1", False) or getattr(model, "is_sd2", False)):
         return "Only SD1.x, SD2.x and SDXL checkpoints can be trained on; load one of those."
-    if getattr(getattr(model, "model", None), "conditioning_key", "crossattn") != "crossattn":  # wants c_concat/c_adm
+    if getattr(getattr(model, "model", None), "conditioning_key", "crossattn") != "crossattn" or \
+            getattr(model, "is_inpaint", False):  # wants c_concat/c_adm
         return ("This checkpoint is an inpainting, depth, instruct-pix2pix or unCLIP model, which cannot be "
                 "trained on; load a plain SD1.x, SD2.x or SDXL checkpoint.")
     if getattr(model, "lowvram", False):
         return ("Training needs the whole model on the GPU; restart the webui without --lowvram/--medvram "
                 "to train.")
-    if not hasattr(getattr(model, "cond_stage_model", None), "encode_embedding_init_text"):
+    if not engine_model and not hasattr(getattr(model, "cond_stage_model", None), "encode_embedding_init_text"):
         return "The loaded model's text encoder is not the webui's prompt encoder; reload the checkpoint."
     return None
 
@@ -143,6 +143,14 @@ def sdxl_unsupported_reason(model) -> str | None:
         return ("SDXL inpainting checkpoints cannot be trained on; load the SDXL base checkpoint (or a model made "
                 "from it).")
     return None
+
+
+def ensure_model_loaded() -> None:
+    """Forge loads the selected checkpoint at a generation (the first, and the next after "unload"), not at start-up;
+    training loads it the same way. A1111's shared.sd_model loads on first use by itself."""
+    reload = getattr(importlib.import_module("modules.sd_models"), "forge_model_reload", None)
+    if loaded_model() is None and callable(reload):
+        reload()
 
 
 def training_unavailable_reason() -> str | None:

@@ -65,6 +65,38 @@ def training_alphas(sd_model) -> torch.Tensor:
     return alphas
 
 
+def checkpoint_names(sd_model) -> tuple[str, str]:
+    """The loaded checkpoint's name and short hash, as the webui shows them ("" when unknown)."""
+    info = getattr(sd_model, "sd_checkpoint_info", None)
+    name = getattr(info, "name_for_extra", None) or getattr(info, "model_name", None) or ""
+    return name, getattr(sd_model, "sd_model_hash", None) or getattr(info, "shorthash", None) or ""
+
+
+@contextlib.contextmanager
+def registered_in(db, embeddings: Mapping[str, object], first_id, register) -> Iterator[None]:
+    """Each of ``embeddings`` (name -> the host's Embedding over a live tensor) registered in the textual-inversion
+    database ``db`` by ``register``; the database put back exactly after (its names, and the lookup lists under each
+    name's first token id, ``first_id(name)``)."""
+    saved_words = dict(db.word_embeddings)
+    saved_lookup: dict[int, list | None] = {}
+    try:
+        for name, embedding in embeddings.items():
+            key = first_id(name)
+            if key not in saved_lookup:
+                entries = db.ids_lookup.get(key)
+                saved_lookup[key] = None if entries is None else list(entries)
+            register(embedding)
+        yield
+    finally:
+        db.word_embeddings.clear()
+        db.word_embeddings.update(saved_words)
+        for key, entries in saved_lookup.items():
+            if entries is None:
+                db.ids_lookup.pop(key, None)
+            else:
+                db.ids_lookup[key] = entries
+
+
 class HostBackend(PatchSlot):
     """Training and sampling operations on ``shared.sd_model``; see dreamartist.backend.Backend."""
 
@@ -90,9 +122,7 @@ class HostBackend(PatchSlot):
         self.alphas_cumprod = training_alphas(model)  # (T,)
         self.latent_channels = int(getattr(model, "latent_channels", 4))
         self.vae_scale = 8
-        info = getattr(model, "sd_checkpoint_info", None)
-        self.model_name = getattr(info, "name_for_extra", None) or getattr(info, "model_name", None) or ""
-        self.model_hash = getattr(model, "sd_model_hash", None) or getattr(info, "shorthash", None) or ""
+        self.model_name, self.model_hash = checkpoint_names(model)
 
     # -- text ----------------------------------------------------------------------------------------
     def word_vectors(self, text: str) -> dict[str, torch.Tensor]:
@@ -108,37 +138,22 @@ class HostBackend(PatchSlot):
         return {key: table.weight.detach()[self.eos_id].float().cpu().clone()
                 for key, table in self.token_tables.items()}
 
-    @contextlib.contextmanager
-    def _registered(self, vectors: Mapping[str, Mapping[str, torch.Tensor]]) -> Iterator[None]:
-        """Register each word as an Embedding over its live tensor(s); put the database back exactly after."""
-        saved_words = dict(self.db.word_embeddings)
-        saved_lookup: dict[int, list | None] = {}
-        try:
-            for name, vector in vectors.items():
-                first_id = self.clip.tokenize([name])[0][0]
-                if first_id not in saved_lookup:
-                    entries = self.db.ids_lookup.get(first_id)
-                    saved_lookup[first_id] = None if entries is None else list(entries)
-                tensors = list(vector.values())
-                embedding = Embedding(tensors[0] if len(tensors) == 1 else dict(vector), name)  # SDXL: a dict
-                embedding.vectors, embedding.shape = tensors[0].shape[0], sum(t.shape[1] for t in tensors)
-                self.db.register_embedding(embedding, self.sd_model)
-            yield
-        finally:
-            self.db.word_embeddings.clear()
-            self.db.word_embeddings.update(saved_words)
-            for first_id, entries in saved_lookup.items():
-                if entries is None:
-                    self.db.ids_lookup.pop(first_id, None)
-                else:
-                    self.db.ids_lookup[first_id] = entries
+    def _embedding(self, name: str, vector: Mapping[str, torch.Tensor]) -> Embedding:
+        tensors = list(vector.values())
+        embedding = Embedding(tensors[0] if len(tensors) == 1 else dict(vector), name)  # SDXL: a dict
+        embedding.vectors, embedding.shape = tensors[0].shape[0], sum(t.shape[1] for t in tensors)
+        return embedding
 
     def encode(self, prompts: list[str], words: WordVectors | None = None,
                branches: tuple = ()) -> Conditioning:
         """The webui's prompt encoding with ``words`` as temporary embeddings; differentiable in those only."""
         if branches and len(branches) != len(prompts):
             raise ValueError(f"{len(branches)} branches for {len(prompts)} prompts")
-        with self._registered(checked_words(words or {}, self.embedding_dims)), devices.autocast(), \
+        embeddings = {name: self._embedding(name, vector)
+                      for name, vector in checked_words(words or {}, self.embedding_dims).items()}
+        first_id = lambda name: self.clip.tokenize([name])[0][0]  # noqa: E731
+        register = functools.partial(self.db.register_embedding, model=self.sd_model)
+        with registered_in(self.db, embeddings, first_id, register), devices.autocast(), \
                 adapters.row_labels(branches or None):
             cond = self._text_conditioning(list(prompts))
         cond.branches = tuple(branches)
@@ -202,14 +217,15 @@ class HostBackend(PatchSlot):
         checkpoint the blocks our way, and follow the webui's "Use cross attention optimizations while training"
         setting; undo all on exit."""
         sd_hijack = host.sd_hijack()
-        # as the webui's own Train tab does; reForge's hijack has no optimisations of its own to undo
-        undo_attention = not shared.opts.training_xattention_optimizations and \
-            callable(getattr(sd_hijack, "undo_optimizations", None))
+        # as the webui's own Train tab does; reForge's and Forge Classic's hijacks have no optimisations of their own
+        # to undo (and Classic has no such setting)
+        undo_attention = callable(getattr(sd_hijack, "undo_optimizations", None)) and \
+            not shared.opts.training_xattention_optimizations
         self._unload_networks()
         unet = self.sd_model.model.diffusion_model
         with forge_parts_loaded(self.sd_model), normal_weights(self.sd_model), frozen(self.sd_model), \
                 ldm_checkpointing_off(unet), checkpointed_blocks(unet, gradient_checkpointing), \
-                float32_weights(self.sd_model.first_stage_model):
+                norms_read_copies(unet), attention_with_backward(), float32_weights(self.sd_model.first_stage_model):
             if undo_attention:
                 sd_hijack.undo_optimizations()
             try:
@@ -232,12 +248,14 @@ def _memory_manager():
 
 
 @contextlib.contextmanager
-def forge_parts_loaded(sd_model) -> Iterator[None]:
+def forge_parts_loaded(sd_model, inference: bool = False) -> Iterator[None]:
     """On a model a Forge-family backend manages (reForge: the webui's model object over its ModelPatchers): for the
     run, the LoRA-free parts (forge_objects_original: an earlier generation's LoRA is unpatched by the memory manager
     when they load, and the text encoder, which loads its own patcher at every encode, finds no LoRA clone either),
     all three loaded whole on the device, outside inference mode; the model's forge_objects are put back after and
-    the next generation loads what it needs. Nothing happens on a model without forge_objects (AUTOMATIC1111)."""
+    the next generation loads what it needs. Nothing happens on a model without forge_objects (AUTOMATIC1111).
+    ``inference``: load inside inference mode, as the host's own generations do, for weights that already are inference
+    tensors (Forge's backend loads every weight so; a move outside inference mode would fail on them)."""
     current = getattr(sd_model, "forge_objects", None)
     manager = _memory_manager() if current is not None else None
     if manager is None:
@@ -251,7 +269,7 @@ def forge_parts_loaded(sd_model) -> Iterator[None]:
         else {}
     try:
         sd_model.forge_objects = use
-        with torch.inference_mode(False):
+        with torch.inference_mode(inference):
             manager.load_models_gpu(patchers, **full)
         yield
     finally:
@@ -259,16 +277,16 @@ def forge_parts_loaded(sd_model) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def normal_weights(module: torch.nn.Module) -> Iterator[None]:
+def normal_weights(*modules: torch.nn.Module) -> Iterator[None]:
     """Weights that a generation created, moved or LoRA-patched under torch.inference_mode are inference tensors,
     which backward cannot save ("Inference tensors cannot be saved for backward"): for the run, each such Parameter
-    or buffer of ``module`` is replaced by a normal clone (a tensor shared by several modules by one clone), and the
+    or buffer of ``modules`` is replaced by a normal clone (a tensor shared by several modules by one clone), and the
     original objects are put back after, so the host's memory manager and LoRA backups find their own tensors."""
     swapped: list[tuple[dict, str, torch.Tensor]] = []
     clones: dict[int, torch.Tensor] = {}
     try:
         with torch.inference_mode(False), torch.no_grad():
-            for owner in module.modules():
+            for owner in (m for module in modules for m in module.modules()):
                 for table in (owner._parameters, owner._buffers):
                     for name, tensor in list(table.items()):
                         if tensor is None or not tensor.is_inference():
@@ -285,6 +303,55 @@ def normal_weights(module: torch.nn.Module) -> Iterator[None]:
     finally:
         for table, name, tensor in reversed(swapped):
             table[name] = tensor
+
+
+def _copied_inputs(module: torch.nn.Module, args: tuple) -> tuple:
+    return tuple(arg.clone() if isinstance(arg, torch.Tensor) else arg for arg in args)
+
+
+@contextlib.contextmanager
+def norms_read_copies(unet: torch.nn.Module) -> Iterator[None]:
+    """In blocks that add their residual in place onto the x their norm just read (Forge Classic), the norm saves
+    that x for backward and the add then changes it ("modified by an inplace operation"): for the run each norm of
+    such a block reads a copy of its input instead, by a forward pre-hook removed on exit."""
+    norms = [child for block in unet.modules() if host.adds_residuals_in_place(block)
+             for name, child in block.named_children() if name.startswith("norm")]
+    handles = [norm.register_forward_pre_hook(_copied_inputs) for norm in norms]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+# (module, its attention-function globals, the replacement's module and name): ldm_patched (Forge Classic, reForge)
+# picks SageAttention when installed; Forge's backend (Neo) binds Sage or a flash kernel at import
+ATTENTION_SLOTS = (
+    ("ldm_patched.ldm.modules.attention", ("optimized_attention", "optimized_attention_masked"),
+     "ldm_patched.ldm.modules.attention", "attention_pytorch"),
+    ("backend.nn.unet", ("attention_function",), "backend.attention", "attention_pytorch"),
+)
+NO_BACKWARD = ("sage", "flash")  # kernels without a backward pass, by function name
+
+
+@contextlib.contextmanager
+def attention_with_backward() -> Iterator[None]:
+    """For the run, the UNet's attention through PyTorch's scaled-dot-product attention wherever the host picked a
+    kernel without a backward pass (Sage, flash); the host's choice again after."""
+    swapped = []
+    try:
+        for module_name, names, source, replacement in ATTENTION_SLOTS:
+            module, origin = sys.modules.get(module_name), sys.modules.get(source)
+            function = getattr(origin, replacement, None)
+            for name in names:
+                current = getattr(module, name, None)
+                if function is not None and any(k in getattr(current, "__name__", "") for k in NO_BACKWARD):
+                    swapped.append((module, name, current))
+                    setattr(module, name, function)
+        yield
+    finally:
+        for module, name, current in reversed(swapped):
+            setattr(module, name, current)
 
 
 def layers_of(sd_model) -> dict[str, dict[str, torch.nn.Module]]:

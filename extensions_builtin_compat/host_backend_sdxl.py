@@ -69,5 +69,10 @@ def backend_for(sd_model=None) -> HostBackend:
     """The host backend of the loaded model's family."""
     from modules import shared
 
+    from . import host
+    from .host_backend_forge import ForgeBackend
+
     model = shared.sd_model if sd_model is None else sd_model
+    if host.runs_forge_engine(model) and not getattr(model, "is_sdxl", False):
+        return ForgeBackend(model)
     return (SDXLHostBackend if getattr(model, "is_sdxl", False) else HostBackend)(model)

@@ -64,6 +64,7 @@ def run_training(config: TrainConfig, references: list[Reference],
     take that lock itself. When no job is running (the API) it begins and ends one on shared.state.
     """
     with _training:
+        host.ensure_model_loaded()
         reason = host.training_unavailable_reason() or host.adapters_unsupported_reason(config.adapters)
         if reason:
             raise ModelError(reason)

@@ -2,10 +2,11 @@
 from __future__ import annotations
 
 import inspect
+import os
 from collections.abc import Callable, Sequence
 
 import gradio as gr
-from modules import ui_components
+from modules import shared, ui_components
 
 
 def click(button, fn: Callable, inputs: Sequence, outputs: Sequence, js: str | None = None, **kwargs):
@@ -29,3 +30,12 @@ def task_id_input(elem_id: str):
     """The hidden input whose value the JS replaces with the task id (A1111 uses a Label, Forge a Textbox;
     a Textbox works on both gradios)."""
     return gr.Textbox(visible=False, elem_id=elem_id)
+
+
+def gallery_images(images: list) -> list:
+    """``images`` for a Gallery, with the folder the webui saves unsaved images into made first: Forge Neo's default
+    (<webui>/tmp) is only created when that setting changes, so any gallery of new images failed on a fresh Neo."""
+    folder = getattr(shared.opts, "temp_dir", "")
+    if images and folder:
+        os.makedirs(folder, exist_ok=True)
+    return images

@@ -115,7 +115,7 @@ def train_handler(names: list[str]):
         result_line = ui_render.result_html(
             config.name, negative_name(config.name), result.files, result.step, config.steps,
             result.final_loss, result.stopped, settings.auto_negative_default(), result.notes)
-        return list(previews), ui_render.loss_curve_html(result.losses), result_line
+        return ui_compat.gallery_images(list(previews)), ui_render.loss_curve_html(result.losses), result_line
     return train
 
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from fakehost.fixtures import host, host_forge, host_neo, host_reforge, host_v160, host_v1101  # noqa: F401  (registered as fixtures)
+from fakehost.fixtures import host, host_classic, host_forge, host_neo, host_reforge, host_v160, host_v1101  # noqa: F401  (registered as fixtures)
 
 # Toy-sized models gain nothing from intra-op threads, and on a busy 2-core runner the thread pool's
 # spin-waiting makes each tiny UNet call about 100 times slower.

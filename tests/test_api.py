@@ -197,11 +197,11 @@ def test_an_unusable_model_is_503(client, host_v1101):
     assert response.status_code == 503 and "SDXL refiner" in response.json()["detail"]
 
 
-def test_forge_answers_501_with_the_reason(host_forge):
+def test_forge_trains_loading_its_model_as_a_generation_does(host_forge):
     client = api_client(host_forge)
     response = client.post("/dreamartist/v1/train", json={"image": B64_PNG, "name": "walle", **TINY})
-    assert response.status_code == 501 and "Forge" in response.json()["detail"]
-    assert client.get("/dreamartist/v1/pairs").status_code == 200
+    assert response.status_code == 200, response.text
+    assert client.get("/dreamartist/v1/pairs").json() == {"pairs": ["walle"]}
 
 
 def test_routes_exist_only_with_the_api_enabled(host_v160):
@@ -215,3 +215,14 @@ def test_api_auth_protects_the_routes(host_v160):
     assert client.get("/dreamartist/v1/pairs", auth=("alice", "wrong")).status_code == 401
     assert client.get("/dreamartist/v1/pairs", auth=("bob", "pw")).status_code == 200
     assert client.get("/dreamartist/v1/pairs", auth=("alice", "sécret")).status_code == 401
+
+
+def test_pairs_lists_a_pair_on_disk_before_the_first_generation(host_reforge):
+    """The real reForge after a restart answered {"pairs": []}: it reads the embeddings folder at its first
+    generation, not at model load as A1111 does."""
+    from dreamartist import pairfiles
+
+    host_reforge.load_model("sd1")
+    vectors = {"clip_l": torch.ones(2, 32)}
+    pairfiles.save_pair(host_reforge.embeddings_dir, "walle", vectors, vectors)
+    assert api_client(host_reforge).get("/dreamartist/v1/pairs").json() == {"pairs": ["walle"]}

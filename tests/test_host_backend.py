@@ -187,15 +187,14 @@ def test_lowvram_is_refused(host):
         HostBackend()
 
 
-def test_forge_is_refused_before_and_after_its_model_loads(host_forge):
+def test_forge_trains_through_its_engine_once_its_model_loads(host_forge):
     from extensions_builtin_compat import host as probes
-    from extensions_builtin_compat.host_backend import HostBackend
+    from extensions_builtin_compat.host_backend_forge import ForgeBackend
+    from extensions_builtin_compat.host_backend_sdxl import backend_for
 
     assert probes.is_forge() and not probes.has_embedding_db()
-    assert "Forge" in probes.training_unavailable_reason()
     host_forge.load_model("sd1")
-    with pytest.raises(ModelError, match="Forge"):
-        HostBackend()
+    assert probes.training_unavailable_reason() is None and isinstance(backend_for(), ForgeBackend)
 
 
 def test_feature_probes_follow_the_host(host):

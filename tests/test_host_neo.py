@@ -8,11 +8,24 @@ from pathlib import Path
 import pytest
 import torch
 from fakehost.checks import write_pair
+from PIL import Image
 
 from dreamartist import pairfiles
-from dreamartist.errors import ModelError
+from dreamartist.config import TrainConfig
+from dreamartist.images import prepare_reference
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def references():
+    image = Image.new("RGB", (64, 64), (200, 120, 40))
+    image.paste((30, 60, 200), (16, 8, 48, 40))
+    return [prepare_reference(image, 64, 64, caption="orange box")]
+
+
+def config(**changes) -> TrainConfig:
+    return TrainConfig(**{**dict(name="walle", steps=2, width=64, height=64, init_words="robot"), **changes})
 
 
 def generate(host, enabled=True, **fields):
@@ -45,23 +58,106 @@ def test_the_placeholder_model_counts_as_no_model(host_neo):
     assert host_neo.module("modules.sd_models").model_data.sd_model is not None  # Neo's FakeInitialModel
     assert probes.loaded_model() is None and host_pairing.prompt_encoder() is None
     assert embeddings.databases() == [] and embeddings.pairs() == []
-    assert not probes.has_embedding_db() and probes.host_unsupported_reason().startswith("Training in Forge is not")
+    assert not probes.has_embedding_db() and probes.training_unavailable_reason() is None
 
 
-def test_training_is_refused_with_one_sentence_before_and_after_the_model_loads(host_neo):
+def parts(model) -> dict[str, torch.nn.Module]:
+    objects = model.forge_objects
+    return {"unet": objects.unet.model, "te": objects.clip.cond_stage_model, "vae": objects.vae.first_stage_model}
+
+
+def parts_state(model) -> dict:
+    """Every tensor object of the model's parts with its values, flags and the parts' hooks."""
+    state = {}
+    for part, module in parts(model).items():
+        for name, tensor in [*module.named_parameters(), *module.named_buffers()]:
+            state[f"{part}.{name}"] = (tensor, tensor.detach().clone(), tensor.requires_grad, tensor.is_inference())
+        state[f"{part}.hooks"] = [len(m._forward_pre_hooks) + len(m._forward_hooks) for m in module.modules()]
+    return state
+
+
+def assert_same_parts(before: dict, after: dict) -> None:
+    assert before.keys() == after.keys()
+    for key, old in before.items():
+        new = after[key]
+        if key.endswith(".hooks"):
+            assert old == new, key
+            continue
+        assert new[0] is old[0] and torch.equal(new[1], old[1]) and new[2:] == old[2:], key
+
+
+def test_training_from_neos_placeholder_loads_the_model_as_a_generation_does(host_neo, references):
     from extensions_builtin_compat import host as probes
-    from extensions_builtin_compat.host_backend_sdxl import backend_for
+    from extensions_builtin_compat import jobs
 
-    reason = probes.training_unavailable_reason()
-    assert "Forge" in reason and str(host_neo.embeddings_dir) in reason and reason.count(". ") == 0
+    assert probes.loaded_model() is None
+    assert jobs.run_training(config(), references).step == 2 and probes.loaded_model() is not None
+
+
+def test_neo_trains_a_pair_on_its_own_model_and_leaves_it_as_it_was(host_neo, references, capsys):
+    """Neo builds every weight inside inference mode, its blocks add residuals in place, its engine prints each
+    embedding it uses and notes it for the next infotext (the real Neo's log had a line per step, through its own
+    print, which no stdout redirect silences): the run trains through all of that and leaves none."""
+    from backend import memory_management
+    from backend.args import dynamic_args
+    from modules import sd_models
+
+    from extensions_builtin_compat import embeddings, jobs
+
+    sd_models.forge_model_reload()  # as a generation (or the run itself, from Neo's placeholder) loads it
+    model = sd_models.model_data.sd_model
+    engine = model.text_processing_engine
+    with torch.inference_mode():  # a generation's prompt (transformers installs its output hooks at the first call)
+        engine(["a photo"])
+    before, words = parts_state(model), dict(engine.embeddings.word_embeddings)
+    assert all(entry[3] for key, entry in before.items() if not key.endswith(".hooks"))  # inference tensors
+
+    result = jobs.run_training(config(), references)
+
+    assert [f.name for f in result.files] == ["walle.pt", "walle-neg.pt"] and result.step == 2
+    load = memory_management.calls[-1]  # the parts loaded whole, inside inference mode as Neo's own loads are
+    assert load["inference_mode"] and load["force_full_load"] and len(load["models"]) == 3
+    assert_same_parts(before, parts_state(model))
+    assert "TI" not in dynamic_args.last_extra_generation_params
+    assert "Used Embedding" not in capsys.readouterr().out
+    pos, neg = pairfiles.load_pair(host_neo.embeddings_dir, "walle")
+    init = {k: v for k, v in pos.vectors.items()}
+    assert not torch.equal(pos.vectors["clip_l"], neg.vectors["clip_l"]) and init["clip_l"].shape == (3, 32)
+    assert set(engine.embeddings.word_embeddings) == set(words) | {"walle", "walle-neg"}  # read back by the engine
+    assert embeddings.pairs() == ["walle"]
+
+
+def test_a_training_step_reaches_the_vectors_through_neos_engine(host_neo):
+    """The gradient reaches the learned vectors through Forge's splice (torch.cat of ``vec``), the UNet's in-place
+    residuals and the VAE decode, and nothing else."""
+    from extensions_builtin_compat.host_backend_forge import ForgeBackend
+
+    model = host_neo.load_model("sd1")
+    backend = ForgeBackend()
+    word = torch.randn(2, 32, requires_grad=True)
+    with backend.training():
+        cond = backend.encode(["a photo of walle"], {"walle": {"clip_l": word}})
+        latents = torch.randn(1, 4, 8, 8)
+        out = backend.unet(latents, torch.tensor([500]), cond)
+        (out.square().mean() + backend.vae_decode(out).square().mean()).backward()
+        assert all(p.grad is None for module in parts(model).values() for p in module.parameters())
+        with torch.no_grad():
+            plain = backend.encode(["a photo of walle"]).context
+    assert word.grad is not None and word.grad.abs().sum() > 0
+    assert not torch.equal(plain, cond.context.detach())  # the word was spliced in
+
+
+def test_the_vae_encode_is_the_posterior_mean_not_a_sample(host_neo):
+    from extensions_builtin_compat.host_backend_forge import ForgeBackend
+
     host_neo.load_model("sd1")
-    assert probes.training_unavailable_reason() == reason
-    with pytest.raises(ModelError, match="Forge"):
-        backend_for()
+    backend = ForgeBackend()
+    pixels = torch.rand(1, 3, 16, 16) * 2 - 1
+    assert torch.equal(backend.vae_encode(pixels), backend.vae_encode(pixels))
 
 
 def test_pairs_from_models_embeddings_bring_their_partner(host_neo):
-    write_pair(host_neo.embeddings_dir, "walle", width=768)
+    write_pair(host_neo.embeddings_dir, "walle", width=32)
     host_neo.load_extension(REPO)
     p, processed = generate(host_neo, prompt="a photo of (walle:1.2)", negative_prompt="blurry")
     assert p.all_negative_prompts == ["blurry, (walle-neg:1.2)"]
@@ -82,7 +178,7 @@ def test_sdxl_pairs_are_found_by_the_clip_l_engine(host_neo):
 
 
 def test_pairing_can_be_turned_off(host_neo):
-    write_pair(host_neo.embeddings_dir, "walle", width=768)
+    write_pair(host_neo.embeddings_dir, "walle", width=32)
     host_neo.load_extension(REPO)
     p, processed = generate(host_neo, enabled=False, prompt="walle", negative_prompt="")
     assert p.all_negative_prompts == [""] and "DreamArtist: off" in processed.infotexts[0]
@@ -93,7 +189,7 @@ def test_adapters_stay_off_without_errors(request, forge_host):
     """A pair that carries PN adapters pairs as usual; its adapters are not applied (the Forge family samples
     through its own backend) and nothing in the infotext claims they were."""
     host_neo = request.getfixturevalue(forge_host)
-    write_pair(host_neo.embeddings_dir, "walle", width=768)
+    write_pair(host_neo.embeddings_dir, "walle", width=32)
     pos, neg = pairfiles.load_pair(host_neo.embeddings_dir, "walle")
     groups = {"unet_pos": {"some.layer.down": torch.zeros(2, 4)}, "unet_neg": {"some.layer.down": torch.zeros(2, 4)}}
     pairfiles.save_pair(host_neo.embeddings_dir, "walle", pos.vectors, neg.vectors, overwrite=True, adapters=groups)

@@ -115,7 +115,7 @@ def test_words_without_a_partner_are_ignored(hooked):
 
 
 def test_forge_pairs_come_from_its_text_engine(host_forge):
-    write_pair(host_forge.embeddings_dir, "walle", width=768)
+    write_pair(host_forge.embeddings_dir, "walle", width=32)
     host_forge.load_extension(REPO)
     p, processed = generate(host_forge, prompt="walle at dusk", negative_prompt="")
     assert p.all_negative_prompts == ["walle-neg"] and "DreamArtist: walle" in processed.infotexts[0]

@@ -149,33 +149,47 @@ def test_the_api_trains_and_refuses_adapters_with_501(host_reforge):
     assert response.status_code == 501 and "PN adapters" in response.json()["detail"]
 
 
-class BasicTransformerBlock(torch.nn.Module):
-    """Forge Classic's transformer block in the one respect that matters here: its residual added in place."""
+def test_forge_classic_trains_through_its_in_place_residuals_as_reforge_does(host_classic, references):
+    """Forge Classic keeps the webui's model object and database as reForge does, but its blocks add each residual
+    in place onto the x their norm has just read, which fails a backward pass as it is; for the run the norms read a
+    copy. No hook is left, and the losses equal those of the same blocks adding out of place."""
+    from ldm_patched.ldm.modules.attention import BasicTransformerBlock
 
-    def __init__(self):
-        super().__init__()
-        self.norm1 = torch.nn.LayerNorm(4)
-
-    def forward(self, x):
-        n = self.norm1(x)
-        x += n
-        return x
-
-
-def test_a_forge_whose_blocks_add_residuals_in_place_is_refused_in_one_sentence(host_reforge):
-    """Forge Classic keeps the webui's model object and database as reForge does, but its blocks' ``x += n`` after a
-    norm read ``x`` fails the first backward pass; the stand-in's blocks, like reForge's, add out of place."""
     from extensions_builtin_compat import host as probes
+    from extensions_builtin_compat import jobs
 
-    model = host_reforge.load_model("sd1")
-    assert not probes.inplace_residuals(model.model.diffusion_model)
-    x = torch.randn(2, 4, requires_grad=True)
+    model = host_classic.load_model("sd1")
+    blocks = [m for m in model.model.diffusion_model.modules() if isinstance(m, BasicTransformerBlock)]
+    assert blocks and all(probes.adds_residuals_in_place(block) for block in blocks)
+    block, width = blocks[0], blocks[0].norm1.normalized_shape[0]
+    x, context = torch.randn(1, 4, width, requires_grad=True), torch.randn(1, 3, block.attn2.to_k.in_features)
     with pytest.raises(RuntimeError, match="inplace"):
-        BasicTransformerBlock()(x * 1).sum().backward()  # what Classic's own block does to a backward pass
-    model.model.diffusion_model.add_module("classic_block", BasicTransformerBlock())
-    try:
-        assert probes.inplace_residuals(model.model.diffusion_model)
-        reason = probes.model_unsupported_reason(model)
-        assert reason.startswith("This webui's UNet adds its residuals in place") and reason.count(". ") == 0
-    finally:
-        del model.model.diffusion_model.classic_block
+        block(x * 1, encoder_hidden_states=context).sum().backward()  # what Classic's own block does to a backward
+    before_image, _ = generate(host_classic)
+    state = model_state(model)
+
+    result = jobs.run_training(config(), references)
+
+    assert result.step == 2 and all(m._forward_pre_hooks == {} for b in blocks for m in b.children())
+    assert_same_state(state, model_state(model))
+    assert np.array_equal(before_image, generate(host_classic)[0])
+    for block in blocks:  # the same blocks adding out of place, as reForge's do
+        block.__class__ = BasicTransformerBlock.__mro__[1]
+    assert jobs.run_training(config(overwrite=True), references).losses == result.losses
+
+
+def test_sage_attention_gives_way_to_pytorch_attention_for_the_run(host_classic, monkeypatch):
+    """ldm_patched picks SageAttention when installed, a kernel without a backward pass."""
+    import sys
+    import types
+
+    from extensions_builtin_compat.host_backend import attention_with_backward
+
+    def attention_sage(q, k, v, heads, mask=None): ...
+    def attention_pytorch(q, k, v, heads, mask=None): ...
+    module = types.SimpleNamespace(optimized_attention=attention_sage, optimized_attention_masked=attention_sage,
+                                   attention_pytorch=attention_pytorch)
+    monkeypatch.setitem(sys.modules, "ldm_patched.ldm.modules.attention", module)
+    with attention_with_backward():
+        assert module.optimized_attention is module.optimized_attention_masked is attention_pytorch
+    assert module.optimized_attention is module.optimized_attention_masked is attention_sage

@@ -230,11 +230,13 @@ def test_a_second_training_waits_for_the_first(host, references, monkeypatch):
     assert order == [("a", 1), ("a", 2), ("b", 1), ("b", 2)]
 
 
-def test_forge_cannot_train(host_forge, references):
+def test_forge_trains_sd1_and_refuses_adapters_in_one_sentence(host_forge, references):
     from extensions_builtin_compat import jobs
 
-    with pytest.raises(ModelError, match="Forge"):
-        jobs.run_training(config(), references)
+    assert jobs.run_training(config(), references).step == config().steps
+    with pytest.raises(ModelError, match="PN adapters") as refused:
+        jobs.run_training(config(name="eve", adapters=True), references)
+    assert str(refused.value).count(". ") == 0
 
 
 def test_a_half_precision_vae_decodes_in_float32_for_training_and_is_restored(host, references, monkeypatch):

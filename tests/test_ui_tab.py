@@ -75,13 +75,19 @@ def test_train_button_is_wired_like_the_webui_train_tab(host_v1101):
     assert "dreamartist_notice" not in controls
 
 
-@pytest.mark.parametrize("forge_host", ["host_forge", "host_neo"])
-def test_on_forge_the_tab_loads_and_says_training_is_not_available(request, forge_host):
-    host = request.getfixturevalue(forge_host)
-    load_extension(host)
-    controls = by_elem_id(build_tab(host))
-    assert "Forge" in controls["dreamartist_notice"].value
-    assert controls["dreamartist_train"].interactive is False
+def test_in_neo_the_tab_trains_and_shows_its_previews(host_neo):
+    """The real Neo: "FileNotFoundError: ... forge-neo/tmp/tmp....png" when the gallery saved the previews: its
+    default temp folder is created only when that setting changes."""
+    load_extension(host_neo)
+    tab = build_tab(host_neo)
+    assert "dreamartist_notice" not in by_elem_id(tab)
+    train, dep = click_handler(tab, "dreamartist_train")
+    args = click_args(tab, dep, dreamartist_task_id="task(dreamartist-neo)", dreamartist_reference=reference_image(),
+                      dreamartist_name="walle", dreamartist_steps=2, dreamartist_width=64, dreamartist_height=64,
+                      dreamartist_preview_every=2)
+    gallery, _, result = train(*args)
+    assert "Type walle in your prompt" in plain_text(result) and len(gallery) == 1
+    assert (host_neo.root / "tmp").is_dir()
 
 
 def test_train_click_trains_a_pair_and_says_what_to_type(host):

@@ -36,6 +36,11 @@ def host_reforge(tmp_path):
 
 
 @pytest.fixture
+def host_classic(tmp_path):
+    yield from _host("forge-classic", tmp_path)
+
+
+@pytest.fixture
 def host_neo(tmp_path):
     yield from _host("forge-neo", tmp_path)
 

@@ -29,6 +29,7 @@ class Flags:
     # returns scaled latents (inference mode), get_first_stage_encoding is the identity
     webui_model_on_forge_backend: bool = False
     hijack_optimizations: bool = True  # module-level sd_hijack.apply/undo_optimizations (reForge removed them)
+    inplace_residuals: bool = False  # ldm_patched's blocks add residuals in place, x += n (Forge Classic)
 
 
 VARIANTS = {
@@ -43,6 +44,12 @@ VARIANTS = {
                      before_every_sampling=True, cfg_params_denoiser=True, embeddings_cast_to_input=True,
                      extra_params_callables=True, stopping_generation=True, apply_model_always_cast=True,
                      option_categories=True, webui_model_on_forge_backend=True, hijack_optimizations=False),
+    "forge-classic": Flags("forge-classic", "f2.0.1v1.10.1-previous-classic", callback_name_kw=True,
+                           infotext_utils=True, before_every_sampling=True, cfg_params_denoiser=True,
+                           embeddings_cast_to_input=True, extra_params_callables=True, stopping_generation=True,
+                           apply_model_always_cast=True, option_categories=True, webui_model_on_forge_backend=True,
+                           hijack_optimizations=False, models_embeddings_dir=True, train_tab=False,
+                           inplace_residuals=True),
     "forge-neo": Flags("forge-neo", "neo", forge=True, callback_name_kw=True, infotext_utils=True,
                        before_every_sampling=True, cfg_params_denoiser=True, extra_params_callables=True,
                        stopping_generation=True, option_categories=True, train_tab=False, hijack_modules=False,

@@ -17,8 +17,9 @@ from webui_harness import (
     BASELINE,
     ENV_OUTPUT,
     FOLLOWS,
+    FORGE_ENGINE,
+    NO_WEBUI_TI,
     PAIR,
-    PAIRING_ONLY,
     TRAINS_WITHOUT_ADAPTERS,
     WebUI,
     png_base64,
@@ -66,32 +67,24 @@ def pytest_terminal_summary(terminalreporter):
         terminalreporter.write_line(f"real webui tests: screenshots, webui logs and timings in {_output[0]}")
 
 
-FORGE_TESTS = "test_webui_forge.py"
-PAIRING_TESTS = ("test_webui_pairing.py", FORGE_TESTS)  # what runs in a host where DreamArtist only pairs
+FORGE_TESTS = "test_webui_forge.py"  # for the hosts whose engines read embeddings at model load (FORGE_ENGINE)
 ADAPTER_AND_SDXL_TESTS = ("test_webui_adapters.py", "test_webui_sdxl.py")  # skipped where adapters are refused
-# the webui's own textual inversion: reForge's Train tab and /sdapi/v1/train/embedding fail with its default settings
-# (its sd_hijack has no undo_optimizations), with or without the extension
-WEBUI_TI_TESTS = ("test_webui_textual_inversion_still_trains", "test_step_time_dreamartist_vs_textual_inversion")
-
+# the webui's own textual inversion (the step-time test times DreamArtist alone where there is none)
+WEBUI_TI_TESTS = ("test_webui_textual_inversion_still_trains",)
 
 def pytest_runtest_setup(item):
-    """In Forge Neo the extension does not train (its tab says so): the training, adapter and SDXL tests are
-    skipped there with that reason, before any of their fixtures (a trained pair) is set up."""
+    """What a host cannot run is skipped with the reason, before any of the test's fixtures (a trained pair)."""
     callspec = getattr(item, "callspec", None)
     version = callspec.params.get("webui") if callspec else None
     name = Path(str(item.path)).name
-    if version in PAIRING_ONLY and name not in PAIRING_TESTS:
-        pytest.skip(f"webui {version}: DreamArtist does not train there yet (its tab says so) and has no PN "
-                    f"adapters there; only {' and '.join(PAIRING_TESTS)} run against it")
     if version in TRAINS_WITHOUT_ADAPTERS and name in ADAPTER_AND_SDXL_TESTS:
         pytest.skip(f"webui {version}: DreamArtist trains SD1/SD2 pairs there but refuses PN adapters and SDXL "
                     "training (one sentence each, checked in test_webui_extension.py)")
-    if version in TRAINS_WITHOUT_ADAPTERS and item.originalname in WEBUI_TI_TESTS:
-        pytest.skip(f"webui {version}: its own textual-inversion training fails with the default settings "
-                    "(modules.sd_hijack has no undo_optimizations: the webui's bug)")
-    if version is not None and version not in PAIRING_ONLY and name == FORGE_TESTS:
-        pytest.skip(f"webui {version} trains: {FORGE_TESTS} is for the hosts where DreamArtist only pairs "
-                    f"({', '.join(PAIRING_ONLY)})")
+    if version in NO_WEBUI_TI and item.originalname in WEBUI_TI_TESTS:
+        pytest.skip(f"webui {version}: no textual-inversion training of its own: {NO_WEBUI_TI[version]}")
+    if version is not None and version not in FORGE_ENGINE and name == FORGE_TESTS:
+        pytest.skip(f"webui {version} reads the embeddings folder without a model reload: {FORGE_TESTS} is for "
+                    f"{', '.join(sorted(FORGE_ENGINE))}")
 
 
 @pytest.fixture(scope="session")

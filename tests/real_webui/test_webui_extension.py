@@ -14,6 +14,7 @@ from pathlib import PurePath
 import pytest
 from webui_harness import (
     BASELINE,
+    NO_WEBUI_TI,
     PAIR,
     TRAINS_WITHOUT_ADAPTERS,
     one_sentence,
@@ -53,6 +54,17 @@ KNOWN_NOISE = [
     r"^!+ Warning !+$",
     r"FutureWarning: `torch\.distributed\.reduce_op` is deprecated",
     r"^WARNING:root:Text encoder missing keys: \['clip_l\.text_projection'\]$",
+    # a stock Forge Neo on a CPU-only machine: no NVIDIA driver; and its built-in Lora logs test_webui_pairing.py's
+    # lora_tag_only case (<lora:dapair:1>, which does not exist) as an error where A1111 notes it in the infotext
+    r"Found no NVIDIA driver on your system\.\s+memmon\.py :: WARNING",
+    r'^Failed to load LoRA: "dapair"\s+networks\.py :: ERROR',
+]
+# Whole tracebacks of the host's own, removed before the lines are read: reForge's Lora fails on a LoRA that does not
+# exist (its error report reads the missing file's name), which test_webui_pairing.py's lora_tag_only case asks for
+KNOWN_NOISE_BLOCKS = [
+    r"^activating extra network lora with arguments .*?: AttributeError\n(?:.*\n)*?.*errors\.display\(e, "
+    r"f\"loading network \{network_on_disk\.filename\}\"\)\n.*\nAttributeError: 'NoneType' object has no attribute "
+    r"'filename'$",
 ]
 SUSPECT = re.compile(r"traceback|error|warn|dreamartist", re.IGNORECASE)
 
@@ -398,9 +410,10 @@ def post_timing_steps(webui, path: str, payload: dict):
 
 
 def test_step_time_dreamartist_vs_textual_inversion(webui, reference_image, ti_folders, output_dir, capsys):
-    """Seconds per training step of DreamArtist and of the webui's own textual inversion, in the same webui at the
-    same size: the median time between consecutive steps of a 5-step run, as the progress API reports them (so
-    start-up work and the final save do not count). Printed only; the machine's other load shows in it."""
+    """Seconds per training step of DreamArtist and of the webui's own textual inversion (where it has one), in the
+    same webui at the same size: the median time between consecutive steps of a 5-step run, as the progress API
+    reports them (so start-up work and the final save do not count). Printed only; the machine's other load shows
+    in it. One run over several webuis puts each host's DreamArtist step beside A1111's."""
     steps, rows, failures = 5, [], []
     for size in (64, 128):
         reply, dreamartist = post_timing_steps(webui, "/dreamartist/v1/train", {
@@ -408,15 +421,18 @@ def test_step_time_dreamartist_vs_textual_inversion(webui, reference_image, ti_f
             "height": size})
         if reply.status != 200:
             failures.append(f"DreamArtist at {size} px: {reply}")
-        name = f"da_time_ti_{size}"
-        created = webui.post("/sdapi/v1/create/embedding", {"name": name, "num_vectors_per_token": 1,
-                                                            "overwrite_old": True, "init_text": "*"})
-        assert created.status == 200, created
-        reply, inversion = post_timing_steps(webui, "/sdapi/v1/train/embedding",
-                                             ti_request(webui, name, *ti_folders, steps=steps, size=size))
-        if "error: None" not in reply.json().get("info", ""):
-            failures.append(f"textual inversion at {size} px: {reply}")
-        for method, intervals in (("DreamArtist", dreamartist), ("textual inversion", inversion)):
+        timed = [("DreamArtist", dreamartist)]
+        if webui.version not in NO_WEBUI_TI:
+            name = f"da_time_ti_{size}"
+            created = webui.post("/sdapi/v1/create/embedding", {"name": name, "num_vectors_per_token": 1,
+                                                                "overwrite_old": True, "init_text": "*"})
+            assert created.status == 200, created
+            reply, inversion = post_timing_steps(webui, "/sdapi/v1/train/embedding",
+                                                 ti_request(webui, name, *ti_folders, steps=steps, size=size))
+            if "error: None" not in reply.json().get("info", ""):
+                failures.append(f"textual inversion at {size} px: {reply}")
+            timed.append(("textual inversion", inversion))
+        for method, intervals in timed:
             median = f"{statistics.median(intervals):7.2f} s/step" if intervals else "    (no steps seen)"
             rows.append(f"{webui.tag}  {size:4d} px  {method:18s} {median}   "
                         f"(steps {', '.join(f'{t:.1f}' for t in intervals)} s)")
@@ -441,6 +457,9 @@ def test_restart_keeps_the_pair(webui, trained_pair):
 @pytest.mark.webui_phase(2)
 def test_log_has_no_errors_and_no_extension_warnings(webui):
     noise = re.compile("|".join(f"(?:{pattern})" for pattern in KNOWN_NOISE))
-    offending = [line for line in webui.log_text().splitlines()
+    text = webui.log_text()
+    for block in KNOWN_NOISE_BLOCKS:
+        text = re.sub(block, "", text, flags=re.MULTILINE)
+    offending = [line for line in text.splitlines()
                  if (SUSPECT.search(line) or webui.extension.name in line) and not noise.search(line)]
     assert offending == [], "\n".join(offending[:60])

@@ -43,7 +43,7 @@ def handmade_pair(webui):
         torch.save({"string_to_token": {"*": 265}, "string_to_param": {"*": vectors}, "name": name, "step": 0,
                     "sd_checkpoint": None, "sd_checkpoint_name": None}, webui.embeddings / f"{name}.pt")
     webui.post("/sdapi/v1/refresh-embeddings", timeout=120)  # 1.7+; older webuis reload at the next generation
-    if not webui.trains:  # Forge Neo: each text engine reads the folder when the model loads, so reload it
+    if webui.reads_embeddings_at_load:  # Forge Neo: each text engine reads the folder when the model loads
         assert webui.post("/sdapi/v1/unload-checkpoint", timeout=300).status == 200
     webui.generate("txt2img", webui.payload("a", steps=1))
     reply = webui.get("/dreamartist/v1/pairs")

@@ -33,15 +33,23 @@ ENV_OUTPUT = "DREAMARTIST_WEBUI_OUTPUT"  # screenshots, webui logs and timings (
 ENV_SDXL = "DREAMARTIST_WEBUI_SDXL"  # an SDXL checkpoint for test_webui_sdxl.py (default: those tests are skipped)
 
 # version -> the webui's folder in the harness (its start.sh names its venv and port)
-VERSIONS = {"1.10.1": "a1111", "1.6.0": "a1111-v160", "neo": "forge-neo", "reforge": "reforge"}
-# Hosts where DreamArtist only pairs (the tab says training is not available there; no PN adapters), and the A1111
-# version each one's processing and API follow. Their tests are test_webui_pairing.py and test_webui_forge.py.
-PAIRING_ONLY = {"neo": "1.10.1"}
-EMBEDDINGS_DIR = {"neo": "models/embeddings"}  # where a host reads embeddings, relative to its folder
-# Forge-family hosts where DreamArtist trains (SD1/SD2, on the webui's model object) but has no PN adapters and
-# refuses SDXL, and the A1111 version each follows: the adapter and SDXL tests skip them.
-TRAINS_WITHOUT_ADAPTERS = {"reforge": "1.10.1"}
-FOLLOWS = {**PAIRING_ONLY, **TRAINS_WITHOUT_ADAPTERS}  # a Forge-family host -> the A1111 version it follows
+VERSIONS = {"1.10.1": "a1111", "1.6.0": "a1111-v160", "neo": "forge-neo", "reforge": "reforge", "classic": "forge"}
+# Hosts whose text engines read the embeddings folder only when the model loads (Forge's own backend): the pairs
+# copied in by hand need a reload there, tested in test_webui_forge.py.
+FORGE_ENGINE = {"neo"}
+# where a host reads embeddings, relative to its folder
+EMBEDDINGS_DIR = {"neo": "models/embeddings", "classic": "models/embeddings"}
+# Forge-family hosts where DreamArtist trains SD1 (SD2 where the host loads it) but has no PN adapters and refuses
+# SDXL, and the A1111 version each follows: the adapter and SDXL tests skip them.
+TRAINS_WITHOUT_ADAPTERS = {"reforge": "1.10.1", "classic": "1.10.1", "neo": "1.10.1"}
+# Hosts without a textual-inversion training of their own to compare with, and why
+NO_WEBUI_TI = {
+    "reforge": "its Train tab and /sdapi/v1/train/embedding fail with the default settings (modules.sd_hijack has no "
+               "undo_optimizations: the webui's bug)",
+    "classic": "it removed the Train tab",
+    "neo": "it removed the Train tab",
+}
+FOLLOWS = TRAINS_WITHOUT_ADAPTERS  # a Forge-family host -> the A1111 version it follows
 EXTENSION_DIR = "sd-webui-dreamartist"  # the folder name under <webui>/extensions
 PROBE_DIR = "dreamartist-probe"  # the test-only extension that records adapter row labels (tests/real_webui/probe)
 READY_LINE = "Model loaded in"
@@ -204,9 +212,9 @@ class WebUI:
         return self.folder / EMBEDDINGS_DIR.get(self.version, "embeddings")
 
     @property
-    def trains(self) -> bool:
-        """Whether the extension trains in this host (False on Forge Neo, where only pairing works)."""
-        return self.version not in PAIRING_ONLY
+    def reads_embeddings_at_load(self) -> bool:
+        """Whether the host's text engines read the embeddings folder only when the model loads (Forge Neo)."""
+        return self.version in FORGE_ENGINE
 
     @property
     def python(self) -> Path:

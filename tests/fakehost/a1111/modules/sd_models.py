@@ -114,7 +114,8 @@ def load_model(model, half: bool = False, checkpoint: str = "models/Stable-diffu
 
         forge_loader.attach(model)
     model_data.set_sd_model(model)
-    sd_hijack.model_hijack.embedding_db.load_textual_inversion_embeddings(force_reload=True)
+    if not FLAGS.webui_model_on_forge_backend:  # reForge reads the folder at its first generation only
+        sd_hijack.model_hijack.embedding_db.load_textual_inversion_embeddings(force_reload=True)
     model.cond_stage_model_empty_prompt = get_empty_cond(model)
     script_callbacks.model_loaded_callback(model)
     return model

@@ -1,7 +1,7 @@
 """modules.shared_options: the built-in settings the stand-in host reads (a small subset, real defaults)."""
 from __future__ import annotations
 
-from modules._variant import FLAGS
+from modules._variant import FLAGS, ROOT
 from modules.options import OptionInfo, options_section
 
 restricted_opts = {"samples_filename_pattern", "directories_filename_pattern", "outdir_samples"}
@@ -44,11 +44,16 @@ if not FLAGS.alphas_follow_half:
     options_templates.update(options_section(("sampler-params", "Sampler parameters"), {
         "sd_noise_schedule": OptionInfo("Default", "Noise schedule for sampling"),  # or "Zero Terminal SNR"
     }))
-options_templates.update(options_section(("training", "Training"), {
-    "unload_models_when_training": OptionInfo(False, "Move VAE and CLIP to RAM when training if possible"),
-    "save_optimizer_state": OptionInfo(False, "Saves Optimizer state as separate *.optim file"),
-    "training_xattention_optimizations": OptionInfo(False, "Use cross attention optimizations while training"),
-}))
+if FLAGS.models_embeddings_dir:  # Forge Neo: a folder in the webui, created only when the setting changes
+    options_templates.update(options_section(("saving-paths", "Paths for saving"), {
+        "temp_dir": OptionInfo(str(ROOT / "tmp"), "Directory for temporary images"),
+    }))
+if FLAGS.train_tab:  # Forge Classic removed the Train tab and its settings with it
+    options_templates.update(options_section(("training", "Training"), {
+        "unload_models_when_training": OptionInfo(False, "Move VAE and CLIP to RAM when training if possible"),
+        "save_optimizer_state": OptionInfo(False, "Saves Optimizer state as separate *.optim file"),
+        "training_xattention_optimizations": OptionInfo(False, "Use cross attention optimizations while training"),
+    }))
 options_templates.update(options_section(("ui", "Live previews"), {
     "live_previews_enable": OptionInfo(True, "Show live previews of the created image"),
     "show_progress_every_n_steps": OptionInfo(10, "Live preview display period"),

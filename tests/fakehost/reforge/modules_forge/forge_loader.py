@@ -7,6 +7,7 @@ import types
 
 import torch
 from ldm_patched.modules.model_patcher import ModelPatcher
+from modules._variant import FLAGS
 
 
 class ForgeObjects:
@@ -26,6 +27,12 @@ class BaseModel(torch.nn.Module):
 
 
 def attach(sd_model) -> None:
+    if FLAGS.inplace_residuals:  # Forge Classic's ldm_patched blocks
+        from ldm_patched.ldm.modules.attention import BasicTransformerBlock
+
+        for module in sd_model.model.diffusion_model.modules():
+            if type(module).__name__ == "BasicTransformerBlock":
+                module.__class__ = BasicTransformerBlock
     objects = ForgeObjects(
         unet=ModelPatcher(BaseModel(sd_model.model.diffusion_model)),
         clip=types.SimpleNamespace(patcher=ModelPatcher(sd_model.cond_stage_model.wrapped)),

@@ -13,3 +13,7 @@ class UnetPatcher:
         clone = UnetPatcher(self.model)
         clone.model_options = copy.deepcopy(self.model_options)
         return clone
+
+
+class ModelPatcher(UnetPatcher):
+    """The patcher the memory manager loads for the text encoder and the VAE."""

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from collections import namedtuple
 
+import torch
+from backend.args import dynamic_args
 from backend.text_processing.textual_inversion import EmbeddingDatabase
 
 PromptChunkFix = namedtuple("PromptChunkFix", ["offset", "embedding"])
@@ -13,10 +15,39 @@ class PromptChunk:
         self.tokens, self.multipliers, self.fixes = [], [], []
 
 
+class CLIPEmbeddingForTextualInversion(torch.nn.Module):
+    """Forge's token table wrapper: splices each prompt's embeddings (``vec``) in with torch.cat."""
+
+    def __init__(self, wrapped, embeddings, textual_inversion_key="clip_l"):
+        super().__init__()
+        self.wrapped, self.embeddings, self.textual_inversion_key = wrapped, embeddings, textual_inversion_key
+        self.weight = self.wrapped.weight
+
+    def forward(self, input_ids):
+        batch_fixes, self.embeddings.fixes = self.embeddings.fixes, None
+        inputs_embeds = self.wrapped(input_ids)
+        if not batch_fixes or max(len(x) for x in batch_fixes) == 0:
+            return inputs_embeds
+        vecs = []
+        for fixes, tensor in zip(batch_fixes, inputs_embeds):
+            for offset, embedding in fixes:
+                emb = embedding.vec[self.textual_inversion_key] if isinstance(embedding.vec, dict) else embedding.vec
+                emb = emb.to(inputs_embeds)
+                emb_len = min(tensor.shape[0] - offset - 1, emb.shape[0])
+                tensor = torch.cat([tensor[0:offset + 1], emb[0:emb_len], tensor[offset + 1 + emb_len:]])
+            vecs.append(tensor)
+        return torch.stack(vecs)
+
+
 class ClassicTextProcessingEngine:
     def __init__(self, text_encoder, tokenizer, chunk_length=75, embedding_dir=None, embedding_key="clip_l",
                  embedding_expected_shape=768, **kwargs):
         self.embeddings = EmbeddingDatabase(tokenizer, embedding_expected_shape)
+        self.id_start, self.id_end = tokenizer.bos_token_id, tokenizer.eos_token_id
+        if text_encoder is not None:  # Forge swaps its token table for the splicing wrapper
+            table = text_encoder.transformer.get_input_embeddings()
+            text_encoder.transformer.set_input_embeddings(
+                CLIPEmbeddingForTextualInversion(table, self.embeddings, textual_inversion_key=embedding_key))
         if isinstance(embedding_dir, str):  # Forge reads the folder once, here, when the model is built
             self.embeddings.add_embedding_dir(embedding_dir)
             self.embeddings.load_textual_inversion_embeddings()
@@ -62,3 +93,41 @@ class ClassicTextProcessingEngine:
         if chunk.tokens or not chunks:
             next_chunk()
         return chunks, 0
+
+    def process_texts(self, texts):
+        return [self.tokenize_line(text)[0] for text in texts], 0
+
+    def tokenize(self, texts):
+        return self.tokenizer(texts, truncation=False, add_special_tokens=False)["input_ids"]
+
+    def empty_chunk(self) -> PromptChunk:
+        chunk = PromptChunk()
+        chunk.tokens = [self.id_start] + [self.id_end] * (self.chunk_length + 1)
+        chunk.multipliers = [1.0] * (self.chunk_length + 2)
+        return chunk
+
+    def process_tokens(self, tokens, multipliers):
+        """The last hidden state through the final norm, weighted as the webui's "Original" emphasis does."""
+        transformer = self.text_encoder.transformer
+        z = transformer(torch.asarray(tokens), output_hidden_states=True).hidden_states[-1]
+        z = next(m for name, m in transformer.named_modules() if name.endswith("final_layer_norm"))(z)
+        weights = torch.asarray(multipliers).to(z)
+        original_mean = z.mean()
+        z = z * weights.unsqueeze(-1)
+        return z * (original_mean / z.mean())
+
+    def __call__(self, texts):
+        """Neo's engine call: every chunk of every prompt encoded, the embeddings used printed and noted as "TI" for
+        the next generation's parameters."""
+        batch_chunks, _ = self.process_texts(texts)
+        used, zs = {}, []
+        for i in range(max(len(chunks) for chunks in batch_chunks)):
+            batch_chunk = [chunks[i] if i < len(chunks) else self.empty_chunk() for chunks in batch_chunks]
+            self.embeddings.fixes = [x.fixes for x in batch_chunk]
+            used.update({embedding.name: embedding for fixes in self.embeddings.fixes for _, embedding in fixes})
+            zs.append(self.process_tokens([x.tokens for x in batch_chunk], [x.multipliers for x in batch_chunk]))
+        if used:
+            for name in used:
+                print(f"[Textual Inversion] Used Embedding [{name}] in CLIP of [{self.embedding_key}]")
+            dynamic_args.last_extra_generation_params["TI"] = ", ".join(used)
+        return torch.hstack(zs)

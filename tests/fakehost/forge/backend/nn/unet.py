@@ -1,0 +1,45 @@
+"""backend.nn.unet: Neo's UNet call signature over a tiny diffusers UNet2DConditionModel, whose transformer blocks
+add each residual in place onto the x their norm has just read (``x += n``), as Neo's do; the attention function is
+bound at import (Neo's flash/Sage kernels have no backward)."""
+from __future__ import annotations
+
+import torch
+from backend.attention import attention_function  # noqa: F401  (bound at import, as in Neo)
+from diffusers import UNet2DConditionModel
+from diffusers.models.attention import BasicTransformerBlock as _DiffusersTransformerBlock
+from diffusers.models.attention_processor import AttnProcessor
+
+
+class BasicTransformerBlock(_DiffusersTransformerBlock):
+    checkpoint = False
+
+    def forward(self, hidden_states, encoder_hidden_states=None, **kwargs):
+        return self._forward(hidden_states, encoder_hidden_states)
+
+    def _forward(self, x, context=None):
+        n = self.norm1(x)
+        n = self.attn1(n)
+        x += n
+        n = self.norm2(x)
+        n = self.attn2(n, encoder_hidden_states=context)
+        x += n
+        x = self.ff(self.norm3(x)) + x
+        return x
+
+
+class IntegratedUNet2DConditionModel(torch.nn.Module):
+    def __init__(self, context_dim: int):
+        super().__init__()
+        self.unet = UNet2DConditionModel(
+            sample_size=8, in_channels=4, out_channels=4, block_out_channels=(8, 16), layers_per_block=1,
+            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+            cross_attention_dim=context_dim, attention_head_dim=4, norm_num_groups=4)
+        self.unet.set_attn_processor(AttnProcessor())
+        for module in self.modules():
+            if type(module) is _DiffusersTransformerBlock:
+                module.__class__ = BasicTransformerBlock
+
+    def forward(self, x, timesteps=None, context=None, y=None, control=None, transformer_options=None, **kwargs):
+        transformer_options["original_shape"] = list(x.shape)  # Neo writes into the dict it is given
+        return self.unet(x, timesteps, encoder_hidden_states=context).sample
