@@ -1,4 +1,4 @@
-"""`python -m dreamartist`: train a pair headless, sample with pairs, inspect pair files.
+"""`python -m dreamartist`: train a pair headless, sample with pairs, edit a real image (BARET), inspect pair files.
 
 Every training option comes from TrainConfig, so the CLI, the tab and the API accept the same values. Everything
 that can be checked is checked before the model loads; user errors print one line on stderr and exit with status
@@ -34,8 +34,9 @@ def _with_default(text: str, default: object) -> str:
     return text if default in ("", None) else f"{text} (default: {default})"
 
 
-def _add_config_options(parser: argparse.ArgumentParser) -> None:
-    for f in config_module.fields():
+def _add_config_options(parser: argparse.ArgumentParser, fields=None, required: tuple[str, ...] = ("name",)) -> None:
+    """One option per config field (TrainConfig's unless ``fields`` are given), from its metadata."""
+    for f in fields or config_module.fields():
         meta, flag = f.metadata, "--" + f.name.replace("_", "-")
         help_text = meta["help"] or meta["label"]
         if f.name == "template":
@@ -46,7 +47,7 @@ def _add_config_options(parser: argparse.ArgumentParser) -> None:
         else:
             kind = {"int": int, "float": float}.get(f.type, str)
             parser.add_argument(flag, type=kind, default=f.default, choices=meta["choices"] or None,
-                                required=f.name == "name", help=_with_default(help_text, f.default or None))
+                                required=f.name in required, help=_with_default(help_text, f.default or None))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -88,6 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--output", default="generated.png",
                           help="image file to write: .png, .jpg or .webp; a PNG carries the parameters as the webui's "
                                "do (default: generated.png)")
+    _add_edit_parser(commands)
     export = commands.add_parser("export-lora", help="write a pair's positive adapter as a standard LoRA file")
     export.add_argument("--name", required=True, help="the pair's name (NAME of NAME / NAME-neg)")
     export.add_argument("--embeddings", default="embeddings", help="folder that holds the pair (default: ./embeddings)")
@@ -95,6 +97,29 @@ def build_parser() -> argparse.ArgumentParser:
     info = commands.add_parser("info", help="show what an embedding file holds")
     info.add_argument("file", help="a .pt, .bin or .safetensors embedding")
     return parser
+
+
+def _add_edit_parser(commands) -> None:
+    from . import edit_config
+
+    edit = commands.add_parser("edit", help="edit a real image toward a target text (BARET): no caption, no "
+                                            "fine-tuning of the model")
+    edit.add_argument("--image", required=True, help="the image to edit")
+    edit.add_argument("--output", default="edited.png",
+                      help="image file to write: .png, .jpg or .webp; a PNG carries the parameters (default: "
+                           "edited.png)")
+    edit.add_argument("--save-branches", action="store_true",
+                      help="also write the reconstruction and transition images beside the output, as "
+                           "NAME-reconstruction and NAME-transition")
+    edit.add_argument("--ckpt", help="SD 1.x / 2.x / SDXL checkpoint; default: the built-in toy-world model")
+    _add_prediction_option(edit)
+    edit.add_argument("--width", type=int, default=0,
+                      help="scale and centre-crop the image to this width first, a multiple of 8; 0: the image's own "
+                           "width (default: 0)")
+    edit.add_argument("--height", type=int, default=0,
+                      help="scale and centre-crop the image to this height first; 0: the image's own height "
+                           "(default: 0)")
+    _add_config_options(edit, edit_config.fields(), required=("target",))
 
 
 PRECISIONS = ("auto", "fp16", "bf16", "fp32")
@@ -311,6 +336,86 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_edit(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from . import edit_config, fileops
+    from .baret import EditStopped, decode, edit
+    from .images import load_image
+
+    config = edit_config.EditConfig(**{f.name: getattr(args, f.name) for f in edit_config.fields()})
+    output = Path(args.output)
+    if output.suffix.lower() not in IMAGE_SUFFIXES:
+        raise InputError(f"--output {output.name} must end in {', '.join(IMAGE_SUFFIXES)}.")
+    if any(side % 8 or not (side == 0 or 64 <= side <= 2048) for side in (args.width, args.height)):
+        raise InputError("--width and --height must be 0 (the image's own size) or multiples of 8 between 64 and "
+                         "2048.")
+    image = load_image(args.image)
+    fileops.make_folder(output.parent)
+    backend = _load_backend(args.ckpt, args.prediction_type, args.precision)
+    pixels = _edit_pixels(image, args.width, args.height, backend.vae_scale, args.image)
+    latents = backend.vae_encode(pixels.unsqueeze(0))
+    with tqdm(total=3 * config.steps, desc="editing", unit="step") as bar, _soft_interrupt() as stop:
+        def progress(p) -> None:
+            bar.update(1)
+            bar.set_description(p.phase)
+            if p.loss is not None:
+                bar.set_postfix(loss=f"{p.loss:.2e}")
+
+        try:
+            result = edit(backend, latents, config, on_progress=progress, should_stop=lambda: stop[0])
+        except EditStopped:
+            print("Stopped before the edit finished; nothing was written.")
+            return EXIT_INTERRUPTED
+    height, width = pixels.shape[-2:]
+    parameters = (f"{config.target}\nNegative prompt: {config.negative}\nSteps: {config.steps}, Sampler: DDIM, "
+                  f"CFG scale: {config.cfg:g}, Size: {width}x{height}, Model hash: {backend.model_hash}, "
+                  f"Model: {backend.model_name}, BARET: \"alpha {config.alpha_start:g}-{config.alpha_end:g}"
+                  f"{' rigid' if config.rigid else ''}, tau_SA {config.tau_sa:g}, tau_CA {config.tau_ca:g}\"")
+    images = decode(backend, result, branches=args.save_branches)
+    paths = {name: output if name == "edited" else output.with_name(f"{output.stem}-{name}{output.suffix}")
+             for name in images}
+    _write_images({paths[name]: image for name, image in reversed(images.items())}, parameters)  # the output last
+    print(f"wrote {', '.join(str(paths[name]) for name in images)}")
+    return 0
+
+
+def _edit_pixels(image, width: int, height: int, vae_scale: int, label: str):
+    """The image as pixels (3, H, W) in [-1, 1]: its own size, or scaled and centre-cropped to width x height; an
+    InputError when the model cannot take that size."""
+    from .images import prepare_reference
+
+    width, height = width or image.width, height or image.height
+    if width % vae_scale or height % vae_scale or not (64 <= min(width, height) and max(width, height) <= 2048):
+        raise InputError(f"{label} is {width}x{height} pixels; this model edits sides that are multiples of "
+                         f"{vae_scale} between 64 and 2048, so give --width and --height to scale it.")
+    return prepare_reference(image, width, height, vae_scale=vae_scale).pixels
+
+
+def _write_images(images: dict, parameters: str) -> None:
+    """Write each image (path -> PIL image) whole or not at all; when one cannot be written, none written here is
+    left."""
+    import io
+
+    from . import fileops
+    from .images import parameters_png_info
+
+    formats = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
+    written = []
+    try:
+        for path, image in images.items():
+            buffer = io.BytesIO()
+            png = path.suffix.lower() == ".png"
+            image.save(buffer, format=formats[path.suffix.lower()], pnginfo=parameters_png_info(parameters) if png
+                       else None)
+            fileops.write_file(path, buffer.getvalue())
+            written.append(path)
+    except OSError as e:
+        for path in written:
+            fileops.remove_quietly(path)
+        raise InputError(f"Could not write {path} ({e.strerror or e}).") from None
+
+
 def _skip_other_families(files: dict[str, list[Path]], text: str, backend) -> list[str]:
     """Drop from ``files`` the embeddings ``text`` names that were trained for another model family (an SD1 pair in
     an SDXL prompt, or the other way round), as the webui skips embeddings of another shape; a line for each."""
@@ -407,7 +512,8 @@ def cmd_info(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
-        commands = {"train": cmd_train, "generate": cmd_generate, "export-lora": cmd_export_lora, "info": cmd_info}
+        commands = {"train": cmd_train, "generate": cmd_generate, "edit": cmd_edit, "export-lora": cmd_export_lora,
+                    "info": cmd_info}
         return commands[args.command](args)
     except DreamArtistError as error:
         print(f"dreamartist: error: {error}", file=sys.stderr)

@@ -23,6 +23,25 @@ def ddim_timesteps(num_timesteps: int, steps: int) -> list[int]:
     return [min(i * stride + 1, num_timesteps - 1) for i in range(min(steps, num_timesteps))][::-1]
 
 
+def ddim_step(prediction_type: str, output: torch.Tensor, x: torch.Tensor, abar: torch.Tensor,
+              abar_next: torch.Tensor) -> torch.Tensor:
+    """One deterministic DDIM move (eta 0) of ``x`` from noise level ``abar`` to ``abar_next`` (lower), given the
+    (guided) model output at ``x``: sqrt(abar_next) z0_hat + sqrt(1 - abar_next) eps_hat."""
+    eps = predict_eps(prediction_type, output, x, abar)
+    z0 = predict_z0(prediction_type, output, x, abar)
+    return abar_next.sqrt() * z0 + (1 - abar_next).sqrt() * eps
+
+
+def ddim_inverse_step(prediction_type: str, output: torch.Tensor, x: torch.Tensor, abar: torch.Tensor,
+                      abar_next: torch.Tensor) -> torch.Tensor:
+    """One DDIM inversion move of ``x`` from noise level ``abar`` up to ``abar_next``, given the model output for
+    ``x`` queried at the destination timestep (as null-text inversion does): the output is read at ``abar_next``,
+    where the model was told ``x`` lies, and the move is the DDIM step run backwards."""
+    eps = predict_eps(prediction_type, output, x, abar_next)
+    z0 = (x - (1 - abar).sqrt() * eps) / abar.sqrt()
+    return abar_next.sqrt() * z0 + (1 - abar_next).sqrt() * eps
+
+
 @torch.no_grad()
 def sample(backend: Backend, prompt: str, negative_prompt: str = "", words: WordVectors | None = None,
            guidance: GammaSchedule | float | str = 7.0, steps: int = 20, width: int = 512, height: int = 512,
@@ -68,9 +87,7 @@ def sample_rows(backend: Backend, prompts: Sequence[str], negative_prompts: Sequ
         at_t = torch.full((1,), t)
         gamma = torch.cat([schedule(at_t, T) for schedule in guidance]).to(backend.device)
         out = guide(out_neg, out_pos, gamma)
-        eps = predict_eps(backend.prediction_type, out, x, abar)
-        z0 = predict_z0(backend.prediction_type, out, x, abar)
-        x = abar_prev.sqrt() * z0 + (1 - abar_prev).sqrt() * eps
+        x = ddim_step(backend.prediction_type, out, x, abar, abar_prev)
         if on_step:
             on_step(i + 1, len(timesteps))
     return backend.vae_decode(x)

@@ -174,6 +174,12 @@ class StandaloneBackend(PatchSlot):
         """Keyword arguments the UNet takes beside the text states (none below SDXL)."""
         return {}
 
+    def controlled_attention(self, controller, calls) -> contextlib.AbstractContextManager:
+        """Every attention layer of the UNet under ``controller`` for a with-block (dreamartist.attention_control)."""
+        from dreamartist.attention_control import diffusers_control
+
+        return diffusers_control(self.unet_model, controller, calls)
+
     def adapter_layers(self) -> dict[str, dict[str, torch.nn.Module]]:
         return {adapters.UNET: adapters.target_layers(named_layers(self.unet_model.named_modules(), unet_name),
                                                       adapters.UNET),
