@@ -178,6 +178,16 @@ class HostBackend(PatchSlot):
     def adapter_layers(self) -> dict[str, dict[str, torch.nn.Module]]:
         return layers_of(self.sd_model)
 
+    def controlled_attention(self, controller, calls) -> contextlib.AbstractContextManager:
+        """Every attention layer of the ldm/sgm UNet under ``controller`` for a with-block, whatever cross-attention
+        optimisation the webui applied (host_attention; dreamartist.attention_control)."""
+        from .host_attention import ldm_control
+
+        if not host.runs_webui_modules(self.sd_model):
+            raise ModelError("This webui samples through its own backend, whose attention this extension cannot "
+                             "control yet; use AUTOMATIC1111 1.6 to 1.10 for this.")
+        return ldm_control(self.sd_model.model.diffusion_model, controller, calls)
+
     def _vae_dtype(self) -> torch.dtype:
         return next(self.sd_model.first_stage_model.parameters()).dtype
 

@@ -48,7 +48,7 @@ def test_extension_loads_without_errors(host_neo):
     host_neo.load_extension(REPO)
     assert host_neo.module("modules.errors").reported == []
     scripts = host_neo.module("modules.scripts")
-    assert [d.script_class.__name__ for d in scripts.scripts_data] == ["DreamArtistScript"]
+    assert [d.script_class.__name__ for d in scripts.scripts_data] == ["BaretEditScript", "DreamArtistScript"]
 
 
 def test_the_placeholder_model_counts_as_no_model(host_neo):

@@ -1,4 +1,5 @@
-"""scripts/dreamartist.py loaded as each stand-in webui loads it, and install.py run as the launcher runs it."""
+"""scripts/dreamartist.py and scripts/baret_edit.py loaded as each stand-in webui loads them, and install.py run as
+the launcher runs it."""
 from __future__ import annotations
 
 import os
@@ -41,7 +42,8 @@ def ours(host, category: str) -> list:
 
 def test_loads_like_the_webui_and_registers_its_callbacks(any_host, repo_off_path):
     modules = load_extension(any_host)
-    assert [m.__name__ for m in modules] == ["dreamartist.py"] and "dreamartist.py" not in sys.modules
+    assert [m.__name__ for m in modules] == ["baret_edit.py", "dreamartist.py"]
+    assert "dreamartist.py" not in sys.modules and "baret_edit.py" not in sys.modules
     assert (str(REPO) in sys.path) == any_host.flags.forge  # A1111 drops the root again after the load
     for category, name in CATEGORIES.items():
         (callback,) = ours(any_host, category)
@@ -50,7 +52,7 @@ def test_loads_like_the_webui_and_registers_its_callbacks(any_host, repo_off_pat
         else:
             assert callback.name is None  # 1.6 has no name= (passing it raises TypeError there)
     scripts = any_host.module("modules.scripts")
-    assert [d.script_class.__name__ for d in scripts.scripts_data] == ["DreamArtistScript"]
+    assert [d.script_class.__name__ for d in scripts.scripts_data] == ["BaretEditScript", "DreamArtistScript"]
 
 
 def test_callbacks_work_after_the_load_without_the_root_on_sys_path(any_host, repo_off_path):

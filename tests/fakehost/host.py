@@ -150,5 +150,27 @@ class FakeHost:
             p.script_args = runner.build_args(args_by_title)  # the setter runs every script's setup()
         return p
 
+    def img2img(self, init_image, script: str | None = None, **fields):
+        """An img2img processing object as the webui's img2img() builds it: the loaded scripts attached, the dropdown
+        ``script`` (a title) selected, ``script_args`` by title; saving into <root>/outputs/img2img-images."""
+        processing = self.module("modules.processing")
+        scripts = self.module("modules.scripts")
+        args_by_title = fields.pop("script_args", {})
+        p = processing.StableDiffusionProcessingImg2Img(init_images=[init_image], **fields)
+        p.scripts = scripts.scripts_img2img
+        p.script_args = p.scripts.build_args(args_by_title, selected=script)
+        return p
+
+    def run_img2img(self, p):
+        """What the webui's img2img button (or /sdapi/v1/img2img) does with ``p``: the job begins, the selected script
+        runs (else process_images), the job ends."""
+        shared = self.shared
+        shared.state.begin(job="img2img")
+        try:
+            processed = p.scripts.run(p, *p.script_args)
+            return processed if processed is not None else self.process_images(p)
+        finally:
+            shared.state.end()
+
     def process_images(self, p):
         return self.module("modules.processing").process_images(p)

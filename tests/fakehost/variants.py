@@ -30,28 +30,33 @@ class Flags:
     webui_model_on_forge_backend: bool = False
     hijack_optimizations: bool = True  # module-level sd_hijack.apply/undo_optimizations (reForge removed them)
     inplace_residuals: bool = False  # ldm_patched's blocks add residuals in place, x += n (Forge Classic)
+    # a run interrupted before its first image still gets an infotext, and Processed's infotexts default to one per
+    # image (1.10; 1.6's process_images fails on infotexts[0] there, and Processed defaults to [info])
+    empty_run_infotext: bool = False
 
 
 VARIANTS = {
     "v1.6.0": Flags("v1.6.0", "v1.6.0", alphas_follow_half=True, unet_use_checkpoint=True),
     "v1.10.1": Flags("v1.10.1", "v1.10.1", callback_name_kw=True, infotext_utils=True, before_every_sampling=True,
                      cfg_params_denoiser=True, embeddings_cast_to_input=True, extra_params_callables=True,
-                     stopping_generation=True, apply_model_always_cast=True, option_categories=True),
+                     stopping_generation=True, apply_model_always_cast=True, option_categories=True,
+                     empty_run_infotext=True),
     "forge": Flags("forge", "f2.0.1v1.10.1-previous", forge=True, callback_name_kw=True, infotext_utils=True,
                    before_every_sampling=True, cfg_params_denoiser=True, extra_params_callables=True,
-                   stopping_generation=True, option_categories=True, train_tab=False),
+                   stopping_generation=True, option_categories=True, train_tab=False, empty_run_infotext=True),
     "reforge": Flags("reforge", "f1.0.0v2-v1.10.1RC-1.10.1", callback_name_kw=True, infotext_utils=True,
                      before_every_sampling=True, cfg_params_denoiser=True, embeddings_cast_to_input=True,
                      extra_params_callables=True, stopping_generation=True, apply_model_always_cast=True,
-                     option_categories=True, webui_model_on_forge_backend=True, hijack_optimizations=False),
+                     option_categories=True, webui_model_on_forge_backend=True, hijack_optimizations=False,
+                     empty_run_infotext=True),
     "forge-classic": Flags("forge-classic", "f2.0.1v1.10.1-previous-classic", callback_name_kw=True,
                            infotext_utils=True, before_every_sampling=True, cfg_params_denoiser=True,
                            embeddings_cast_to_input=True, extra_params_callables=True, stopping_generation=True,
                            apply_model_always_cast=True, option_categories=True, webui_model_on_forge_backend=True,
                            hijack_optimizations=False, models_embeddings_dir=True, train_tab=False,
-                           inplace_residuals=True),
+                           inplace_residuals=True, empty_run_infotext=True),
     "forge-neo": Flags("forge-neo", "neo", forge=True, callback_name_kw=True, infotext_utils=True,
                        before_every_sampling=True, cfg_params_denoiser=True, extra_params_callables=True,
                        stopping_generation=True, option_categories=True, train_tab=False, hijack_modules=False,
-                       placeholder_model=True, models_embeddings_dir=True),
+                       placeholder_model=True, models_embeddings_dir=True, empty_run_infotext=True),
 }

@@ -11,8 +11,17 @@ from diffusers.models.attention_processor import Attention, AttnProcessor
 from diffusers.models.resnet import ResnetBlock2D
 
 
-class CrossAttention(Attention):
-    """ldm.modules.attention.CrossAttention: the class whose forward the webui's optimisations replace."""
+class _PlainAttention(Attention):
+    """The plain attention the webui puts back when no optimisation is chosen (hypernetwork's
+    attention_CrossAttention_forward), called as ldm calls it: ``attn(x, context=None, mask=None)``."""
+
+    def forward(self, x, context=None, mask=None, **kwargs):
+        return Attention.forward(self, x, encoder_hidden_states=context, attention_mask=mask)
+
+
+class CrossAttention(_PlainAttention):
+    """ldm.modules.attention.CrossAttention (and sgm's): the class whose forward the webui's optimisations replace;
+    to_q, to_k, to_v, to_out, heads and scale as ldm's."""
 
 
 class CheckpointFunction(torch.autograd.Function):
@@ -51,8 +60,12 @@ class BasicTransformerBlock(_DiffusersTransformerBlock):
     checkpoint = False
 
     def _forward(self, hidden_states, encoder_hidden_states=None, **kwargs):  # the same signature as forward
-        return _DiffusersTransformerBlock.forward(self, hidden_states, encoder_hidden_states=encoder_hidden_states,
-                                                  **kwargs)
+        """ldm's block (diffusers' with its default layer norms computes the same): attn1 with no context,
+        attn2 with the text, called as ldm calls its CrossAttention (``context=``)."""
+        x = hidden_states
+        x = self.attn1(self.norm1(x), context=None) + x
+        x = self.attn2(self.norm2(x), context=encoder_hidden_states) + x
+        return self.ff(self.norm3(x)) + x
 
     def forward(self, hidden_states, encoder_hidden_states=None, **kwargs):
         def run(h, c):

@@ -66,6 +66,14 @@ class StableDiffusionProcessing:
     def comment(self, text: str) -> None:
         self.comments[text] = 1
 
+    def init(self, all_prompts, all_seeds, all_subseeds) -> None:
+        pass
+
+    def save_samples(self) -> bool:
+        """As the webui's; only for objects that have a folder to save into (the UI and the API set one)."""
+        return bool(getattr(self, "outpath_samples", None)) and shared.opts.samples_save and \
+            not self.do_not_save_samples and not shared.state.interrupted
+
     def setup_prompts(self) -> None:
         count = self.batch_size * self.n_iter
         self.all_prompts = list(self.prompt) if isinstance(self.prompt, list) else count * [self.prompt]
@@ -134,9 +142,9 @@ class StableDiffusionProcessingTxt2Img(StableDiffusionProcessing):
         self.all_hr_prompts = list(hr) if isinstance(hr, list) else count * [hr]
         self.all_hr_negative_prompts = list(hr_neg) if isinstance(hr_neg, list) else count * [hr_neg]
 
-    def sample(self, conditioning, unconditional_conditioning, seeds):
-        noise = torch.stack([torch.randn(4, self.height // 8, self.width // 8,
-                                         generator=torch.Generator().manual_seed(int(s))) for s in seeds])
+    def sample(self, conditioning, unconditional_conditioning, seeds, subseeds=None, subseed_strength=0.0,
+               prompts=None):
+        noise = _noise(self, seeds)
         if FLAGS.before_every_sampling and self.scripts is not None:
             self.scripts.process_before_every_sampling(self, x=noise, noise=noise, c=conditioning,
                                                        uc=unconditional_conditioning)
@@ -156,7 +164,47 @@ class StableDiffusionProcessingTxt2Img(StableDiffusionProcessing):
         return samples
 
 
-StableDiffusionProcessingImg2Img = StableDiffusionProcessing
+def _noise(p, seeds) -> torch.Tensor:
+    return torch.stack([torch.randn(4, p.height // 8, p.width // 8, generator=torch.Generator().manual_seed(int(s)))
+                        for s in seeds])
+
+
+class StableDiffusionProcessingImg2Img(StableDiffusionProcessing):
+    """img2img: ``init`` resizes the init images (images.resize_image with the resize mode) and encodes them as the
+    webui does (the first stage's posterior *sampled*, get_first_stage_encoding); ``sample`` noises that latent to
+    the denoising strength and runs the remaining DDIM steps."""
+
+    def __init__(self, init_images=None, resize_mode=0, denoising_strength=0.75, mask=None, **kwargs):
+        super().__init__(**kwargs)
+        self.init_images, self.resize_mode, self.denoising_strength = init_images, resize_mode, denoising_strength
+        self.image_mask = mask
+        self.init_latent = None
+        self.outpath_samples = str(shared.cmd_opts.data_dir) + "/outputs/img2img-images"
+        self.color_corrections = None
+
+    def init(self, all_prompts, all_seeds, all_subseeds) -> None:
+        from modules import images
+
+        pixels = []
+        for image in self.init_images:
+            image = image.convert("RGB")
+            if self.resize_mode != 3:
+                image = images.resize_image(self.resize_mode, image, self.width, self.height)
+            pixels.append(np.moveaxis(np.array(image).astype(np.float32) / 255.0, 2, 0))
+        batch = torch.from_numpy(np.stack(pixels * self.batch_size if len(pixels) == 1 else pixels)) * 2 - 1
+        self.init_latent = self.sd_model.get_first_stage_encoding(self.sd_model.encode_first_stage(batch))
+
+    def sample(self, conditioning, unconditional_conditioning, seeds, subseeds=None, subseed_strength=0.0,
+               prompts=None):
+        steps = max(1, int(min(self.denoising_strength, 0.999) * self.steps))
+        t = sd_samplers.ddim_timesteps(self.steps)[steps - 1]
+        abar = self.sd_model.alphas_cumprod.float()[t]
+        x = abar.sqrt() * self.init_latent + (1 - abar).sqrt() * _noise(self, seeds)
+        original, self.steps = self.steps, steps
+        try:
+            return sd_samplers.sample_ddim(self, x, conditioning, unconditional_conditioning)
+        finally:
+            self.steps = original
 
 
 class Processed:
@@ -167,6 +215,8 @@ class Processed:
         self.all_prompts, self.all_negative_prompts = p.all_prompts, p.all_negative_prompts
         self.all_seeds, self.extra_generation_params = p.all_seeds, p.extra_generation_params
         self.width, self.height, self.batch_size = p.width, p.height, p.batch_size
+        if FLAGS.empty_run_infotext:
+            self.infotexts = infotexts or [info] * len(images_list)
         self.comments = "".join(f"{comment}\n" for comment in p.comments)
 
 
@@ -185,7 +235,7 @@ def create_infotext(p, all_prompts, all_seeds, all_subseeds, comments=None, iter
     all_negative_prompts = p.all_negative_prompts if all_negative_prompts is None else all_negative_prompts
     params = {"Steps": p.steps, "Sampler": p.sampler_name, "CFG scale": p.cfg_scale, "Seed": all_seeds[index],
               "Size": f"{p.width}x{p.height}", "Model hash": getattr(p.sd_model, "sd_model_hash", None),
-              **p.extra_generation_params}
+              "Denoising strength": getattr(p, "denoising_strength", None), **p.extra_generation_params}
     if FLAGS.extra_params_callables:
         for key, value in list(params.items()):
             if callable(value):
@@ -241,6 +291,7 @@ def process_images_inner(p) -> Processed:
         shared.state.job_count = p.n_iter
     grad_mode = torch.inference_mode() if FLAGS.forge or FLAGS.webui_model_on_forge_backend else torch.no_grad()
     with grad_mode, getattr(p.sd_model, "ema_scope", contextlib.nullcontext)():
+        p.init(p.all_prompts, p.all_seeds, p.all_subseeds)
         for n in range(p.n_iter):
             p.iteration = n
             if shared.state.interrupted or (FLAGS.stopping_generation and shared.state.stopping_generation):
@@ -273,15 +324,25 @@ def process_images_inner(p) -> Processed:
                 from modules import sd_models
 
                 sd_models.apply_alpha_schedule_override(p.sd_model, p)
-            images = _decode(p.sd_model, p.sample(p.c, p.uc, p.seeds))
+            samples = p.sample(conditioning=p.c, unconditional_conditioning=p.uc, seeds=p.seeds, subseeds=p.subseeds,
+                               subseed_strength=0.0, prompts=p.prompts)
+            images = _decode(p.sd_model, samples)
             if p.scripts is not None:
                 p.scripts.postprocess_batch(p, images, batch_number=n)
             for i, image in enumerate(images):
-                infotexts.append(create_infotext(p, p.all_prompts, p.all_seeds, p.all_subseeds, None, n, i))
+                text = create_infotext(p, p.all_prompts, p.all_seeds, p.all_subseeds, None, n, i)
+                if p.save_samples():
+                    from modules import images as saving
+
+                    saving.save_image(image, p.outpath_samples, "", p.seeds[i], p.prompts[i], "png", info=text, p=p)
+                infotexts.append(text)
+                image.info["parameters"] = text
                 output_images.append(image)
             extra_networks.deactivate(p, p.extra_network_data)
             shared.state.nextjob()
-    res = Processed(p, output_images, p.all_seeds[0], infotexts[0] if infotexts else "", infotexts=infotexts)
+    if not infotexts and FLAGS.empty_run_infotext:
+        infotexts.append(create_infotext(p, p.all_prompts, p.all_seeds, p.all_subseeds))
+    res = Processed(p, output_images, p.all_seeds[0], infotexts[0], infotexts=infotexts)  # 1.6: IndexError if none
     if p.scripts is not None:
         p.scripts.postprocess(p, res)
     return res

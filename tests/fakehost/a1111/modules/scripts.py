@@ -155,6 +155,7 @@ class ScriptRunner:
             script = data.script_class()
             script.filename, script.is_img2img, script.is_txt2img = data.path, is_img2img, not is_img2img
             script.tabname = "img2img" if is_img2img else "txt2img"
+            script.name = script.title().lower()
             visibility = script.show(is_img2img)
             if visibility is AlwaysVisible:
                 script.alwayson = True
@@ -164,19 +165,31 @@ class ScriptRunner:
                 self.scripts.append(script)
                 self.selectable_scripts.append(script)
 
-    def build_args(self, args_by_title: dict) -> list:
-        """script_args as the API builds them: given values by lowercased title, else each control's value."""
-        args = [None]  # index 0 selects the dropdown script; none here
-        for script in self.alwayson_scripts:
+    def build_args(self, args_by_title: dict, selected: str | None = None) -> list:
+        """script_args as the API builds them: index 0 is 1 + the index of the ``selected`` dropdown script (0: none),
+        then each script's slice (AlwaysVisible ones first): its given values by lowercased title, else each
+        control's value. As the API's slice assignment, a script given fewer values than it has controls gets
+        only those."""
+        import gradio as gr
+
+        titles = [script.title().lower() for script in self.selectable_scripts]
+        args = [titles.index(selected.lower()) + 1 if selected else 0]
+        for script in self.alwayson_scripts + self.selectable_scripts:
             values = args_by_title.get(script.title().lower())
             if values is None:
-                import gradio as gr
-
                 with gr.Blocks():
                     values = [getattr(c, "value", None) for c in (script.ui(script.is_img2img) or [])]
             script.args_from, script.args_to = len(args), len(args) + len(values)
             args.extend(values)
         return args
+
+    def run(self, p, *args):
+        """The selected dropdown script's run() with its slice of the args; None when none is selected."""
+        index = args[0]
+        if not index:
+            return None
+        script = self.selectable_scripts[index - 1]
+        return script.run(p, *args[script.args_from:script.args_to])
 
     def _run(self, hook: str, p, *extra, **kwargs) -> None:
         for script in self.alwayson_scripts:

@@ -36,7 +36,8 @@ class EmbeddingsWithFixes(torch.nn.Module):
 
 
 def list_optimizers() -> list:
-    found = [sd_hijack_optimizations.SdOptimizationSdp()] + script_callbacks.list_optimizers_callback()
+    found = [sd_hijack_optimizations.SdOptimizationSdp(), sd_hijack_optimizations.SdOptimizationDoggettx()]
+    found += script_callbacks.list_optimizers_callback()
     return sorted((o for o in found if o.is_available()), key=lambda o: o.priority, reverse=True)
 
 

@@ -54,6 +54,11 @@ if FLAGS.train_tab:  # Forge Classic removed the Train tab and its settings with
         "save_optimizer_state": OptionInfo(False, "Saves Optimizer state as separate *.optim file"),
         "training_xattention_optimizations": OptionInfo(False, "Use cross attention optimizations while training"),
     }))
+options_templates.update(options_section(("saving-images", "Saving images/grids"), {
+    "samples_save": OptionInfo(True, "Always save all generated images"),
+    "samples_format": OptionInfo("png", "File format for images"),
+    "enable_pnginfo": OptionInfo(True, "Save text information about generation parameters as chunks to png files"),
+}))
 options_templates.update(options_section(("ui", "Live previews"), {
     "live_previews_enable": OptionInfo(True, "Show live previews of the created image"),
     "show_progress_every_n_steps": OptionInfo(10, "Live preview display period"),

@@ -9,10 +9,10 @@ from ldm.models import BasicTransformerBlock as _LdmBlock
 class BasicTransformerBlock(_LdmBlock):
     def _forward(self, x, encoder_hidden_states=None, **kwargs):
         n = self.norm1(x)
-        n = self.attn1(n)
+        n = self.attn1(n, context=None)
         x += n
         n = self.norm2(x)
-        n = self.attn2(n, encoder_hidden_states=encoder_hidden_states)
+        n = self.attn2(n, context=encoder_hidden_states)
         x += n
         x = self.ff(self.norm3(x)) + x
         return x

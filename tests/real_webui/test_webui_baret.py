@@ -1,0 +1,137 @@
+"""BARET edit in real AUTOMATIC1111 webuis: the img2img script is listed, edits through /sdapi/v1/img2img with
+script_name (an image, the branch images and an infotext carrying every BARET setting, at 64 px and 4 steps),
+under the webui's default attention optimisation and under SDP, Interrupt ends an edit cleanly, and the same txt2img
+seed gives the same image afterwards. The log check is
+test_webui_extension.py's (the whole log).
+
+    DREAMARTIST_WEBUI_HARNESS=... DREAMARTIST_WEBUI_VERSIONS=1.10.1,1.6.0 DREAMARTIST_WEBUI_INSTALL=copy \\
+        .venv/bin/python -m pytest tests/real_webui/test_webui_baret.py tests/real_webui/test_webui_extension.py \\
+        -k "baret or log_has" -v
+"""
+from __future__ import annotations
+
+import io
+import json
+import threading
+import time
+
+import pytest
+from webui_harness import BASELINE, FOLLOWS, one_sentence, parse_infotext, png_base64, skip_without_harness
+
+skip_without_harness()
+
+TITLE = "BARET edit"
+STEPS = 4
+TARGET = "a green disc on a blue ground"
+# the script's arguments in order (extensions_builtin_compat.baret_script: KNOBS, then the branches checkbox)
+KNOBS = dict(alpha_start=0.7, alpha_end=0.1, rigid=False, tau_sa=0.5, sa_start=0.0, tau_ca=0.75, ca_start=0.0,
+             sa_layers="all", ca_layers="decoder", inversion_prompt="target", ttis_iterations=1, ttis_lr=0.001,
+             threshold_start=1e-05, threshold_step=2e-05, branches=True)
+INFOTEXT = {"BARET alpha start": "0.7", "BARET alpha end": "0.1", "BARET rigid": "False", "BARET tau_SA": "0.5",
+            "BARET SA start": "0.0", "BARET tau_CA": "0.75", "BARET CA start": "0.0", "BARET SA layers": "all",
+            "BARET CA layers": "decoder", "BARET inversion prompt": "target", "BARET TTIS iterations": "1",
+            "BARET TTIS lr": "0.001", "BARET threshold start": "1e-05", "BARET threshold step": "2e-05",
+            "BARET branches": "True", "Script": TITLE, "Sampler": "DDIM", "Steps": str(STEPS)}
+
+
+@pytest.fixture
+def a1111(webui):
+    if webui.version in FOLLOWS:
+        pytest.skip(f"webui {webui.version}: BARET edit needs the webui's own ldm/sgm UNet, which Forge-family hosts "
+                    "do not sample with (the script refuses there in one sentence)")
+    return webui
+
+
+def edit_request(webui, reference_image, **changes) -> dict:
+    knobs = KNOBS | changes
+    return webui.payload(TARGET, steps=STEPS, init_images=[png_base64(reference_image)], denoising_strength=0.75,
+                         script_name=TITLE, script_args=list(knobs.values()))
+
+
+def test_baret_is_listed_in_img2img_only(a1111):
+    reply = a1111.get("/sdapi/v1/scripts")
+    assert reply.status == 200, reply
+    listed = reply.json()
+    assert TITLE.lower() in listed["img2img"] and TITLE.lower() not in listed["txt2img"], listed
+
+
+def test_baret_edits_through_the_api_with_its_settings_in_the_infotext(a1111, reference_image, output_dir):
+    from PIL import Image
+
+    started = time.monotonic()
+    first = a1111.generate("img2img", edit_request(a1111, reference_image))
+    first_s = time.monotonic() - started
+    assert len(first.images) == 3, first.info  # the edit, the reconstruction and the transition
+    for data in first.images:
+        with Image.open(io.BytesIO(data)) as image:
+            assert image.size == (64, 64)
+    assert first.images[0] != first.images[1]
+    info = parse_infotext(first.infotext)
+    assert info.prompt == TARGET, first.infotext
+    assert {key: info.params.get(key) for key in INFOTEXT} == INFOTEXT, first.infotext
+    assert first.png_parameters() == first.infotext
+    # a re-edit with other alpha and tau reuses the inversion and target-text inversion
+    started = time.monotonic()
+    again = a1111.generate("img2img", edit_request(a1111, reference_image, alpha_start=0.6, tau_sa=0.3,
+                                                   branches=False))
+    again_s = time.monotonic() - started
+    assert len(again.images) == 1 and again.images[0] != first.images[0]
+    assert parse_infotext(again.infotext).params["BARET tau_SA"] == "0.3"
+    (output_dir / f"baret-{a1111.tag}.txt").write_text(f"BARET edit at 64 px, {STEPS} steps, 1 TTIS iteration: "
+                                                      f"{first_s:.1f} s; re-edit (cached inversion): {again_s:.1f} s\n")
+
+
+def test_baret_interrupt_ends_the_edit_cleanly(a1111, reference_image):
+    """Interrupt while the edit inverts (2 TTIS iterations: not in the cache, so it inverts; the progress text of an
+    earlier edit, which ends in "editing", stays in the state until the next run begins): no image, the sentence
+    as the run's infotext."""
+    replies = []
+    worker = threading.Thread(target=lambda: replies.append(
+        a1111.post("/sdapi/v1/img2img", edit_request(a1111, reference_image, ttis_iterations=2), timeout=600)))
+    worker.start()
+    seen = ""
+    deadline = time.monotonic() + 300
+    while worker.is_alive() and time.monotonic() < deadline:
+        reply = a1111.get("/sdapi/v1/progress?skip_current_image=true", timeout=30)
+        seen = (reply.json().get("textinfo") or "") if reply.status == 200 else ""
+        if "inversion" in seen:
+            assert a1111.post("/sdapi/v1/interrupt", timeout=30).status == 200
+            break
+        time.sleep(0.2)
+    worker.join()
+    assert "inversion" in seen, f"the progress API never showed the edit inverting (last: {seen!r})"
+    (reply,) = replies
+    assert reply.status == 200, reply
+    body = reply.json()
+    infotexts = json.loads(body["info"])["infotexts"]
+    assert body["images"] == [] and len(infotexts) == 1 and one_sentence(infotexts[0]), body
+    assert "stopped" in infotexts[0], infotexts
+
+
+def test_baret_edits_under_another_attention_optimisation(a1111, reference_image):
+    """The webui's default here is InvokeAI's split attention (a CPU); the same edit under SDP, set in the settings
+    (the webui re-applies the optimisation when that setting changes) and set back after."""
+    key, sdp = "cross_attention_optimization", "sdp - scaled dot product"
+    before = a1111.get("/sdapi/v1/options").json()[key]
+    assert a1111.post("/sdapi/v1/options", {key: sdp}, timeout=300).status == 200
+    try:
+        assert "Applying attention optimization: sdp... done." in a1111.log_text()
+        request = edit_request(a1111, reference_image, tau_ca=0.5, branches=False)
+        generation = a1111.generate("img2img", request)
+    finally:
+        assert a1111.post("/sdapi/v1/options", {key: before}, timeout=300).status == 200
+    assert len(generation.images) == 1, generation.info
+    assert parse_infotext(generation.infotext).params.get("BARET tau_CA") == "0.5", generation.infotext
+
+
+def test_baret_leaves_txt2img_as_it_was(a1111, reference_image):
+    """After the edits, the same seed and prompt give the same pixels as before any of them."""
+    from PIL import Image, ImageChops
+
+    a1111.generate("img2img", edit_request(a1111, reference_image, rigid=True, branches=False))
+    after = a1111.generate("txt2img", a1111.payload(**BASELINE)).images[0]
+    with Image.open(io.BytesIO(a1111.baseline)) as first, Image.open(io.BytesIO(after)) as second:
+        first, second = first.convert("RGB"), second.convert("RGB")
+        if first.tobytes() != second.tobytes():
+            changed = sum(1 for pixel in ImageChops.difference(first, second).getdata() if any(pixel))
+            pytest.fail(f"{changed} of {first.width * first.height} pixels differ from the image generated before")
