@@ -6,6 +6,7 @@ a scene are the same; the same seed always gives the same pixels.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -121,23 +122,51 @@ def dilate(mask: np.ndarray, reach: int) -> np.ndarray:
     return grown
 
 
-def render_array(scene: Scene, seed: int) -> np.ndarray:
-    """One render of ``scene`` as (64, 64, 3) uint8; the seed fixes position, size, tilt and pattern phase."""
+@dataclass(frozen=True)
+class Layout:
+    """Where a render puts its object and its pattern: what the seed fixes."""
+
+    centre: tuple[float, float]
+    radius: float
+    angle: float
+    phase: tuple[float, float]
+
+
+def layout(scene: Scene, seed: int) -> Layout:
+    """The layout ``render_array(scene, seed)`` draws (a circle is never tilted, so it draws no angle)."""
     rng = np.random.default_rng(seed)
     centre = tuple(SIZE / 2 + rng.uniform(-JITTER, JITTER, 2))
     radius = rng.uniform(*RADIUS)
     angle = 0.0 if scene.shape == "circle" else rng.uniform(-TILT, TILT)
     phase = tuple(rng.uniform(0, 24, 2))
-    covered = pattern_mask(scene.pattern, phase)[..., None]
+    return Layout(centre, radius, angle, phase)
+
+
+def draw(scene: Scene, where: Layout) -> np.ndarray:
+    """``scene`` drawn at ``where`` as (64, 64, 3) uint8; with another scene's layout, the same render edited in its
+    attributes (the object stays where it was)."""
+    covered = pattern_mask(scene.pattern, where.phase)[..., None]
     background = np.array(RGB[scene.background], dtype=np.float32)
     pixels = background * (1 - covered) + pattern_tone(scene.background) * covered
-    shape = object_mask(scene.shape, centre, radius, angle)
+    shape = object_mask(scene.shape, where.centre, where.radius, where.angle)
     body = np.asarray(shape, dtype=np.float32)[..., None] / 255
     outline = dilate(body, SUPERSAMPLE // 2)
     pixels = pixels * (1 - outline) + np.array(OUTLINE, dtype=np.float32) * outline
     pixels = pixels * (1 - body) + np.array(RGB[scene.colour], dtype=np.float32) * body
     pixels = pixels.reshape(SIZE, SUPERSAMPLE, SIZE, SUPERSAMPLE, 3).mean(axis=(1, 3))
     return np.clip(pixels + 0.5, 0, 255).astype(np.uint8)
+
+
+def coverage(shape: str, where: Layout) -> np.ndarray:
+    """The share of each of the 64x64 pixels that the object (its outline included) covers: (64, 64) in [0, 1]."""
+    body = np.asarray(object_mask(shape, where.centre, where.radius, where.angle), dtype=np.float32)[..., None] / 255
+    outline = dilate(body, SUPERSAMPLE // 2)[..., 0]
+    return outline.reshape(SIZE, SUPERSAMPLE, SIZE, SUPERSAMPLE).mean(axis=(1, 3))
+
+
+def render_array(scene: Scene, seed: int) -> np.ndarray:
+    """One render of ``scene`` as (64, 64, 3) uint8; the seed fixes position, size, tilt and pattern phase."""
+    return draw(scene, layout(scene, seed))
 
 
 def render(scene: Scene, seed: int) -> Image.Image:

@@ -1,0 +1,120 @@
+"""The toy-world editing benchmark (benchmarks/editing.py): its cases are held-out renders each edited in one
+attribute, its scores come from what was rendered, and its quick plan runs every row, resumes from its ledger and
+writes every output where it is told (a temporary folder by default)."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from dreamartist.toyworld.world import ATTRIBUTES, held_out_scenes
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def editing():
+    spec = importlib.util.spec_from_file_location("editing_benchmark", ROOT / "benchmarks" / "editing.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    try:
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        sys.modules.pop(spec.name, None)
+
+
+@pytest.fixture(scope="module")
+def classifier():
+    from dreamartist.toyworld import load_classifier
+
+    return load_classifier()
+
+
+@pytest.fixture(scope="module")
+def toy():
+    pytest.importorskip("diffusers")
+    from dreamartist.toyworld import load_backend
+
+    return load_backend(device="cpu")
+
+
+def test_the_full_plan_edits_40_held_out_renders_in_one_attribute_at_a_time(editing):
+    full = editing.cases(editing.FULL)
+    sources = {(c.source, c.seed) for c in full}
+    assert len(sources) == 40 and {c.seed for c in full} == {editing.RENDER_SEED + i for i in range(40)}
+    assert {s for s, _ in sources} <= set(held_out_scenes())
+    for attribute in editing.EDITED:
+        assert sum(c.attribute == attribute for c in full) == 40
+    for case in full:
+        changed = [a for a in ATTRIBUTES if case.source.value(a) != case.target.value(a)]
+        assert changed == [case.attribute]
+    assert full == editing.cases(editing.FULL)  # fixed: the same plan every time
+    # a smaller plan takes the same renders and targets
+    assert set(editing.cases(editing.QUICK)) <= set(full)
+
+
+def test_the_scores_are_computed_from_what_was_rendered(editing, classifier):
+    for case in editing.cases(editing.FULL)[:8]:  # two renders, every attribute
+        region = editing.kept_region(case)
+        assert 200 < region.sum() < region.size
+        source, ideal = editing.source_array(case), editing.ideal_array(case)
+        assert np.array_equal(source[region], ideal[region])  # the ideal edit leaves the kept region as it was
+        unchanged = editing.score(classifier, case, Image.fromarray(source))
+        assert unchanged["success"] == 0 and unchanged["preserved"] == 1 and unchanged["kept_share"] == 1
+        assert unchanged["region_error"] == 0 and unchanged["ideal_error"] > 0
+        perfect = editing.score(classifier, case, Image.fromarray(ideal))
+        assert perfect["success"] == 1 and perfect["preserved"] == 1 and perfect["joint"] == 1
+        assert perfect["region_error"] == 0 and perfect["ideal_error"] == 0
+        spoilt = source.copy()
+        spoilt[region] = 255 - spoilt[region]  # everything the edit must keep, inverted
+        assert editing.score(classifier, case, Image.fromarray(spoilt))["region_error"] > 50
+    # colour and shape edits keep what is outside the object; background and pattern edits the object itself
+    colour, background = editing.cases(editing.FULL)[:2]
+    assert colour.attribute == "colour" and background.attribute == "background"
+    assert not (editing.kept_region(colour) & editing.kept_region(background)).any()
+
+
+def test_the_quick_plan_runs_every_row_resumes_and_writes_its_outputs(editing, toy, classifier, tmp_path):
+    plan = editing.QUICK
+    bench = editing.Benchmark(plan, tmp_path / "work", backend=toy, classifier=classifier, log=lambda *a: None)
+    assert bench.run()
+    summary = editing.summarize(bench.ledger.records, plan)
+    editing.check_ranges(summary)  # what `python benchmarks/editing.py --quick` runs
+    assert summary["done"] == summary["cases"] == 2
+    for key in editing.rows(plan):
+        assert summary["rows"][key]["all"]["success"]["units"] == 2, key
+    for case in bench.cases:  # the unedited input and the ideal edit through the VAE keep what they should
+        assert bench.ledger.records[bench.key(case, "ideal")]["success"] == 1
+        assert bench.ledger.records[bench.key(case, "input")]["success"] == 0
+    cost = summary["cost"]
+    for lr in plan.ttis_lrs:
+        measured = cost["by_lr"][f"{lr:g}"]
+        assert measured["edit_wall_ratio"] > measured["reedit_wall_ratio"] > 0
+        runs = measured["runs"][0]
+        assert runs["plain"]["forward"] == 2 * plan.cost_steps and runs["reedit"]["backward"] == 0
+    assert "unet" not in vars(toy)  # the cost's counting wrapper is gone
+    again = editing.Benchmark(plan, tmp_path / "work", backend=toy, classifier=classifier, log=lambda *a: None)
+    assert all(not again.todo(case) for case in again.cases) and again.run()  # nothing left to do
+    assert again.ledger.records == bench.ledger.records
+    editing.write(summary, plan, tmp_path / "out", tmp_path / "work", True)
+    written = json.loads((tmp_path / "out" / "editing.json").read_text())
+    assert written["finished"] and written["summary"]["done"] == 2
+    assert "| BARET, TTIS lr 0.001 |" in (tmp_path / "out" / "editing.md").read_text()
+    for name in ("editing.png", "editing-example.png"):
+        assert Image.open(tmp_path / "out" / name).size[0] > 500
+
+
+def test_quick_writes_into_a_temporary_folder_unless_told_otherwise(editing):
+    out = editing.default_out(quick=True)
+    try:
+        assert out.is_relative_to(tempfile.gettempdir()) and out != editing.DEFAULT_OUT
+        assert editing.default_out(quick=False) == ROOT / "benchmarks" / "results"
+    finally:
+        out.rmdir()
