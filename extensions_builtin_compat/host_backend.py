@@ -97,15 +97,20 @@ def registered_in(db, embeddings: Mapping[str, object], first_id, register) -> I
                 db.ids_lookup[key] = entries
 
 
+def trainable_model(sd_model=None):
+    """``sd_model`` (default: the loaded one) when it can be trained on here; else ModelError with the reason."""
+    model = shared.sd_model if sd_model is None else sd_model
+    reason = host.host_unsupported_reason() or host.model_unsupported_reason(model)
+    if reason:
+        raise ModelError(reason)
+    return model
+
+
 class HostBackend(PatchSlot):
     """Training and sampling operations on ``shared.sd_model``; see dreamartist.backend.Backend."""
 
     def __init__(self, sd_model=None):
-        model = shared.sd_model if sd_model is None else sd_model
-        reason = host.host_unsupported_reason() or host.model_unsupported_reason(model)
-        if reason:
-            raise ModelError(reason)
-        self.sd_model = model
+        model = self.sd_model = trainable_model(sd_model)
         self.clip = model.cond_stage_model
         self.db = host.embedding_db()
         self.family = model_family(model)

@@ -12,14 +12,13 @@ import importlib
 from collections.abc import Iterator
 
 import torch
-from modules import devices, shared
+from modules import devices
 
 from dreamartist import adapters
 from dreamartist.backend import EPSILON, V_PREDICTION, Conditioning, PatchSlot, WordVectors, checked_words, frozen
 from dreamartist.errors import ModelError
 from dreamartist.families import FAMILIES
 
-from . import host
 from .host_backend import (
     MAX_INIT_TOKENS,
     attention_with_backward,
@@ -31,6 +30,7 @@ from .host_backend import (
     normal_weights,
     norms_read_copies,
     registered_in,
+    trainable_model,
 )
 
 
@@ -47,11 +47,7 @@ class ForgeBackend(PatchSlot):
     """Training operations on ``shared.sd_model`` loaded by Forge's backend; see dreamartist.backend.Backend."""
 
     def __init__(self, sd_model=None):
-        model = shared.sd_model if sd_model is None else sd_model
-        reason = host.host_unsupported_reason() or host.model_unsupported_reason(model)
-        if reason:
-            raise ModelError(reason)
-        self.sd_model = model
+        model = self.sd_model = trainable_model(sd_model)
         self.family = "sd1"
         self.image_size = FAMILIES[self.family].size
         self.engine = model.text_processing_engine
