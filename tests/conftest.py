@@ -17,3 +17,15 @@ def random_backend():
     from dreamartist.standalone import build_random_backend
 
     return build_random_backend(seed=0, device="cpu")
+
+
+@pytest.fixture
+def references():
+    """One prepared 64 px reference (an orange box), for host training tests that define none of their own."""
+    from PIL import Image
+
+    from dreamartist.images import prepare_reference
+
+    image = Image.new("RGB", (64, 64), (200, 120, 40))
+    image.paste((30, 60, 200), (16, 8, 48, 40))
+    return [prepare_reference(image, 64, 64, caption="orange box")]

@@ -8,24 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 from fakehost.checks import write_pair
-from PIL import Image
+from test_host_reforge import config
 
 from dreamartist import pairfiles
-from dreamartist.config import TrainConfig
-from dreamartist.images import prepare_reference
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture
-def references():
-    image = Image.new("RGB", (64, 64), (200, 120, 40))
-    image.paste((30, 60, 200), (16, 8, 48, 40))
-    return [prepare_reference(image, 64, 64, caption="orange box")]
-
-
-def config(**changes) -> TrainConfig:
-    return TrainConfig(**{**dict(name="walle", steps=2, width=64, height=64, init_words="robot"), **changes})
 
 
 def generate(host, enabled=True, **fields):

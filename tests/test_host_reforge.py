@@ -8,19 +8,10 @@ import numpy as np
 import pytest
 import torch
 from fakehost.checks import assert_same_state, model_state
-from PIL import Image
 from tabhelpers import load_extension
 
 from dreamartist.config import TrainConfig
 from dreamartist.errors import ModelError
-from dreamartist.images import prepare_reference
-
-
-@pytest.fixture
-def references():
-    image = Image.new("RGB", (64, 64), (200, 120, 40))
-    image.paste((30, 60, 200), (16, 8, 48, 40))
-    return [prepare_reference(image, 64, 64, caption="orange box")]
 
 
 def config(**changes) -> TrainConfig:
