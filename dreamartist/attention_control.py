@@ -21,7 +21,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Callable, Hashable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -41,6 +41,7 @@ class Site:
     step: int  # the step the driving loop set; -1 when it set none
     rows: tuple  # one label per batch row, as the driving loop set them; () when it set none
     level: int  # how many times this layer's grid is halved from the latent grid (0: latent resolution); -1 unknown
+    module: object = field(default=None, compare=False, repr=False)  # the attention layer (its to_k, to_v, heads)
 
     def row(self, label: Hashable) -> int:
         """The batch index of the row labelled ``label``."""
@@ -53,6 +54,12 @@ class Site:
 class Controller:
     """Pass-through; a method overrides what it changes. Tensors are (batch, heads, tokens, head_dim); the
     probabilities (batch, heads, query tokens, key tokens). Return new tensors rather than writing into these."""
+
+    def contexts(self, site: Site, key_context: torch.Tensor,
+                 value_context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """A cross-attention's text states, (batch, tokens, dim), before ``to_k`` and ``to_v`` project them: the
+        keys and the values may be read from different contexts (the identity mode's K/V split)."""
+        return key_context, value_context
 
     def keys_values(self, site: Site, query: torch.Tensor, key: torch.Tensor,
                     value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -159,11 +166,11 @@ class Calls:
         finally:
             self.step, self.rows = -1, ()
 
-    def site(self, layer: str, kind: str, tokens: int) -> Site:
+    def site(self, layer: str, kind: str, tokens: int, module: object = None) -> Site:
         level = -1
         if self.latent_tokens and tokens:
             level = max(round(math.log2(self.latent_tokens / tokens) / 2), 0)
-        return Site(layer, kind, self.step, self.rows, level)
+        return Site(layer, kind, self.step, self.rows, level, module)
 
 
 @contextlib.contextmanager
@@ -205,18 +212,20 @@ class DiffusersProcessor:
         if attn.group_norm is not None:
             hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
         query = attn.to_q(hidden_states)
+        site = self.calls.site(self.layer, kind, tokens, attn)
         if encoder_hidden_states is None:
-            encoder_hidden_states = hidden_states
-        elif attn.norm_cross:
-            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
-        key, value = attn.to_k(encoder_hidden_states), attn.to_v(encoder_hidden_states)
+            key_context = value_context = hidden_states
+        else:
+            if attn.norm_cross:
+                encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
+            key_context, value_context = self.controller.contexts(site, encoder_hidden_states, encoder_hidden_states)
+        key, value = attn.to_k(key_context), attn.to_v(value_context)
         head_dim = key.shape[-1] // attn.heads
         query, key, value = (x.view(batch, -1, attn.heads, head_dim).transpose(1, 2) for x in (query, key, value))
         if getattr(attn, "norm_q", None) is not None:
             query = attn.norm_q(query)
         if getattr(attn, "norm_k", None) is not None:
             key = attn.norm_k(key)
-        site = self.calls.site(self.layer, kind, tokens)
         hidden_states = attend(self.controller, site, query, key, value, mask=attention_mask)
         hidden_states = hidden_states.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim).to(query.dtype)
         hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import signal
 import sys
 from collections.abc import Iterator
@@ -34,29 +35,66 @@ def _with_default(text: str, default: object) -> str:
     return text if default in ("", None) else f"{text} (default: {default})"
 
 
-def _add_config_options(parser: argparse.ArgumentParser, fields=None, required: tuple[str, ...] = ("name",)) -> None:
-    """One option per config field (TrainConfig's unless ``fields`` are given), from its metadata."""
+TRAIN_MODES = {"pair": config_module.TrainConfig, "identity": config_module.IdentityConfig}
+
+
+def _add_config_options(parser: argparse.ArgumentParser, fields=None, required: tuple[str, ...] = ("name",),
+                        modes: dict | None = None) -> None:
+    """One option per config field (TrainConfig's unless ``fields`` are given), from its metadata. With ``modes``
+    (mode -> config class) the union of their fields, each unset unless given (the mode's class fills its default)."""
+    if modes:
+        fields = list({f.name: f for cls in modes.values() for f in dataclasses.fields(cls)}.values())
     for f in fields or config_module.fields():
         meta, flag = f.metadata, "--" + f.name.replace("_", "-")
         help_text = meta["help"] or meta["label"]
         if f.name == "template":
             help_text = "'object', 'style', or a text file with one prompt per line, each with [name]"
+        default = f.default
+        if modes:
+            defaults = {mode: field.default for mode, cls in modes.items() for field in dataclasses.fields(cls)
+                        if field.name == f.name}
+            help_text += " (" + "; ".join(f"{mode}: {_shown(value)}" for mode, value in defaults.items()) + ")"
+            default = None
         if f.type == "bool":
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default,
-                                help=_with_default(help_text, "on" if f.default else "off"))
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default,
+                                help=help_text if modes else _with_default(help_text, "on" if f.default else "off"))
         else:
             kind = {"int": int, "float": float}.get(f.type, str)
-            parser.add_argument(flag, type=kind, default=f.default, choices=meta["choices"] or None,
-                                required=f.name in required, help=_with_default(help_text, f.default or None))
+            parser.add_argument(flag, type=kind, default=default, choices=meta["choices"] or None,
+                                required=f.name in required,
+                                help=help_text if modes else _with_default(help_text, f.default or None))
+
+
+def _shown(value: object) -> str:
+    return ("on" if value else "off") if isinstance(value, bool) else repr(value) if value == "" else str(value)
+
+
+def _mode_values(args: argparse.Namespace) -> dict:
+    """The options given on the command line for ``args.mode``'s config; an option of the other mode is an error."""
+    cls = TRAIN_MODES[args.mode]
+    own = {f.name for f in dataclasses.fields(cls)}
+    every = {f.name for c in TRAIN_MODES.values() for f in dataclasses.fields(c)}
+    given = {name: getattr(args, name) for name in every if getattr(args, name, None) is not None}
+    foreign = sorted(set(given) - own)
+    if foreign:
+        flags = ", ".join("--" + name.replace("_", "-") for name in foreign)
+        raise InputError(f"{flags} {'is not an option' if len(foreign) == 1 else 'are not options'} of --mode "
+                         f"{args.mode}.")
+    return given
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="python -m dreamartist", description="DreamArtist one-shot pair training.")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    train = commands.add_parser("train", help="train NAME and NAME-neg from one image (or a folder)")
+    train = commands.add_parser("train", help="train NAME and NAME-neg from one image (or a folder); with --mode "
+                                              "identity, an identity from one face")
+    train.add_argument("--mode", choices=tuple(TRAIN_MODES), default="pair",
+                       help="pair: DreamArtist's NAME / NAME-neg; identity: Beyond Inserting's per-stage K/V tokens "
+                            "from one face image and its --mask (default: pair)")
     train.add_argument("--image", required=True, help="reference image file, or a folder of images")
-    train.add_argument("--mask", help="loss-weight mask for the image (greyscale: black 0x, mid-grey 1x, white 5x)")
-    train.add_argument("--out", default="embeddings", help="folder for the pair (default: ./embeddings)")
+    train.add_argument("--mask", help="pair: loss-weight mask for the image (greyscale: black 0x, mid-grey 1x, white "
+                                      "5x); identity: the face region, white (required)")
+    train.add_argument("--out", default="embeddings", help="folder for the pair or identity (default: ./embeddings)")
     train.add_argument("--ckpt", help="SD 1.x / 2.x / SDXL checkpoint (.safetensors, .ckpt); default: the built-in "
                                       "toy-world model")
     _add_prediction_option(train)
@@ -65,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
                             "as embeddings (default: ./previews)")
     train.add_argument("--final-preview", action=argparse.BooleanOptionalAction, default=True,
                        help="sample a preview grid after the last step (default: on)")
-    _add_config_options(train)
+    _add_config_options(train, modes=TRAIN_MODES)
     generate = commands.add_parser("generate", help="sample with pairs: NAME-neg joins the negative prompt")
     generate.add_argument("--prompt", required=True, help="the prompt; (word:1.2), [word] and BREAK as in the webui")
     generate.add_argument("--negative", default="", help="negative prompt")
@@ -173,15 +211,16 @@ def _soft_interrupt() -> Iterator[list[bool]]:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
-
     from . import fileops, pairfiles
     from .images import load_references
     from .templates import read_template_file
     from .trainer import Trainer, resumable_pair
 
-    values = {f.name: getattr(args, f.name) for f in config_module.fields()}
-    values["template"] = read_template_file(args.template)
+    values = _mode_values(args)
+    if args.mode == "identity":
+        return cmd_train_identity(args, values)
+    if "template" in values:
+        values["template"] = read_template_file(values["template"])
     config = config_module.TrainConfig(**values)
     if args.mask and not Path(args.mask).exists():
         raise InputError(f"The mask {args.mask} does not exist.")
@@ -204,6 +243,45 @@ def cmd_train(args: argparse.Namespace) -> int:
     references = load_references(args.image, *config.size_for(backend.image_size), mask_path=args.mask,
                                  vae_scale=backend.vae_scale)
 
+    return _run(Trainer, backend, config, references, out, previews, args.final_preview,
+                f"Use it: put {config.name} in the prompt; {config.name}-neg goes to the negative prompt (the webui "
+                "extension does this for you).")
+
+
+def cmd_train_identity(args: argparse.Namespace, values: dict) -> int:
+    from . import fileops, identityfiles
+    from .identity_training import IdentityTrainer
+    from .images import face_reference
+    from .templates import read_template_file
+
+    if "template" in values and "[name]" not in values["template"]:
+        values["template"] = read_template_file(values["template"])
+    config = config_module.IdentityConfig(**values)
+    if not args.mask:
+        raise InputError("Identity mode needs the face region: give --mask, an image white on the face and black "
+                         "elsewhere (the same size as --image).")
+    face_reference(args.image, args.mask, *config.size_for(FAMILIES["sd1"].size))  # checked before the model loads
+    out, previews = Path(args.out), Path(args.previews)
+    if config.resume and not identityfiles.path_of(out, config.name).is_file():
+        raise InputError(f"There is no identity {config.name} to resume in {out}; leave out --resume to train a new "
+                         "one.")
+    fileops.check_writable(out, 1 << 20)
+    fileops.recover_folder(out)
+    if config.preview_every or args.final_preview:
+        fileops.make_folder(previews)
+    backend = _load_backend(args.ckpt, args.prediction_type, args.precision)
+    references = [face_reference(args.image, args.mask, *config.size_for(backend.image_size), backend.vae_scale)]
+    return _run(IdentityTrainer, backend, config, references, out, previews, args.final_preview,
+                f"Use it: put {config.name} in a prompt and generate with --embeddings {out} (the webui extension "
+                "applies it in txt2img and img2img).")
+
+
+def _run(trainer_class, backend, config, references, out: Path, previews: Path, final_preview: bool,
+         usage: str) -> int:
+    """One run with a progress bar, previews saved as they come and Ctrl-C handled, then what it wrote and ``usage``;
+    returns the exit status."""
+    from tqdm import tqdm
+
     bar = None
 
     def progress(p) -> None:
@@ -216,7 +294,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             p.preview.save(previews / f"{config.name}-step{p.step:05d}.png")
 
     with _soft_interrupt() as stop:
-        trainer = Trainer(backend, config, references, out, on_progress=progress, should_stop=lambda: stop[0])
+        trainer = trainer_class(backend, config, references, out, on_progress=progress, should_stop=lambda: stop[0])
         try:
             result = trainer.run()
         finally:
@@ -228,13 +306,11 @@ def cmd_train(args: argparse.Namespace) -> int:
         print("Stopped before the first step; nothing was written.")
         return EXIT_INTERRUPTED
     written = [str(f) for f in result.files]
-    if args.final_preview and not result.stopped:
+    if final_preview and not result.stopped:
         written.append(str(_final_preview(trainer, previews / f"{config.name}-final.png")))
-    state = "stopped early" if result.stopped else "done"
-    print(f"{state}: step {result.step}, loss {result.final_loss:.4f}")
+    print(f"{'stopped early' if result.stopped else 'done'}: step {result.step}, loss {result.final_loss:.4f}")
     print(f"wrote {', '.join(written)} (and {config.name}.dreamartist-state, the optimiser state for --resume)")
-    print(f"Use it: put {config.name} in the prompt; {config.name}-neg goes to the negative prompt "
-          "(the webui extension does this for you).")
+    print(usage)
     return EXIT_INTERRUPTED if result.stopped else 0
 
 
@@ -243,7 +319,7 @@ def _final_preview(trainer, path: Path) -> Path:
 
     from .trainer import PREVIEW_STEPS
 
-    count = len(trainer.objective.preview_prompts())
+    count = min(len(trainer.config.template_lines), 4)
     with tqdm(total=count * PREVIEW_STEPS, desc="preview", unit="step") as bar:
         trainer.preview(on_step=lambda: bar.update(1)).save(path)
     return path
@@ -277,7 +353,7 @@ def _check_generate_args(args: argparse.Namespace) -> None:
 def cmd_generate(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from . import fileops, pairfiles
+    from . import fileops, identityfiles, pairfiles
     from .fileops import walk_files
     from .images import parameters_png_info
     from .pairing import add_partners
@@ -290,8 +366,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
         fileops.recover_folder(folder)
     files: dict[str, list[Path]] = {}
     for path in walk_files(folder) if folder else ():
-        if path.suffix.lower() in pairfiles.LOADABLE_EXTS:
+        if path.suffix.lower() in pairfiles.LOADABLE_EXTS and not path.name.endswith(identityfiles.SUFFIX):
             files.setdefault(path.stem, []).append(path)
+    identity_files = identityfiles.list_identities(folder) if folder else {}
     backend = _load_backend(args.ckpt, args.prediction_type, args.precision)
     args.width, args.height = (side or backend.image_size for side in (args.width, args.height))
     tokenize, ids = backend.token_ids, backend.special_ids
@@ -303,10 +380,17 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.adapters == "DA++":  # phi^n replaces S^n for the pairs that have adapters
         partners = {name: partner for name, partner in partners.items() if name not in with_adapters}
     negative, added = add_partners(args.prompt, args.negative, partners, tokenize, **ids)
-    finder = WordFinder({name: 1 for name in files}, tokenize)
-    words = {}
+    finder = WordFinder({name: 1 for name in [*files, *identity_files]}, tokenize)
+    words, identities = {}, {}
     for name, _ in words_used(args.prompt, tokenize, finder, **ids) + words_used(negative, tokenize, finder, **ids):
         if name in words:
+            continue
+        if name in identity_files and name not in files:
+            identity = identityfiles.load_identity(identity_files[name])
+            identityfiles.check_compatible(identity, backend.embedding_dims)
+            identities[name] = identityfiles.IdentityTokens(
+                {k: v.to(backend.device) for k, v in identity.tokens.tokens.items()})
+            words[name] = identities[name].vectors(0, 0)  # a carrier: each step puts its stage's tokens there
             continue
         if len(files[name]) > 1:
             raise InputError(f"Several files are named {name}: {', '.join(map(str, files[name]))}; keep one.")
@@ -319,8 +403,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     with tqdm(total=args.steps, desc="sampling", unit="step") as bar:
         images = sample(backend, args.prompt, negative, words, guidance=args.cfg, steps=args.steps, width=args.width,
                         height=args.height, seed=args.seed, batch=args.batch, on_step=lambda i, n: bar.update(1),
-                        patches=patches, labels=labels)
-    used = list(dict.fromkeys(added + sorted(with_adapters)))
+                        patches=patches, labels=labels, identities=identities)
+    used = list(dict.fromkeys(added + sorted(with_adapters) + sorted(identities)))
     parameters = (f"{args.prompt}\nNegative prompt: {negative}\nSteps: {args.steps}, Sampler: DDIM, CFG scale: "
                   f"{args.cfg}, Seed: {args.seed}, Size: {args.width}x{args.height}, Model hash: "
                   f"{backend.model_hash}, Model: {backend.model_name}"

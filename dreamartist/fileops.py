@@ -15,7 +15,7 @@ import os
 import re
 import secrets
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from filelock import FileLock, Timeout
@@ -136,6 +136,26 @@ def commit(folder: Path, name: str, moves: list[tuple[Path, Path]], removals: li
     for backup in backups.values():
         remove_quietly(backup)
     _sync_folder(folder)
+
+
+def write_together(folder: Path, name: str, payloads: list[tuple[Path, bytes]],
+                   check: Callable[[Path, Path, bytes], None] | None = None,
+                   stale: Callable[[list[Path]], list[Path]] | None = None) -> None:
+    """Write every (target, payload) into ``folder`` as one ``commit`` of run ``name``: all appear, or nothing changes.
+    ``check(temporary file, target, payload)`` may read each written file back and raise before anything is moved;
+    ``stale(targets)`` lists files to remove in the same commit. The caller holds ``pair_lock``."""
+    make_folder(folder)
+    temps: list[Path] = []
+    try:
+        for target, payload in payloads:
+            temps.append(write_temp(folder, name, payload))
+            if check is not None:
+                check(temps[-1], target, payload)
+        targets = [target for target, _ in payloads]
+        commit(folder, name, list(zip(temps, targets)), stale(targets) if stale is not None else [])
+    finally:
+        for tmp in temps:
+            remove_quietly(tmp)
 
 
 def _apply(folder: Path, record: dict) -> None:

@@ -112,6 +112,27 @@ def prepare_reference(image: Image.Image, width: int, height: int, mask: Image.I
                      crop_top_left=(round(box[1] * scale), round(box[0] * scale)))
 
 
+FACE_MARGIN = 1.6  # the framed square's side over the face region's longer side: a face photo's framing
+
+
+def face_reference(image: str | Path | bytes | Image.Image, mask: str | Path | bytes | Image.Image, width: int,
+                   height: int, vae_scale: int = 8) -> Reference:
+    """Identity mode's reference: the face region (the white of ``mask``) framed as the paper's face photos, the
+    square of FACE_MARGIN times the region's longer side centred on it (kept inside the image), then scaled."""
+    image = load_image(image)
+    grey = load_image(mask, mask=True).convert("L")
+    if grey.size != image.size:
+        grey = grey.resize(image.size, Image.Resampling.BILINEAR)
+    rows, columns = np.nonzero(np.asarray(grey) > 127)
+    if rows.size == 0:
+        raise InputError("The face mask has no white area; paint the face white and leave the rest black.")
+    side = min(max(np.ptp(columns) + 1, np.ptp(rows) + 1) * FACE_MARGIN, *image.size)
+    left = float(np.clip((columns.min() + columns.max() + 1 - side) / 2, 0, image.width - side))
+    top = float(np.clip((rows.min() + rows.max() + 1 - side) / 2, 0, image.height - side))
+    framed = image.crop((round(left), round(top), round(left + side), round(top + side)))
+    return prepare_reference(framed, width, height, vae_scale=vae_scale)
+
+
 def parameters_png_info(parameters: str) -> PngInfo:
     """A PNG "parameters" text chunk, where the webui writes (and its PNG Info tab reads) generation settings."""
     info = PngInfo()

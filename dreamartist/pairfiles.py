@@ -24,7 +24,7 @@ from safetensors.torch import save as safetensors_bytes
 
 from .errors import InputError, NameTaken
 from .families import SINGLE_ENCODER_BY_WIDTH, describe, family_of
-from .fileops import commit, make_folder, remove_quietly, walk_files, write_temp
+from .fileops import walk_files, write_together
 from .names import negative_name, validate_name
 
 FORMAT_VERSION = 1
@@ -170,19 +170,8 @@ def save_pair(folder: str | Path, name: str, pos: Mapping[str, torch.Tensor], ne
         tensors = {f"{group}/{key}": _plain_tensor(t) for group, named in adapters.items() for key, t in named.items()}
         metadata = {f"{_RECORD_KEY}.{k}": str(v) for k, v in common.items()} | {f"{_RECORD_KEY}.name": name}
         payloads.append((folder / f"{name}{ADAPTERS_SUFFIX}", safetensors_bytes(tensors, metadata=metadata)))
-    make_folder(folder)
-    temps: list[Path] = []
-    try:
-        for target, payload in payloads:
-            temps.append(write_temp(folder, name, payload))
-            if payload.startswith(b"PK"):  # a torch file (a zip): read it back the way it will be read
-                _torch_load(temps[-1], target.name)
-        targets = [target for target, _ in payloads]
-        stale = [f for f in own_files(folder, name) if _replaced_by_none_of(f, targets)]
-        commit(folder, name, list(zip(temps, targets)), stale)
-    finally:
-        for tmp in temps:
-            remove_quietly(tmp)
+    write_together(folder, name, payloads, check=read_back,
+                   stale=lambda targets: [f for f in own_files(folder, name) if _replaced_by_none_of(f, targets)])
     return [target for target, _ in payloads[:2]]
 
 
@@ -296,12 +285,27 @@ def _serialize(fmt: str, name: str, vectors: dict[str, torch.Tensor], meta: Pair
         tensors = vectors if sdxl else {"emb_params": next(iter(vectors.values()))}
         metadata = {f"{_RECORD_KEY}.{k}": str(v) for k, v in meta.to_record().items()}
         return safetensors_bytes(tensors, metadata=metadata)
-    if sdxl:
-        data: dict[str, Any] = dict(vectors)
-    else:
-        data = {"string_to_token": dict(_WEBUI_TOKEN), "string_to_param": {"*": next(iter(vectors.values()))},
-                "name": name, "step": meta.step, "sd_checkpoint": checkpoint_hash or None,
-                "sd_checkpoint_name": checkpoint_name or None, _RECORD_KEY: meta.to_record()}
+    return embedding_bytes(name, vectors, checkpoint_hash, checkpoint_name, meta.step, meta.to_record())
+
+
+def read_back(written: Path, target: Path, payload: bytes) -> None:
+    """A torch file (a zip) read back the way it will be read (the webui's safe loader; resuming): a file they would
+    refuse is never committed."""
+    if payload.startswith(b"PK"):
+        _torch_load(written, target.name)
+
+
+def embedding_bytes(name: str, vectors: Mapping[str, torch.Tensor], checkpoint_hash: str = "",
+                    checkpoint_name: str = "", step: int = 0, record: Mapping[str, Any] | None = None) -> bytes:
+    """One ordinary textual-inversion ``.pt`` the webui reads without this extension (SDXL: the two tensors only)."""
+    vectors = _plain(vectors, name)
+    if family_of(vectors).key == "sdxl":
+        return _torch_bytes(dict(vectors))
+    data = {"string_to_token": dict(_WEBUI_TOKEN), "string_to_param": {"*": next(iter(vectors.values()))},
+            "name": name, "step": step, "sd_checkpoint": checkpoint_hash or None,
+            "sd_checkpoint_name": checkpoint_name or None}
+    if record is not None:
+        data[_RECORD_KEY] = dict(record)
     return _torch_bytes(data)
 
 

@@ -92,13 +92,18 @@ class Trainer:
         self.on_progress = on_progress or (lambda progress: None)
         self.should_stop = should_stop or (lambda: False)
         self.existing_names = {n.lower() for n in existing_names}
-        self.objective = DreamArtistObjective(backend, config)
+        self.objective = self.make_objective()
         self.width, self.height = config.size_for(backend.image_size)
         self.name = config.name
         self.step, self.losses, self.notes = 0, [], []
         self.saved_files: list[Path] = []
         self.saved_step = 0
         self._check_references()
+
+    kind = "pair"  # what the run writes, in its messages
+
+    def make_objective(self):
+        return DreamArtistObjective(self.backend, self.config)
 
     # -- before the first step --------------------------------------------------------------------------
     def _check_references(self) -> None:
@@ -149,12 +154,8 @@ class Trainer:
     def _resume(self, fresh: Params) -> tuple[Params, Params | None, dict | None]:
         """The saved pair (and its adapters) as the run's starting point. A group this run adds starts fresh, a
         group it drops is left out; a group whose shapes changed (vector count, adapter rank) is refused."""
-        pos_file, neg_file = resumable_pair(self.out_dir, self.name)
-        for file in (pos_file, neg_file):
-            pairfiles.check_compatible(file.vectors, self.backend.embedding_dims, file.path)
-        saved = {POS: pos_file.vectors, NEG: neg_file.vectors, **(pairfiles.load_adapters(self.out_dir, self.name)
-                                                                   or {})}
-        self.step = self.saved_step = int(pos_file.step or 0)
+        saved, self.step = self.saved_values()
+        self.saved_step = self.step
         if self.step >= self.config.steps:
             raise InputError(f"{self.name} has already been trained for {self.step} steps; ask for more than "
                              f"{self.step} steps to continue it.")
@@ -183,6 +184,14 @@ class Trainer:
             self._check_shapes(group, saved[group], tensors)
             live[group] = saved[group]
         return live, ema, state
+
+    def saved_values(self) -> tuple[Params, int]:
+        """The groups the saved files hold, and their step."""
+        pos_file, neg_file = resumable_pair(self.out_dir, self.name)
+        for file in (pos_file, neg_file):
+            pairfiles.check_compatible(file.vectors, self.backend.embedding_dims, file.path)
+        adapters = pairfiles.load_adapters(self.out_dir, self.name) or {}
+        return {POS: pos_file.vectors, NEG: neg_file.vectors, **adapters}, int(pos_file.step or 0)
 
     def _check_shapes(self, group: str, saved: dict[str, torch.Tensor], fresh: dict[str, torch.Tensor]) -> None:
         if group in (POS, NEG):
@@ -289,7 +298,7 @@ class Trainer:
         if not self.saved_files:
             return " Nothing was saved yet."
         names = " and ".join(f.name for f in self.saved_files)
-        return f" The last good pair (step {self.saved_step}) is {names} in {self.out_dir}."
+        return f" The last good {self.kind} (step {self.saved_step}) is {names} in {self.out_dir}."
 
     # -- the run -----------------------------------------------------------------------------------------
     def run(self) -> TrainResult:
@@ -298,11 +307,14 @@ class Trainer:
             stopped, preview = self._loop()
         return self.result(stopped, preview)
 
+    def check_resumable(self) -> None:
+        resumable_pair(self.out_dir, self.name)
+
     def open(self, stack: contextlib.ExitStack) -> None:
         """Everything before the first step, kept open on ``stack``: the pair's lock, a finished save, the
         checks, the parameters, the model frozen for training and the references' latents."""
         if self.config.resume:
-            resumable_pair(self.out_dir, self.name)  # before the lock, which would make the folder
+            self.check_resumable()  # before the lock, which would make the folder
         stack.enter_context(fileops.pair_lock(self.out_dir, self.name))
         fileops.recover(self.out_dir, self.name)
         self._check_output()
@@ -358,7 +370,7 @@ class Trainer:
             self.save()
         except OSError as error:
             why = error.strerror or error
-            raise TrainingStopped(f"Saving the pair at step {self.step} failed ({why}).{self._kept()} Free some "
+            raise TrainingStopped(f"Saving the {self.kind} at step {self.step} failed ({why}).{self._kept()} Free some "
                                   "space or choose another folder, then resume.") from None
 
     def _stop_with(self, what: str, advice: str) -> None:

@@ -229,8 +229,7 @@ def test_a_full_disk_keeps_the_last_good_pair_and_says_where(photo, tmp_path, ca
             raise OSError(28, "No space left on device")
         return real(folder, name, payload)
 
-    monkeypatch.setattr(fileops, "write_temp", filling_up)
-    monkeypatch.setattr("dreamartist.pairfiles.write_temp", filling_up)
+    monkeypatch.setattr(fileops, "write_temp", filling_up)  # every save writes through it
     out = tmp_path / "emb"
     code, _, err = run(["train", "--image", photo, "--name", "walle", "--out", out, "--save-every", "1",
                         "--steps", "3", "--width", "64", "--height", "64"], capsys)

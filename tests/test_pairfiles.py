@@ -14,7 +14,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from dreamartist import fileops, pairfiles
+from dreamartist import fileops
 from dreamartist.errors import InputError, PairBusy
 from dreamartist.families import family_of
 from dreamartist.pairfiles import (
@@ -292,7 +292,7 @@ def test_overwrite_replaces_a_link_not_what_it_points_to(tmp_path):
 
 
 def test_failed_second_write_leaves_nothing(tmp_path, monkeypatch):
-    real = pairfiles.write_temp
+    real = fileops.write_temp
     calls = []
 
     def failing(folder, name, payload):
@@ -301,7 +301,7 @@ def test_failed_second_write_leaves_nothing(tmp_path, monkeypatch):
             raise OSError("disk full")
         return real(folder, name, payload)
 
-    monkeypatch.setattr(pairfiles, "write_temp", failing)
+    monkeypatch.setattr(fileops, "write_temp", failing)
     with pytest.raises(OSError, match="disk full"):
         save_pair(tmp_path / "emb", "walle", _vectors(3), _vectors(3))
     assert len(calls) == 2 and _listing(tmp_path / "emb") == []

@@ -8,7 +8,7 @@ import torch
 
 from dreamartist.toyworld.intervals import bootstrap, paired
 from dreamartist.toyworld.ledger import Ledger
-from dreamartist.toyworld.metrics import edit_scores, faithful, share
+from dreamartist.toyworld.metrics import edit_scores, faithful, identity_scores, share
 from dreamartist.toyworld.world import VALUES, Scene
 
 STAR = Scene("star", "purple", "yellow", "dotted")
@@ -18,6 +18,16 @@ def reads(*scenes: tuple[str, str, str, str]) -> torch.Tensor:
     """What the classifier returns for images it reads as these (shape, colour, background, pattern)."""
     return torch.tensor([[VALUES[a].index(v) for a, v in zip(("shape", "colour", "background", "pattern"), s)]
                          for s in scenes])
+
+
+def test_an_identity_keeps_its_shape_always_and_its_colour_unless_another_is_asked():
+    read = reads(("star", "purple", "green", "plain"),   # the identity, the asked green background
+                 ("star", "blue", "green", "plain"),     # the shape without its colour
+                 ("heart", "purple", "green", "plain"))  # the colour without its shape
+    assert identity_scores(read, STAR) == {"identity": [True, False, False], "followed": [True, False, False]}
+    assert identity_scores(read, STAR, "background", "green")["followed"] == [True, False, False]
+    recoloured = identity_scores(read, STAR, "colour", "blue")  # the asked colour replaces the identity's own
+    assert recoloured == {"identity": [True, True, False], "followed": [False, True, False]}
 
 
 def test_an_image_is_faithful_only_with_the_concepts_shape_and_colour():

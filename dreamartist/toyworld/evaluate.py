@@ -1,6 +1,7 @@
 """Prompt-following of the toy model, scored by the attribute classifier (the base-model bar of the model card)."""
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -43,3 +44,10 @@ def scene_accuracy(backend: Backend, classifier, scenes: Sequence[Scene], guidan
     scores = {a: round(float(h) / total, 4) for a, h in zip(ATTRIBUTES, hits)}
     scores["all"] = round(whole / total, 4)
     return scores
+
+
+def unit_noise(unit: tuple[int, int], prompt: int, samples: int, shape: tuple[int, ...]) -> torch.Tensor:
+    """The starting noise of a benchmark unit's prompt: the same for every method, checkpoint and CFG."""
+    digest = hashlib.sha256(f"{unit}:{prompt}".encode()).digest()
+    generator = torch.Generator().manual_seed(int.from_bytes(digest[:7], "big"))
+    return torch.randn((samples, *shape), generator=generator)

@@ -47,3 +47,15 @@ def edit_scores(read: torch.Tensor, reference: Scene, attribute: str, value: str
 def share(flags: Sequence[bool]) -> float:
     """The share of true flags; NaN for none (a leak over no faithful image is not zero, it is unknown)."""
     return sum(flags) / len(flags) if flags else math.nan
+
+
+def identity_scores(read: torch.Tensor, reference: Scene, attribute: str | None = None,
+                    value: str | None = None) -> dict[str, list[bool]]:
+    """Identity mode's reading, per image of a prompt asking ``attribute`` = ``value`` (None: nothing asked): the
+    identity is the reference's shape, kept in every prompt, and its colour, kept unless the prompt asks another;
+    followed = the identity kept AND the asked value shown."""
+    kept = shows(read, "shape", reference.shape)
+    if attribute != "colour":
+        kept = kept & shows(read, "colour", reference.colour)
+    followed = kept & shows(read, attribute, value) if attribute else kept
+    return {"identity": kept.tolist(), "followed": followed.tolist()}
