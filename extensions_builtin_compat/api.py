@@ -1,13 +1,16 @@
-"""HTTP API (webui started with --api): POST /dreamartist/v1/train and GET /dreamartist/v1/pairs.
+"""HTTP API (webui started with --api): POST /dreamartist/v1/train, GET /dreamartist/v1/pairs and
+GET /dreamartist/v1/identities.
 
 The train call blocks until training ends, like /sdapi/v1/train/embedding, waiting its turn in the webui's GPU
-queue. The body is read as plain JSON and validated by TrainConfig.from_dict, so the module works with the
+queue. It trains a pair, or with "mode": "identity" an identity (a face image and its face mask). The body is read
+as plain JSON and validated by TrainConfig.from_dict (IdentityConfig.from_dict), so the module works with the
 pydantic 1 / fastapi 0.94 of A1111 and the pydantic 2 / fastapi 0.10x of Forge alike. Everything that can be
 checked is checked before the request waits: the JSON, every option, the images' sizes from their headers (the
 pixels are decoded only once it is this request's turn). Every problem is an HTTP error whose JSON "detail" is
 one sentence per problem (the webui's API error handlers, which serve every route of the app, add "error",
 "body" and "errors" beside it): 409 when the name is taken or another run holds it, other 4xx for a bad request,
-5xx for a failure; never a 200 carrying an error. Responses name files, never server paths.
+501 when this webui cannot train that mode, 503 when the loaded model cannot, other 5xx for a failure; never a 200
+carrying an error. Responses name files, never server paths.
 """
 from __future__ import annotations
 
@@ -23,15 +26,16 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.security import HTTPBasic, HTTPBasicCredentials
 from modules import call_queue, shared
 
-from dreamartist.config import TrainConfig
+from dreamartist.config import IdentityConfig, TrainConfig
 from dreamartist.errors import DreamArtistError, InputError, ModelError, NameTaken, PairBusy
-from dreamartist.images import MAX_IMAGE_BYTES, check_image_bytes, load_image, prepare_reference
+from dreamartist.images import MAX_IMAGE_BYTES, check_image_bytes, face_reference, load_image, prepare_reference
 from dreamartist.names import negative_name
 
-from . import embeddings, host, jobs
+from . import embeddings, host, identities, jobs
 
 PREFIX = "/dreamartist/v1"
 MAX_BODY_BYTES = 3 * MAX_IMAGE_BYTES  # an image and a mask in base64, with room to spare
+MODES = {"pair": TrainConfig, "identity": IdentityConfig}
 log = logging.getLogger("dreamartist")
 
 
@@ -66,27 +70,45 @@ async def _json_object(request: Request) -> dict:
 
 
 async def train(request: Request) -> dict:
-    """Train a pair from one reference image; returns the files written and the final loss."""
+    """Train a pair (or an identity) from one reference image; returns the files written and the final loss."""
     fields = await _json_object(request)
     try:
+        mode = fields.pop("mode", "pair")
+        if not isinstance(mode, str) or mode not in MODES:
+            raise InputError(f"'mode' must be {' or '.join(MODES)}; got {mode!r}.")
         image = image_bytes(fields.pop("image", None), "image")
         mask_data = fields.pop("mask", None)
+        if mask_data is None and mode == "identity":
+            raise InputError("Identity mode needs 'mask': the face region painted white on black, as a base64 image.")
         mask = image_bytes(mask_data, "mask") if mask_data is not None else None
-        config = TrainConfig.from_dict(fields)
+        config = MODES[mode].from_dict(fields)
     except InputError as e:
         raise HTTPException(status_code=422, detail=str(e)) from None
-    unavailable = host.host_unsupported_reason() or host.adapters_unsupported_reason(config.adapters)
+    unavailable = host.host_unsupported_reason() or _mode_unsupported_reason(config)
     if unavailable:
         raise HTTPException(status_code=501, detail=unavailable)
     return await run_in_threadpool(_train_in_turn, config, image, mask)
 
 
-def _train_in_turn(config: TrainConfig, image: bytes, mask: bytes | None) -> dict:
+def _mode_unsupported_reason(config: TrainConfig | IdentityConfig) -> str | None:
+    """Why this webui cannot train ``config``'s mode, checked before the request waits; the loaded model is judged in
+    its turn (jobs.run_training)."""
+    if isinstance(config, IdentityConfig):
+        return host.identity_unsupported_reason()
+    return host.adapters_unsupported_reason(config.adapters)
+
+
+def _references(config: TrainConfig | IdentityConfig, image: bytes, mask: bytes | None) -> list:
+    size = jobs.training_size(config)
+    if isinstance(config, IdentityConfig):
+        return [face_reference(image, mask, *size)]
+    return [prepare_reference(load_image(image), *size, mask=load_image(mask, mask=True) if mask is not None else None)]
+
+
+def _train_in_turn(config: TrainConfig | IdentityConfig, image: bytes, mask: bytes | None) -> dict:
     try:
         with call_queue.queue_lock:
-            references = [prepare_reference(load_image(image), *jobs.training_size(config),
-                                            mask=load_image(mask, mask=True) if mask is not None else None)]
-            result = jobs.run_training(config, references)
+            result = jobs.run_training(config, _references(config, image, mask))
     except (NameTaken, PairBusy) as e:
         raise HTTPException(status_code=409, detail=str(e)) from None
     except InputError as e:
@@ -98,13 +120,23 @@ def _train_in_turn(config: TrainConfig, image: bytes, mask: bytes | None) -> dic
     except Exception as e:
         log.exception("DreamArtist training failed")
         raise HTTPException(status_code=500, detail=f"Training failed: {type(e).__name__}: {e}") from None
-    return {"name": config.name, "negative_name": negative_name(config.name), "files": [f.name for f in result.files],
-            "final_loss": result.final_loss, "steps": result.step, "stopped": result.stopped, "notes": result.notes}
+    files = [f.name for f in result.files]
+    if isinstance(config, IdentityConfig):
+        names = {"name": config.name, "identity": files[0]}  # the identity file comes first
+    else:
+        names = {"name": config.name, "negative_name": negative_name(config.name)}
+    return {**names, "files": files, "final_loss": result.final_loss, "steps": result.step, "stopped": result.stopped,
+            "notes": result.notes}
 
 
 def pairs() -> dict:
     """The DreamArtist pairs the webui knows (positive names; each has NAME-neg beside it)."""
     return {"pairs": embeddings.pairs()}
+
+
+def identities_list() -> dict:
+    """The identities in the webui's identities folder."""
+    return {"identities": identities.saved_names()}
 
 
 def _auth_dependencies() -> list:
@@ -127,6 +159,7 @@ def register(app: FastAPI) -> None:
     dependencies = _auth_dependencies()
     app.add_api_route(f"{PREFIX}/train", train, methods=["POST"], dependencies=dependencies)
     app.add_api_route(f"{PREFIX}/pairs", pairs, methods=["GET"], dependencies=dependencies)
+    app.add_api_route(f"{PREFIX}/identities", identities_list, methods=["GET"], dependencies=dependencies)
 
 
 def on_app_started(demo, app: FastAPI) -> None:

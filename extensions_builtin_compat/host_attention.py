@@ -62,7 +62,10 @@ def controlled_forward(module: torch.nn.Module, layer: str, controller: Controll
         batch, tokens, _ = x.shape
         heads = module.heads
         query = module.to_q(x)
+        site = calls.site(layer, kind, tokens, module)
         context_k, context_v = contexts(x if context is None else context)
+        if kind == CROSS:
+            context_k, context_v = controller.contexts(site, context_k, context_v)
         key, value = module.to_k(context_k), module.to_v(context_v)
         head_dim = query.shape[-1] // heads
         query, key, value = (t.reshape(batch, -1, heads, head_dim).transpose(1, 2) for t in (query, key, value))
@@ -71,7 +74,6 @@ def controlled_forward(module: torch.nn.Module, layer: str, controller: Controll
             query, key, value = query.float(), key.float(), value.float()
         if mask is not None:  # ldm's (batch, ...) key mask, broadcast over heads and queries
             mask = mask.reshape(batch, 1, 1, -1)
-        site = calls.site(layer, kind, tokens)
         out = attend(controller, site, query, key, value, scale=getattr(module, "scale", None), mask=mask)
         out = out.transpose(1, 2).reshape(batch, tokens, heads * head_dim).to(dtype)
         for part in module.to_out:  # ldm's Sequential(Linear, Dropout)

@@ -1,4 +1,5 @@
-"""A training run as a webui job: progress and previews through shared.state, stopped by its Interrupt."""
+"""A training run as a webui job (a pair, or an identity): progress and previews through shared.state, stopped by
+its Interrupt."""
 from __future__ import annotations
 
 import threading
@@ -6,13 +7,14 @@ from collections.abc import Callable
 
 from modules import processing, shared
 
-from dreamartist.config import TrainConfig
+from dreamartist.config import IdentityConfig, TrainConfig
 from dreamartist.errors import ModelError
 from dreamartist.families import FAMILIES
+from dreamartist.identity_training import IdentityTrainer
 from dreamartist.images import Reference
-from dreamartist.trainer import Progress, TrainResult, train
+from dreamartist.trainer import Progress, Trainer, TrainResult
 
-from . import embeddings, host
+from . import embeddings, host, identities
 from .host_backend import model_family
 from .host_backend_sdxl import backend_for
 
@@ -50,25 +52,48 @@ def _report(progress: Progress) -> None:
         state.assign_current_image(progress.preview)
 
 
-def training_size(config: TrainConfig) -> tuple[int, int]:
+def training_size(config: TrainConfig | IdentityConfig) -> tuple[int, int]:
     """(width, height) for the loaded model: a width or height of 0 is its family's own size (SDXL: 1024)."""
     model = host.loaded_model()
     return config.size_for(FAMILIES[model_family(model) if model is not None else "sd1"].size)
 
 
-def run_training(config: TrainConfig, references: list[Reference],
+def _unavailable_reason(config: TrainConfig | IdentityConfig) -> str | None:
+    """Why this run cannot start on the loaded model, in one sentence; None when it can."""
+    if isinstance(config, IdentityConfig):
+        return host.identity_unsupported_reason(host.loaded_model())
+    return host.adapters_unsupported_reason(config.adapters)
+
+
+def _trainer(config: TrainConfig | IdentityConfig, backend, references: list[Reference], on_progress) -> Trainer:
+    """The run of ``config``'s mode, into its folder. A name is one word in prompts: an identity's must not be an
+    embedding's, a pair's not an identity's; the identities already in its folder an identity's trainer checks itself
+    (Overwrite and Resume apply to those). An identity's optional ordinary embedding goes where the webui reads it."""
+    common = dict(on_progress=on_progress, should_stop=_should_stop)
+    if isinstance(config, IdentityConfig):
+        return IdentityTrainer(backend, config, references, identities.identities_dir(),
+                               existing_names=embeddings.existing_names(), export_dir=embeddings.embeddings_dir(),
+                               **common)
+    return Trainer(backend, config, references, embeddings.embeddings_dir(),
+                   existing_names=[*embeddings.existing_names(), *identities.names()], **common)
+
+
+def run_training(config: TrainConfig | IdentityConfig, references: list[Reference],
                  on_progress: Callable[[Progress], None] | None = None) -> TrainResult:
-    """Train NAME / NAME-neg on the loaded model into the embeddings folder, then make the webui see them.
+    """Train on the loaded model: a TrainConfig's NAME / NAME-neg into the embeddings folder (then make the webui see
+    them), an IdentityConfig's identity into the identities folder.
 
     Called inside the webui's GPU queue (the tab's wrap_gradio_gpu_call, the API's queue_lock); it does not
     take that lock itself. When no job is running (the API) it begins and ends one on shared.state.
     """
     with _training:
         host.ensure_model_loaded()
-        reason = host.training_unavailable_reason() or host.adapters_unsupported_reason(config.adapters)
+        reason = host.training_unavailable_reason() or _unavailable_reason(config)
         if reason:
             raise ModelError(reason)
         backend = backend_for()
+        if isinstance(config, IdentityConfig) and not hasattr(backend, "controlled_attention"):
+            raise ModelError(host.IDENTITY_NOT_IN_FORGE)
         state = shared.state
         owns_job = not state.job
         if owns_job:
@@ -82,8 +107,7 @@ def run_training(config: TrainConfig, references: list[Reference],
                 on_progress(progress)
 
         try:
-            return train(backend, config, references, embeddings.embeddings_dir(), on_progress=report,
-                         should_stop=_should_stop, existing_names=embeddings.existing_names())
+            return _trainer(config, backend, references, report).run()
         finally:
             embeddings.refresh()  # also after an error: the last good pair may have been saved
             reset_cond_caches()

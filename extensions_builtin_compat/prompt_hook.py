@@ -1,6 +1,6 @@
 """DreamArtist at generation time: each NAME a prompt uses brings NAME-neg into that image's negative prompt, with
 the same weight and for the same steps (host_pairing decides both with the host's own parsers), and the pair's
-PN adapters act on their CFG branches (adapter_hook).
+PN adapters act on their CFG branches (adapter_hook); identities the prompts name are applied (identity_hook).
 
 ``process`` is the first hook after setup_prompts has filled p.all_prompts (edits before it are overwritten) and
 the embeddings have been reloaded; edits there hold for every batch and the infotext. The adapters stay
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 
-from . import adapter_hook, embeddings, host_pairing, jobs, settings
+from . import adapter_hook, embeddings, host_pairing, identity_hook, jobs, settings
 
 log = logging.getLogger("dreamartist")
 
@@ -50,6 +50,7 @@ def process(p, *args) -> None:
     """Edit p.all_negative_prompts (and the hires ones) per image, install the adapters; record both."""
     enabled, mode, pos, neg = _args(args)
     adapter_hook.end()  # a generation that failed may have left its (inert) hooks
+    identity_hook.begin(p)
     partners = {name.lower(): partner for name, partner in embeddings.partners().items()}
     encoder = host_pairing.prompt_encoder(getattr(p, "sd_model", None))
     if encoder is not None:
@@ -116,6 +117,7 @@ def before_hr(p, *args) -> None:
 
 
 def postprocess(p, processed, *args) -> None:
+    identity_hook.end()
     if adapter_hook.current() is not None:
         adapter_hook.end()
         jobs.reset_cond_caches()  # the conds cached now carry the adapters

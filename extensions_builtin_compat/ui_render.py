@@ -26,13 +26,26 @@ def result_html(name: str, negative: str, files: Sequence[Path], steps: int, tot
     """The result line: how to use the pair, then what was written (and anything the run should say)."""
     usage = _USAGE[auto_negative].format(name=f"<code>{html.escape(name)}</code>",
                                          negative=f"<code>{html.escape(negative)}</code>")
+    return f"<p>{usage}</p>{run_html(files, steps, total, final_loss, stopped, notes)}"
+
+
+def identity_result_html(name: str, files: Sequence[Path], steps: int, total: int, final_loss: float | None,
+                         stopped: str, notes: Sequence[str] = ()) -> str:
+    """The result line of an identity: how to use it, then what was written."""
+    usage = f"Type <code>{html.escape(name)}</code> in your prompt to use the identity."
+    return f"<p>{usage}</p>{run_html(files, steps, total, final_loss, stopped, notes)}"
+
+
+def run_html(files: Sequence[Path], steps: int, total: int, final_loss: float | None, stopped: str,
+             notes: Sequence[str] = ()) -> str:
+    """How far a run got, what it wrote, and its notes."""
     unit = "step" if (total if stopped else steps) == 1 else "steps"
     done = f"Trained {steps} of {total} {unit} ({html.escape(stopped)})" if stopped else f"Trained {steps} {unit}"
     if final_loss is not None and math.isfinite(final_loss):
         done += f", final loss {final_loss:.4f}"
     written = ", ".join(html.escape(Path(f).name) for f in files) or "nothing"
     extra = "".join(f"<p>{html.escape(note)}</p>" for note in notes)
-    return f"<p>{usage}</p><p>{done}. Saved: {written}.</p>{extra}"
+    return f"<p>{done}. Saved: {written}.</p>{extra}"
 
 
 def _downsample(values: Sequence[float], points: int) -> list[tuple[int, float]]:

@@ -10,15 +10,16 @@ function dreamartist_html_body(block) {
     return block.querySelector(".prose") || block;
 }
 
-// Called by the Train button before the request; returns the arguments with the task id in place of the first.
-function dreamartist_start_training() {
+// Called by a Train button before the request; returns the arguments with the task id in place of the first.
+// ``prefix`` names the side of the tab: "dreamartist_" (pair) or "dreamartist_identity_".
+function dreamartist_start(prefix, args) {
     var app = gradioApp();
-    var result = app.querySelector("#dreamartist_result");
-    var status = dreamartist_html_body(app.querySelector("#dreamartist_progress"));
+    var result = app.querySelector("#" + prefix + "result");
+    var status = dreamartist_html_body(app.querySelector("#" + prefix + "progress"));
     var id = dreamartist_task_id();
     // Fade the previous result rather than empty it: gradio would not redraw an identical new one.
     result.classList.add("dreamartist-stale");
-    requestProgress(id, result, app.querySelector("#dreamartist_gallery"),
+    requestProgress(id, result, app.querySelector("#" + prefix + "gallery"),
         function() {
             result.classList.remove("dreamartist-stale");
             status.textContent = "";  // the result line now says how far it got
@@ -26,7 +27,14 @@ function dreamartist_start_training() {
         function(progress) {
             status.textContent = progress.textinfo || "";
         });
-    var args = Array.from(arguments);
     args[0] = id;
     return args;
+}
+
+function dreamartist_start_training() {
+    return dreamartist_start("dreamartist_", Array.from(arguments));
+}
+
+function dreamartist_start_identity_training() {
+    return dreamartist_start("dreamartist_identity_", Array.from(arguments));
 }

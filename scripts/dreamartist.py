@@ -7,10 +7,20 @@ from __future__ import annotations
 
 from modules import script_callbacks, scripts
 
-from extensions_builtin_compat import adapter_hook, api, embeddings, prompt_hook, settings, ui_tab
+from extensions_builtin_compat import (
+    adapter_hook,
+    api,
+    embeddings,
+    identities,
+    identity_hook,
+    prompt_hook,
+    settings,
+    ui_tab,
+)
 from extensions_builtin_compat.callbacks import name_kw
 
 embeddings.recover()  # scripts load before the model, so before the webui first reads the embeddings folder
+identities.recover()
 
 script_callbacks.on_ui_tabs(ui_tab.on_ui_tabs, **name_kw(script_callbacks.on_ui_tabs, "tab"))
 script_callbacks.on_ui_settings(settings.on_ui_settings, **name_kw(script_callbacks.on_ui_settings, "settings"))
@@ -19,6 +29,7 @@ script_callbacks.on_infotext_pasted(prompt_hook.on_infotext_pasted,
                                     **name_kw(script_callbacks.on_infotext_pasted, "infotext"))
 script_callbacks.on_cfg_denoiser(adapter_hook.on_cfg_denoiser, **name_kw(script_callbacks.on_cfg_denoiser, "adapters"))
 script_callbacks.on_script_unloaded(adapter_hook.end, **name_kw(script_callbacks.on_script_unloaded, "adapters"))
+script_callbacks.on_script_unloaded(identity_hook.end, **name_kw(script_callbacks.on_script_unloaded, "identities"))
 
 
 class DreamArtistScript(scripts.Script):

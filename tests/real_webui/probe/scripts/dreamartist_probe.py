@@ -4,10 +4,14 @@ layer, the row labels DreamArtist's adapters saw (which adapter acted on which r
     POST /dreamartist-probe/v1/watch   hook the loaded model's first UNet and text-encoder adapter layers; forget
     GET  /dreamartist-probe/v1/rows    {"unet": [[labels per row] per call], "te": [...]}, ids without their tag
     POST /dreamartist-probe/v1/unwatch remove the hooks
+    GET  /dreamartist-probe/v1/identity {"calls": [{"t": [...], "split": [bool per row], "keys": [float per row]}]}:
+                                       per UNet call, its timesteps and, at the first cross-attention, whether each
+                                       row's values came from another context than its keys, and a sum of its keys'
+                                       context (the same stage variant gives the same sum)
 """
 from modules import script_callbacks, shared
 
-_records = {"unet": [], "te": []}
+_records = {"unet": [], "te": [], "identity": []}
 _handles = []
 
 
@@ -22,12 +26,29 @@ def _hook(part):
     return record
 
 
+def _unet_call(module, args, kwargs):
+    t = args[1] if len(args) > 1 else kwargs.get("timesteps")
+    _records["identity"].append({"t": [float(x) for x in t.reshape(-1)], "k": None, "v": None})
+
+
+def _context(which):
+    def record(module, inputs, output):
+        if _records["identity"] and _records["identity"][-1][which] is None:
+            _records["identity"][-1][which] = inputs[0].detach().float().cpu()
+    return record
+
+
 def watch():
+    from extensions_builtin_compat.host_attention import attention_layers
     from extensions_builtin_compat.host_backend import layers_of
 
     unwatch()
     for part, layers in layers_of(shared.sd_model).items():
         _handles.append(next(iter(layers.values())).register_forward_hook(_hook(part)))
+    unet = shared.sd_model.model.diffusion_model
+    attn2 = next(m for name, m in attention_layers(unet).items() if name.endswith("attn2"))
+    _handles.extend([unet.register_forward_pre_hook(_unet_call, with_kwargs=True),
+                     attn2.to_k.register_forward_hook(_context("k")), attn2.to_v.register_forward_hook(_context("v"))])
     return {"watching": len(_handles)}
 
 
@@ -40,13 +61,25 @@ def unwatch():
 
 
 def rows():
-    return _records
+    return {part: _records[part] for part in ("unet", "te")}
+
+
+def identity():
+    calls = []
+    for call in _records["identity"]:
+        k, v = call["k"], call["v"]
+        if k is None or v is None:
+            continue
+        calls.append({"t": call["t"], "split": [bool((k[r] != v[r]).any()) for r in range(k.shape[0])],
+                      "keys": [float(k[r].double().sum()) for r in range(k.shape[0])]})
+    return {"calls": calls}
 
 
 def on_app_started(demo, app):
     app.add_api_route("/dreamartist-probe/v1/watch", watch, methods=["POST"])
     app.add_api_route("/dreamartist-probe/v1/unwatch", unwatch, methods=["POST"])
     app.add_api_route("/dreamartist-probe/v1/rows", rows, methods=["GET"])
+    app.add_api_route("/dreamartist-probe/v1/identity", identity, methods=["GET"])
 
 
 script_callbacks.on_app_started(on_app_started)

@@ -1,0 +1,218 @@
+"""Identity mode at generation time (webui 1.6-1.10, SD 1.x/2.x): a prompt that names an identity gets, in every UNet
+call of the rows that hold it, the K variant of the call's stage as its context and the V variant as the values of
+every cross-attention; other rows and other prompts are untouched.
+
+How, for one generation (``begin`` in the script's ``process``, ``end`` in ``postprocess``):
+- Each identity the prompts name is registered as a one-vector embedding (a carrier, its stage-0 K token), so the
+  host's prompt parser gives it one token, weights, prompt editing and AND as for any embedding.
+- The text encoder's output for a batch of texts that name identities is followed by the same texts encoded with
+  the carrier swapped to each stage's K and V token (2 encodes per stage pattern), kept beside the carrier rows.
+- A forward pre-hook on the diffusion model finds, by value, the context rows that begin with a carrier row (the
+  denoiser may pad a row after it), reads the call's timesteps, swaps in the K variant of each row's stage and parks
+  the V variants for the cross-attentions (host_attention's control: every attention optimisation keeps working).
+Every batching of cond and uncond rows works unchanged (rows are matched by value, not by position), and so do the
+hires pass and img2img, whose conds go through the same encoder. The cached conds of the generation are dropped at
+its start, so that the encoder runs while the hooks are there. A generation that fails before ``postprocess`` still
+closes its processing object (the webui's txt2img, img2img and API all do, with ``contextlib.closing``): its
+``close`` ends the hooks too.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+
+import torch
+
+from dreamartist import identityfiles
+from dreamartist.attention_control import Calls
+from dreamartist.errors import InputError
+from dreamartist.identity import IdentityTokens, K, V, stage_bounds, stage_of
+from dreamartist.identity_control import IdentityControl
+
+from . import embeddings, host, host_pairing, identities, jobs
+from .host_attention import ldm_control
+from .host_backend import _fixes, model_family, registered_in, text_encoders
+
+INFOTEXT_KEY = "DreamArtist identity"
+log = logging.getLogger("dreamartist")
+_active: list[GenerationIdentities] = []
+
+
+def _stage_patterns(tokens: list[IdentityTokens], timesteps: int) -> list[tuple[int, ...]]:
+    """Every combination of stages the identities take together over t in [0, T)."""
+    starts = sorted({b for t in tokens for b in stage_bounds(t.stages, timesteps)[:-1]})
+    return list(dict.fromkeys(tuple(int(stage_of(s, t.stages, timesteps)) for t in tokens) for s in starts))
+
+
+class GenerationIdentities:
+    """The hooks of one generation; ``close`` removes them all."""
+
+    def __init__(self, p, found: dict[str, IdentityTokens]):
+        model = p.sd_model
+        self.model = model
+        self.encoder = model.cond_stage_model
+        self.timesteps = int(model.alphas_cumprod.shape[0])
+        (self.key,) = text_encoders(model)
+        self.tokens = found
+        self.control = IdentityControl()
+        self.entries: list[tuple[torch.Tensor, tuple[str, ...], dict]] = []  # carrier row, its names, variants
+        self.busy = False
+        self.stack = contextlib.ExitStack()
+        db = host.embedding_db()
+        carriers = {name: _carrier(name, tokens.vectors(0, K)[self.key]) for name, tokens in found.items()}
+        self.carriers = carriers
+        self.stack.enter_context(registered_in(
+            db, carriers, lambda name: self.encoder.tokenize([name])[0][0],
+            functools.partial(db.register_embedding, model=model)))
+        unet = model.model.diffusion_model
+        self.stack.enter_context(ldm_control(unet, self.control, Calls()))
+        handles = (self.encoder.register_forward_hook(self._encoded),
+                   unet.register_forward_pre_hook(self._before_unet, with_kwargs=True),
+                   unet.register_forward_hook(self._after_unet))
+        self.stack.callback(lambda: [h.remove() for h in handles])
+
+    # -- the text encoder ------------------------------------------------------------------------------
+    def _encoded(self, module, args, output):
+        if self.busy or getattr(args[0], "is_negative_prompt", False):  # identities act on the cond rows only
+            return
+        texts = list(args[0])
+        named = [tuple(host_pairing.names_in(module, text, list(self.tokens))) for text in texts]
+        rows = [i for i, names in enumerate(named) if names]
+        if not rows:
+            return
+        self.busy = True
+        try:
+            for i in rows:
+                names = named[i]
+                variants = {}
+                for pattern in _stage_patterns([self.tokens[n] for n in names], self.timesteps):
+                    pair = []
+                    for which in (K, V):
+                        for name, stage in zip(names, pattern):
+                            self.carriers[name].vec = self.tokens[name].vectors(stage, which)[self.key]
+                        pair.append(module([texts[i]])[0].detach())
+                    variants[pattern] = tuple(pair)
+                self.entries.append((output[i].detach(), names, variants))
+        finally:
+            for name, carrier in self.carriers.items():
+                carrier.vec = self.tokens[name].vectors(0, K)[self.key]
+            self.busy = False
+
+    # -- the UNet ----------------------------------------------------------------------------------------
+    def _before_unet(self, module, args, kwargs):
+        context = kwargs.get("context", args[2] if len(args) > 2 else None)
+        timesteps = kwargs.get("timesteps", args[1] if len(args) > 1 else None)
+        if context is None or timesteps is None or not self.entries:
+            return None
+        keys, values, changed = context.clone(), context.clone(), False
+        for row in range(context.shape[0]):
+            entry = self._entry_of(context[row])
+            if entry is None:
+                continue
+            base, names, variants = entry
+            t = timesteps[row] if timesteps.ndim else timesteps
+            pattern = tuple(int(stage_of(t, self.tokens[n].stages, self.timesteps)) for n in names)
+            k, v = variants[pattern]
+            keys[row, :len(base)], values[row, :len(base)] = k.to(context.dtype), v.to(context.dtype)
+            changed = True
+        if not changed:
+            return None
+        self._call = self.control.call(values=values)
+        self._call.__enter__()
+        if "context" in kwargs:
+            return args, {**kwargs, "context": keys}
+        return (*args[:2], keys, *args[3:]), kwargs
+
+    def _entry_of(self, row: torch.Tensor):
+        for entry in self.entries:
+            base = entry[0]
+            if base.shape[0] <= row.shape[0] and torch.equal(row[:base.shape[0]], base.to(row.dtype)):
+                return entry
+        return None
+
+    def _after_unet(self, module, args, output):
+        call = getattr(self, "_call", None)
+        if call is not None:
+            self._call = None
+            call.__exit__(None, None, None)
+
+    def close(self) -> None:
+        self._after_unet(None, None, None)
+        self.stack.close()
+
+
+def _carrier(name: str, vector: torch.Tensor):
+    from modules.textual_inversion.textual_inversion import Embedding
+
+    embedding = Embedding(vector.unsqueeze(0) if vector.ndim == 1 else vector, name)
+    embedding.vectors, embedding.shape = 1, int(embedding.vec.shape[-1])
+    return embedding
+
+
+def used_identities(p) -> dict[str, identityfiles.IdentityFile]:
+    """The identities the generation's prompts name (not shadowed by an embedding of the same name)."""
+    available = identities.names()
+    if not available:
+        return {}
+    known = {n.lower() for n in embeddings.existing_names()}
+    candidates = [name for name in available if name.lower() not in known]
+    encoder = host_pairing.prompt_encoder(getattr(p, "sd_model", None))
+    if encoder is None or not candidates:
+        return {}
+    prompts = list(dict.fromkeys((getattr(p, "all_prompts", None) or []) + (getattr(p, "all_hr_prompts", None) or [])))
+    named = {name for prompt in prompts for name in host_pairing.names_in(encoder, prompt, candidates)}
+    return {name: identities.load(available[name]) for name in sorted(named)}
+
+
+def unsupported_reason(model) -> str | None:
+    if not host.runs_webui_modules(model):
+        return "identity mode applies identities in AUTOMATIC1111 1.6-1.10 for now"
+    if model_family(model) == "sdxl":
+        return "identity mode applies identities to SD 1.x and 2.x models for now"
+    return None
+
+
+def begin(p) -> None:
+    """Install the hooks for the identities the prompts name (and forget any a failed generation left)."""
+    end()
+    found = used_identities(p)
+    if not found:
+        return
+    reason = unsupported_reason(p.sd_model)
+    if reason is None:
+        try:
+            widths = {key: _fixes(encoder).wrapped.weight.shape[1]
+                      for key, encoder in text_encoders(p.sd_model).items()}
+            for f in found.values():
+                identityfiles.check_compatible(f, widths)
+        except InputError as e:
+            reason = str(e).rstrip(".")
+    if reason:
+        note = f"DreamArtist: {', '.join(found)} not applied: {reason}."
+        log.warning(note)
+        if hasattr(p, "comment"):
+            p.comment(note)
+        return
+    device = next(p.sd_model.model.diffusion_model.parameters()).device
+    tokens = {name: IdentityTokens({k: v.to(device) for k, v in f.tokens.tokens.items()}) for name, f in found.items()}
+    jobs.reset_cond_caches()  # cached conds were encoded before the hooks; they must be encoded again
+    _active.append(GenerationIdentities(p, tokens))
+    close = p.close
+
+    def close_and_end() -> None:  # also when the generation fails before postprocess
+        end()
+        close()
+
+    p.close = close_and_end
+    p.extra_generation_params[INFOTEXT_KEY] = ", ".join(found)
+
+
+def end() -> None:
+    while _active:
+        _active.pop().close()
+        jobs.reset_cond_caches()  # the cached conds hold the carriers
+
+
+def current() -> GenerationIdentities | None:
+    return _active[-1] if _active else None

@@ -1,0 +1,152 @@
+"""Identity mode in real webuis (A1111 1.6.0 and 1.10.1): an identity trained through the API lands in
+models/dreamartist-identities (not where the embedding loader reads); a prompt naming it gets the stage variants in
+txt2img (every row layout, the hires pass) and img2img, seen by the test-only probe (tests/real_webui/probe: per UNet
+call its timesteps and, at the first cross-attention, which rows read values from another context than keys); other
+prompts and the same-seed image are as before; the tab trains one in chromium.
+
+runs on its own:  DREAMARTIST_WEBUI_HARNESS=... .venv/bin/python -m pytest tests/real_webui/test_webui_identity.py
+"""
+from __future__ import annotations
+
+import pytest
+from webui_harness import BASELINE, parse_infotext, png_base64, skip_without_harness
+
+skip_without_harness()
+
+NAME = "da_face"
+FORGE = {"neo", "classic", "reforge"}
+
+
+def face_mask():
+    from PIL import Image, ImageDraw
+
+    mask = Image.new("L", (64, 64), 0)
+    ImageDraw.Draw(mask).ellipse((16, 16, 48, 48), fill=255)
+    return mask
+
+
+@pytest.fixture(scope="module")
+def identity(webui, reference_image):
+    if webui.version in FORGE:
+        pytest.skip(f"webui {webui.version}: identity mode trains and applies in A1111 1.6-1.10 for now")
+    reply = webui.post("/dreamartist/v1/train", {"mode": "identity", "image": png_base64(reference_image),
+                                                 "mask": png_base64(face_mask()), "name": NAME, "steps": 3,
+                                                 "width": 64, "height": 64})
+    assert reply.status == 200, reply
+    folder = webui.folder / "models" / "dreamartist-identities"
+    assert (folder / f"{NAME}.identity.safetensors").is_file()
+    assert not list(webui.embeddings.glob(f"{NAME}*"))  # outside the folder the embedding loader reads
+    return NAME
+
+
+def seen(webui, kind: str, payload: dict):
+    assert webui.post("/dreamartist-probe/v1/watch", {}).status == 200
+    try:
+        generation = webui.generate(kind, payload)
+        calls = webui.get("/dreamartist-probe/v1/identity").json()["calls"]
+    finally:
+        webui.post("/dreamartist-probe/v1/unwatch", {})
+    return calls, generation
+
+
+def da() -> dict:
+    return {"alwayson_scripts": {"dreamartist": {"args": [True, "pair", 0.8, 0.65]}}}
+
+
+LAYOUTS = {  # name: (payload changes, which rows of each UNet call hold the identity)
+    "one batched call": ({}, [[True, False]]),
+    "batch_cond_uncond off": ({"override_settings": {"batch_cond_uncond": False}}, [[True], [False]]),
+    "a prompt of other length": ({"prompt": f"{NAME} " + "word " * 80}, [[True], [False]]),
+    "AND prompts": ({"prompt": f"{NAME} AND a red cat"}, [[True, False, False]]),
+    "batch of two": ({"batch_size": 2}, [[True, True, False, False]]),
+}
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_the_rows_naming_the_identity_read_keys_and_values_from_its_stage_variants(webui, identity, layout):
+    changes, per_step = LAYOUTS[layout]
+    calls, generation = seen(webui, "txt2img", {**webui.payload(f"a photo of {NAME}", steps=4), **da(), **changes})
+    assert calls and all(call["split"] in per_step for call in calls), calls
+    assert parse_infotext(generation.infotext).params.get("DreamArtist identity") == NAME
+
+
+def test_each_call_gets_the_variant_of_its_timesteps_stage(webui, identity):
+    calls, _ = seen(webui, "txt2img", {**webui.payload(f"a photo of {NAME}", steps=8), **da()})
+    by_stage: dict[int, set[float]] = {}
+    for call in calls:
+        by_stage.setdefault(min(int(call["t"][0] * 5 // 1000), 4), set()).add(round(call["keys"][0], 3))
+    assert len(by_stage) >= 3, calls  # eight Euler steps cross several stages
+    assert all(len(sums) == 1 for sums in by_stage.values()), by_stage  # one K variant per stage
+    assert len({next(iter(s)) for s in by_stage.values()}) == len(by_stage)  # a different one in each
+
+
+def test_the_hires_pass_and_img2img_apply_it_and_other_prompts_are_untouched(webui, identity, reference_image):
+    calls, _ = seen(webui, "txt2img", {**webui.payload(f"a photo of {NAME}", steps=2), **da(), "enable_hr": True,
+                                       "hr_scale": 1.5, "hr_upscaler": "Latent", "hr_second_pass_steps": 2,
+                                       "denoising_strength": 0.5})
+    assert len(calls) >= 4 and all(call["split"] == [True, False] for call in calls), calls
+    img2img = {**webui.payload(f"a photo of {NAME}", steps=3), **da(), "init_images": [png_base64(reference_image)],
+               "denoising_strength": 0.6}
+    calls, _ = seen(webui, "img2img", img2img)
+    assert calls and all(call["split"] == [True, False] for call in calls), calls
+    calls, generation = seen(webui, "txt2img", {**webui.payload("a red disc", steps=2), **da()})
+    assert calls and all(not any(call["split"]) for call in calls)
+    assert "DreamArtist identity" not in generation.infotext
+
+
+def test_the_same_seed_gives_the_same_image_after_identities_were_used(webui, identity):
+    webui.generate("txt2img", {**webui.payload(f"a photo of {NAME}"), **da()})
+    assert webui.generate("txt2img", webui.payload(**BASELINE)).images[0] == webui.baseline
+
+
+def test_the_identities_route_lists_it(webui, identity):
+    reply = webui.get("/dreamartist/v1/identities")
+    assert reply.status == 200 and NAME in reply.json()["identities"], reply
+
+
+def test_the_tab_trains_an_identity_in_chromium(browser, webui, reference_png, output_dir, tmp_path):
+    """The Identity sub-tab: face, mask, name, Train; the webui's progress bar follows the run and the result names
+    the file."""
+    import time
+
+    if webui.version in FORGE:
+        pytest.skip(f"webui {webui.version}: identity mode trains in A1111 1.6-1.10 for now")
+    mask_png = tmp_path / "mask.png"
+    face_mask().save(mask_png)
+    page = browser.new_page(viewport={"width": 1500, "height": 1100})
+    errors: list[str] = []
+    page.on("pageerror", lambda error: errors.append(str(error)))
+    page.set_default_timeout(60_000)
+    try:
+        page.goto(webui.url, wait_until="domcontentloaded")
+        page.locator("#tabs > .tab-nav button", has_text="DreamArtist").click()
+        page.locator("#dreamartist_modes button", has_text="Identity").click()
+        page.locator("#dreamartist_identity_train").wait_for(state="visible")
+        # its own defaults, not the pair side's (the webui's ui-config keys controls by label)
+        assert page.locator("#dreamartist_identity_lr input").first.input_value() == "0.005"
+        page.locator("#dreamartist_identity_reference input[type=file]").set_input_files(str(reference_png))
+        page.locator("#dreamartist_identity_mask input[type=file]").set_input_files(str(mask_png))
+        page.locator("#dreamartist_identity_name :is(input, textarea)").fill("da_tab_face")
+        for control, value in (("steps", 3), ("width", 64), ("height", 64)):
+            box = page.locator(f"#dreamartist_identity_{control} input[type=number]")
+            box.fill(str(value))
+            box.press("Enter")
+        page.wait_for_timeout(500)
+        page.locator("#dreamartist_identity_train").click()
+        saw_bar, text = False, ""
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline:
+            saw_bar = saw_bar or page.locator(".progressDiv").count() > 0
+            result = page.locator("#dreamartist_identity_result .prose")
+            text = result.first.inner_text().strip() if result.count() else ""
+            if text and not page.locator("#dreamartist_identity_result.dreamartist-stale").count():
+                break
+            page.wait_for_timeout(500)
+        page.wait_for_timeout(1000)
+        page.screenshot(path=str(output_dir / f"{webui.tag}-identity-tab-after.png"), full_page=True)
+    finally:
+        page.close()
+    assert "da_tab_face.identity.safetensors" in text, text
+    assert saw_bar, "the webui's progress bar (.progressDiv) never showed"
+    assert (webui.folder / "models" / "dreamartist-identities" / "da_tab_face.identity.safetensors").is_file()
+    assert errors == []

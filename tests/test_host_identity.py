@@ -1,0 +1,177 @@
+"""Identity mode at generation time in the stand-in webui 1.6.0 and 1.10.1: in every row layout of its CFG denoiser
+the rows whose prompt names the identity get the K variant of their call's stage as the cross-attention keys and the
+V variant as the values; other rows and prompts are untouched; the hooks go after the generation, also when it
+fails; the model is exactly as before."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from fakehost.checks import assert_same_state, model_state
+
+from dreamartist import identityfiles
+from dreamartist.identity import IdentityTokens, K, V, stage_of
+
+REPO = Path(__file__).resolve().parents[1]
+NAME = "zqv"
+
+
+def identity_tokens(model, stages: int = 5, seed: int = 0) -> IdentityTokens:
+    from extensions_builtin_compat.host_backend import _fixes, text_encoders
+
+    ((key, encoder),) = text_encoders(model).items()
+    width = _fixes(encoder).wrapped.weight.shape[1]
+    g = torch.Generator().manual_seed(seed)
+    return IdentityTokens({key: torch.randn(stages, 2, width, generator=g) * 0.5})
+
+
+@pytest.fixture
+def hooked(host):
+    from extensions_builtin_compat import identities, identity_hook
+
+    model = host.shared.sd_model
+    tokens = identity_tokens(model)
+    identityfiles.save_identity(identities.identities_dir(), NAME, tokens, {}, {"kv_split": True})
+    host.load_extension(REPO)
+    host.tokens = tokens
+    yield host
+    identity_hook.end()
+
+
+class Probe:
+    """What every cross-attention projected its keys and its values from, per call, with the call's timesteps."""
+
+    def __init__(self, model):
+        from extensions_builtin_compat.host_attention import attention_layers
+
+        unet = model.model.diffusion_model
+        self.calls, self.handles = [], [unet.register_forward_pre_hook(self.unet_call, with_kwargs=True)]
+        for name, module in attention_layers(unet).items():
+            if name.endswith("attn2"):
+                self.handles += [module.to_k.register_forward_hook(self.record("k")),
+                                 module.to_v.register_forward_hook(self.record("v"))]
+
+    def unet_call(self, module, args, kwargs):
+        self.calls.append({"t": args[1].clone(), "k": [], "v": []})
+
+    def record(self, which):
+        def hook(module, inputs, output):
+            self.calls[-1][which].append(inputs[0].detach().clone())
+        return hook
+
+    def close(self):
+        for h in self.handles:
+            h.remove()
+
+
+def generate(host, **fields):
+    fields = {"seed": 3, "steps": 3, **fields}
+    p = host.txt2img(script_args={"dreamartist": [True, "pair", 0.8, 0.65]}, **fields)
+    probe = Probe(p.sd_model)
+    try:
+        processed = host.process_images(p)
+    finally:
+        probe.close()
+    return p, processed, probe
+
+
+def split_rows(call) -> list[bool]:
+    """Per row: did any cross-attention read its values from another context than its keys?"""
+    rows = call["k"][0].shape[0]
+    return [any(not torch.equal(k[r], v[r]) for k, v in zip(call["k"], call["v"])) for r in range(rows)]
+
+
+@pytest.mark.parametrize("layout, options, fields, expected", [
+    ("one call", {}, dict(prompt=f"a photo of {NAME}"), [[True, False]]),
+    ("batch_cond_uncond off", {"batch_cond_uncond": False}, dict(prompt=NAME), [[True], [False]]),
+    ("AND prompts", {}, dict(prompt=f"{NAME} AND a red cat"), [[True, False, False]]),
+    ("batch of two prompts", {}, dict(prompt=[NAME, "a cat"], batch_size=2), [[True, False, False, False]]),
+    ("other lengths", {}, dict(prompt=f"{NAME} " + "word " * 80), [[True], [False]]),
+])
+def test_only_the_rows_naming_the_identity_read_k_and_v_from_different_contexts(hooked, layout, options, fields,
+                                                                                  expected):
+    for key, value in options.items():
+        setattr(hooked.shared.opts, key, value)
+    _, processed, probe = generate(hooked, **fields)
+    assert [split_rows(call) for call in probe.calls] == expected * 3  # three steps
+    assert f"DreamArtist identity: {NAME}" in processed.infotexts[0]
+
+
+def test_the_keys_and_values_are_the_stage_variants_of_each_calls_timestep(hooked):
+    from extensions_builtin_compat.host_backend import HostBackend
+
+    _, _, probe = generate(hooked, prompt=f"a photo of {NAME}", steps=4)
+    backend, tokens = HostBackend(), hooked.tokens
+    stages = set()
+    for call in probe.calls:
+        s = int(stage_of(call["t"][0], 5, 1000))
+        stages.add(s)
+        with torch.no_grad():
+            k = backend.encode([f"a photo of {NAME}"], {NAME: tokens.vectors(s, K)}).context[0]
+            v = backend.encode([f"a photo of {NAME}"], {NAME: tokens.vectors(s, V)}).context[0]
+        torch.testing.assert_close(call["k"][0][0], k)  # the first cross-attention's inputs, cond row
+        torch.testing.assert_close(call["v"][0][0], v)
+    assert len(stages) > 1  # the steps crossed a stage boundary
+
+
+def test_prompts_without_the_identity_are_untouched_and_the_model_is_as_before(hooked):
+    model = hooked.shared.sd_model
+    before = model_state(model)
+    _, plain, probe = generate(hooked, prompt="a red cat")
+    assert all(split_rows(call) == [False, False] for call in probe.calls)
+    generate(hooked, prompt=f"a photo of {NAME}")
+    assert_same_state(before, model_state(model))
+    unet = model.model.diffusion_model
+    assert not unet._forward_pre_hooks and not unet._forward_hooks
+    assert not model.cond_stage_model._forward_hooks
+    assert all("forward" not in m.__dict__ for m in unet.modules())
+    assert NAME not in hooked.module("modules.sd_hijack").model_hijack.embedding_db.word_embeddings
+    again = generate(hooked, prompt="a red cat")[1]
+    assert np.array_equal(np.asarray(plain.images[0]), np.asarray(again.images[0]))
+
+
+def test_the_hires_pass_and_img2img_apply_the_identity(hooked):
+    _, _, probe = generate(hooked, prompt=f"a photo of {NAME}", enable_hr=True, hr_prompt=f"a photo of {NAME}")
+    assert all(split_rows(call) == [True, False] for call in probe.calls) and len(probe.calls) == 6
+    from PIL import Image
+
+    p = hooked.img2img(Image.new("RGB", (64, 64), (200, 30, 30)), prompt=f"a photo of {NAME}", steps=3,
+                       script_args={"dreamartist": [True, "pair", 0.8, 0.65]})
+    probe = Probe(p.sd_model)
+    try:
+        hooked.run_img2img(p)
+    finally:
+        probe.close()
+    assert probe.calls and all(split_rows(call) == [True, False] for call in probe.calls)
+
+
+def test_a_generation_that_fails_still_removes_its_hooks_when_closed(hooked, monkeypatch):
+    from contextlib import closing
+
+    from extensions_builtin_compat import identity_hook
+
+    p = hooked.txt2img(prompt=f"a photo of {NAME}", steps=2, script_args={"dreamartist": [True, "pair", 0.8, 0.65]})
+    processing = hooked.module("modules.processing")
+    monkeypatch.setattr(type(p), "sample", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("boom")))
+    with pytest.raises(RuntimeError, match="boom"), closing(p):
+        processing.process_images(p)
+    assert identity_hook.current() is None
+    unet = p.sd_model.model.diffusion_model
+    assert not unet._forward_pre_hooks and all("forward" not in m.__dict__ for m in unet.modules())
+
+
+def test_an_sdxl_model_is_told_in_one_comment_and_left_alone(host_v1101):
+    from extensions_builtin_compat import identities
+
+    model = host_v1101.load_model("sdxl")
+    tokens = IdentityTokens({"clip_l": torch.zeros(5, 2, 32), "clip_g": torch.zeros(5, 2, 32)})
+    identityfiles.save_identity(identities.identities_dir(), NAME, tokens, {}, {"kv_split": True})
+    host_v1101.load_extension(REPO)
+    p = host_v1101.txt2img(prompt=f"a photo of {NAME}", steps=2,
+                           script_args={"dreamartist": [True, "pair", 0.8, 0.65]})
+    processed = host_v1101.process_images(p)
+    assert list(p.comments) == [f"DreamArtist: {NAME} not applied: identity mode applies identities to SD 1.x and 2.x "
+                                "models for now."]
+    assert "DreamArtist identity" not in processed.infotexts[0] and model is host_v1101.shared.sd_model

@@ -1,0 +1,216 @@
+"""Identity mode (Beyond Inserting) in the stand-in webui: the tab's identity side and POST /dreamartist/v1/train with
+"mode": "identity" train into the identities folder (never the embeddings folder) and leave the model as it was;
+hosts and models that cannot, and bad requests, are refused in one sentence."""
+from __future__ import annotations
+
+import base64
+import re
+
+import pytest
+import torch
+from fakehost.checks import assert_same_state, class_forwards, listing, model_state
+from PIL import Image, ImageDraw
+from tabhelpers import build_tab, by_elem_id, click_handler, load_extension, plain_text, png_bytes, reference_image
+from test_api import api_client
+from test_ui_tab import click_args, descendants
+
+from dreamartist.config import IdentityConfig
+from dreamartist.errors import ModelError
+
+TINY = {"steps": 2, "width": 64, "height": 64}
+ID = "dreamartist_identity_"
+
+
+def face_mask() -> Image.Image:
+    """The red disc of reference_image(), painted white."""
+    mask = Image.new("L", (64, 64), 0)
+    ImageDraw.Draw(mask).ellipse((16, 16, 48, 48), fill=255)
+    return mask
+
+
+def b64(image: Image.Image) -> str:
+    return base64.b64encode(png_bytes(image)).decode()
+
+
+def one_sentence(text: str) -> bool:
+    return text.endswith(".") and not re.search(r"[.!?]['\")]?\s+[A-Z]", text)
+
+
+def identities_dir():
+    """<models>/dreamartist-identities of the host installed now."""
+    from extensions_builtin_compat import identities
+
+    return identities.identities_dir()
+
+
+def test_the_identity_side_has_one_control_per_option_and_the_consent_notice(host_v1101):
+    load_extension(host_v1101)
+    controls = by_elem_id(build_tab(host_v1101))
+    folded = {b.elem_id for b in descendants(controls[ID + "advanced"])}
+    for field in IdentityConfig.__dataclass_fields__.values():
+        control = controls[ID + field.name]
+        assert (control.value, control.label) == (field.default, field.metadata["label"]), field.name
+        assert (control.elem_id in folded) == field.metadata["advanced"], field.name
+    assert "agreed" in controls[ID + "consent"].value and controls[ID + "train"].interactive is not False
+    assert "dreamartist_train" in controls and ID + "notice" not in controls  # the pair side is still there
+
+
+def test_no_two_controls_share_a_key_of_the_webuis_ui_config(host_v1101):
+    """ui_loadsave keys each control by tab and label: two saved controls with one key would get one value (a real
+    1.10.1 gave the identity side the pair side's lr 0.0025 and template "object")."""
+    import gradio as gr
+
+    load_extension(host_v1101)
+    tab = build_tab(host_v1101)
+    tracked = (gr.Slider, gr.Radio, gr.Checkbox, gr.Textbox, gr.Number, gr.Dropdown)
+    keys = [f"dreamartist/{b.label}" for b in descendants(tab) if type(b) in tracked and b.label is not None
+            and not getattr(b, "do_not_save_to_config", False)]
+    assert len(keys) == len(set(keys)), sorted(k for k in keys if keys.count(k) > 1)
+    controls = by_elem_id(tab)
+    assert controls[ID + "lr"].value == 0.005 and controls[ID + "template"].value == "a photo of the face of [name]"
+
+
+def test_the_tab_trains_an_identity_into_its_folder_and_leaves_the_model_as_it_was(host):
+    from modules import processing
+
+    load_extension(host)
+    tab = build_tab(host)
+    model = host.shared.sd_model
+    before, forwards = model_state(model), class_forwards()
+    assert all(p.requires_grad for p in model.model.parameters())
+    processing.StableDiffusionProcessing.cached_c[:] = ["stale key", "stale cond"]
+    train, dep = click_handler(tab, ID + "train")
+    args = click_args(tab, dep, **{ID + "task_id": "task(identity)", ID + "reference": reference_image(),
+                                   ID + "mask": face_mask(), ID + "name": "zqv", ID + "steps": 2, ID + "width": 64,
+                                   ID + "height": 64, ID + "preview_every": 2})
+
+    gallery, loss, result = train(*args)
+
+    text = plain_text(result)
+    assert "Type zqv in your prompt to use the identity." in text, text
+    assert "Trained 2 steps" in text and "Saved: zqv.identity.safetensors." in text
+    assert len(gallery) == 1 and "<polyline" in loss
+    assert (identities_dir() / "zqv.identity.safetensors").is_file()
+    assert listing(host.embeddings_dir) == []
+    assert_same_state(before, model_state(model))
+    assert class_forwards() == forwards
+    assert processing.StableDiffusionProcessing.cached_c == [None, None]
+    assert host.shared.state.job == ""
+
+    controls = by_elem_id(tab)
+    refresh, _ = click_handler(tab, ID + "resume_refresh")
+    assert refresh()["choices"] == ["zqv"]
+    pick = next(fn.fn for fn, d in zip(tab.fns, tab.dependencies, strict=True)
+                if controls[ID + "resume_identity"]._id in d["targets"] and d["trigger"] == "change")
+    names = [f.name for f in sorted(IdentityConfig.__dataclass_fields__.values(), key=lambda f: f.metadata["advanced"])]
+    updates = dict(zip(names, pick("zqv"), strict=True))
+    assert (updates["name"]["value"], updates["resume"]["value"], updates["steps"]["value"]) == ("zqv", True, 2)
+
+
+@pytest.mark.parametrize("values, message", [
+    ({ID + "mask": None}, "Identity mode needs the face region: paint the face white in the mask."),
+    ({ID + "reference": None}, "Upload a photo of the face"),
+    ({ID + "mask": Image.new("L", (64, 64), 0)}, "The face mask has no white area"),
+    ({ID + "class_word": "two words"}, "The class word must be one word"),
+])
+def test_bad_identity_input_is_one_line_and_writes_nothing(host_v160, values, message):
+    load_extension(host_v160)
+    tab = build_tab(host_v160)
+    train, dep = click_handler(tab, ID + "train")
+    values = {ID + "task_id": "task(bad)", ID + "reference": reference_image(), ID + "mask": face_mask(),
+              ID + "name": "zqv", **TINY, **values}
+    result = train(*click_args(tab, dep, **values))[2]
+    error = plain_text(re.search(r"<p class='dreamartist-error'>(.*?)</p>", result).group(1))  # not the timing
+    assert message in error and one_sentence(error), error
+    assert not identities_dir().exists() and listing(host_v160.embeddings_dir) == []
+
+
+def test_the_api_trains_an_identity_and_lists_it(host):
+    client = api_client(host)
+    model = host.shared.sd_model
+    before = model_state(model)
+    response = client.post("/dreamartist/v1/train", json={"mode": "identity", "image": b64(reference_image()),
+                                                           "mask": b64(face_mask()), "name": "zqv", **TINY})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert (body["name"], body["identity"], body["steps"]) == ("zqv", "zqv.identity.safetensors", 2)
+    assert body["files"] == ["zqv.identity.safetensors"] and isinstance(body["final_loss"], float)
+    assert (identities_dir() / body["identity"]).is_file() and listing(host.embeddings_dir) == []
+    assert client.get("/dreamartist/v1/identities").json() == {"identities": ["zqv"]}
+    assert client.get("/dreamartist/v1/pairs").json() == {"pairs": []}
+    assert_same_state(before, model_state(model))
+    assert host.shared.state.job == ""
+
+
+def test_an_identity_name_is_taken_by_an_embedding_or_an_identity_unless_overwritten(host_v1101):
+    from modules.textual_inversion.textual_inversion import Embedding
+
+    client = api_client(host_v1101)
+    Embedding(torch.ones(1, 32), "walle").save(str(host_v1101.embeddings_dir / "walle.pt"))
+    request = {"mode": "identity", "image": b64(reference_image()), "mask": b64(face_mask()), **TINY}
+    taken = client.post("/dreamartist/v1/train", json={**request, "name": "walle"})
+    assert taken.status_code == 409 and "'walle' already exists" in taken.json()["detail"]
+    assert listing(host_v1101.embeddings_dir) == ["walle.pt"]
+    statuses = [client.post("/dreamartist/v1/train", json={**request, "name": "zqv", **extra}).status_code
+                for extra in ({}, {}, {"overwrite": True})]
+    assert statuses == [200, 409, 200]
+
+
+def test_a_pair_cannot_take_an_identitys_name_and_the_export_goes_where_the_webui_reads_it(host_v1101):
+    client = api_client(host_v1101)
+    request = {"mode": "identity", "image": b64(reference_image()), "mask": b64(face_mask()), **TINY}
+    assert client.post("/dreamartist/v1/train", json={**request, "name": "zqv", "export_embedding": True}
+                       ).status_code == 200
+    assert listing(host_v1101.embeddings_dir) == ["zqv-identity.pt"]  # the webui loads it without the extension
+    pair = client.post("/dreamartist/v1/train", json={"image": b64(reference_image()), "name": "zqv", **TINY})
+    assert pair.status_code == 409 and "'zqv' already exists" in pair.json()["detail"]
+
+
+@pytest.mark.parametrize("body, words", [
+    ({"name": "zqv"}, "Identity mode needs 'mask'"),
+    ({"name": "zqv", "mask": "@@"}, "'mask' is not valid base64"),
+    ({"name": "zqv", "mask": "FACE", "gamma": "3"}, "Unknown option(s): gamma;"),
+    ({"name": "zqv", "mask": "FACE", "stepz": 3}, "Unknown option(s): stepz;"),
+    ({"name": "zqv", "mask": "FACE", "attention_layers": "8x8"}, "Attention loss layers must be one of"),
+    ({"name": "zqv", "mask": "FACE", "mode": "face"}, "'mode' must be pair or identity; got 'face'."),
+    ({"name": "zqv", "mask": "FACE", "mode": ["identity"]}, "'mode' must be pair or identity; got ['identity']."),
+])
+def test_bad_identity_requests_are_422_with_one_sentence(host_v1101, body, words):
+    client = api_client(host_v1101)
+    body = {"mode": "identity", "image": b64(reference_image()), **body}
+    if body.get("mask") == "FACE":
+        body["mask"] = b64(face_mask())
+    response = client.post("/dreamartist/v1/train", json=body)
+    assert response.status_code == 422, response.text
+    detail = response.json()["detail"]
+    assert words in detail and one_sentence(detail), detail
+    assert not identities_dir().exists()
+
+
+def test_an_sdxl_model_is_refused_in_one_sentence(host_v1101):
+    client = api_client(host_v1101)
+    host_v1101.load_model("sdxl")
+    response = client.post("/dreamartist/v1/train", json={"mode": "identity", "image": b64(reference_image()),
+                                                           "mask": b64(face_mask()), "name": "zqv", **TINY})
+    detail = response.json()["detail"]
+    assert response.status_code == 503 and "SD1.x and SD2.x" in detail and one_sentence(detail)
+
+
+def test_forge_refuses_identity_mode_in_one_sentence_and_still_trains_pairs(host_forge):
+    from dreamartist.images import face_reference
+    from extensions_builtin_compat import jobs
+
+    client = api_client(host_forge)
+    controls = by_elem_id(build_tab(host_forge))
+    assert controls[ID + "train"].interactive is False and "Forge" in controls[ID + "notice"].value
+    assert controls["dreamartist_train"].interactive is not False and "dreamartist_notice" not in controls
+    with pytest.raises(ModelError, match="not supported in Forge") as refused:
+        jobs.run_training(IdentityConfig(name="zqv", **TINY), [face_reference(reference_image(), face_mask(), 64, 64)])
+    assert one_sentence(str(refused.value))
+    response = client.post("/dreamartist/v1/train", json={"mode": "identity", "image": b64(reference_image()),
+                                                           "mask": b64(face_mask()), "name": "zqv", **TINY})
+    assert response.status_code == 501 and one_sentence(response.json()["detail"])
+    assert not identities_dir().exists()
+    pair = client.post("/dreamartist/v1/train", json={"image": b64(reference_image()), "name": "walle", **TINY,
+                                                      "reconstruction": False})
+    assert pair.status_code == 200, pair.text
