@@ -39,7 +39,6 @@ difference is claimed only where its interval excludes zero.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import statistics
 import sys
@@ -58,11 +57,12 @@ from dreamartist.gamma import parse_gamma  # noqa: E402
 from dreamartist.images import prepare_reference  # noqa: E402
 from dreamartist.names import negative_name  # noqa: E402
 from dreamartist.sampling import sample_rows, to_images  # noqa: E402
-from dreamartist.toyworld.evaluate import GUIDANCE  # noqa: E402
+from dreamartist.toyworld.evaluate import GUIDANCE, unit_noise  # noqa: E402
 from dreamartist.toyworld.intervals import Interval, bootstrap, paired  # noqa: E402
 from dreamartist.toyworld.ledger import Ledger  # noqa: E402
 from dreamartist.toyworld.metrics import CONTROL_OK, FIDELITY_OK, edit_scores, faithful, share  # noqa: E402
 from dreamartist.toyworld.render import render  # noqa: E402
+from dreamartist.toyworld.reporting import Bench, Run, check_methods, curve  # noqa: E402
 from dreamartist.toyworld.world import ATTRIBUTES, CONCEPT_REFERENCES, REFERENCE_SEED, Scene  # noqa: E402
 from dreamartist.trainer import Trainer, train_together  # noqa: E402
 
@@ -130,21 +130,6 @@ QUICK = Plan(concepts=CONCEPT_REFERENCES[:1], seeds=(0,), checkpoints=(10, 20), 
              sweep_step=20, sweep=(2.0, 4.0))
 
 
-@dataclass(frozen=True)
-class Run:
-    method: str
-    concept: int
-    seed: int
-
-    @property
-    def key(self) -> str:
-        return f"{self.method}-c{self.concept}-s{self.seed}"
-
-    @property
-    def unit(self) -> tuple[int, int]:
-        return self.concept, self.seed
-
-
 def prompts(reference: Scene, name: str, per_attribute: int) -> list[dict]:
     """Every prompt a run is scored on: {kind, text, attribute, value} (fidelity prompts have no attribute)."""
     out = [{"kind": kind, "text": line.replace("[name]", name), "attribute": None, "value": None}
@@ -155,13 +140,6 @@ def prompts(reference: Scene, name: str, per_attribute: int) -> list[dict]:
             text = CONTROL_PROMPT[attribute].format(value=value).replace("[name]", name)
             out.append({"kind": "edit", "text": text, "attribute": attribute, "value": value})
     return out
-
-
-def noise_for(unit: tuple[int, int], prompt: int, samples: int, shape: tuple[int, ...]) -> torch.Tensor:
-    """The starting noise of a unit's prompt: the same for every method, checkpoint and CFG."""
-    digest = hashlib.sha256(f"{unit}:{prompt}".encode()).digest()
-    generator = torch.Generator().manual_seed(int.from_bytes(digest[:7], "big"))
-    return torch.randn((samples, *shape), generator=generator)
 
 
 def figures(reference: Scene, read: torch.Tensor, scored: list[dict], samples: int) -> dict[str, float]:
@@ -186,20 +164,12 @@ def figures(reference: Scene, read: torch.Tensor, scored: list[dict], samples: i
     return out
 
 
-class Benchmark:
+class Benchmark(Bench):
     """The runs, their folders and the ledger of finished scores; ``run()`` does what is left."""
 
     def __init__(self, plan: Plan, work: Path, methods: dict[str, Method] | None = None, backend=None,
                  classifier=None, log=print):
-        from dreamartist.toyworld import load_backend, load_classifier
-
-        self.plan, self.work, self.log = plan, Path(work), log
-        self.methods = methods or METHODS
-        self.backend = backend if backend is not None else load_backend(device="cpu")
-        self.classifier = classifier if classifier is not None else load_classifier()
-        self.ledger = Ledger(self.work / "ledger.jsonl")
-        self.runs = [Run(m, c, s) for m in self.methods for c in range(len(plan.concepts)) for s in plan.seeds]
-        self.names = {run: f"toyobj{i}" for i, run in enumerate(self.runs)}  # distinct: they step together
+        super().__init__(plan, work, methods or METHODS, backend, classifier, log)
         self.seconds = {"training": 0.0, "sampling": 0.0}
 
     def spent(self, what: str, seconds: float) -> None:
@@ -210,9 +180,6 @@ class Benchmark:
                                                                "threads": torch.get_num_threads()})
 
     # -- training ---------------------------------------------------------------------------------------
-    def folder(self, run: Run) -> Path:
-        return self.work / "runs" / run.key
-
     def saved_step(self, run: Run) -> int:
         try:
             return int(pairfiles.load_pair(self.folder(run), self.names[run])[0].step or 0)
@@ -260,7 +227,7 @@ class Benchmark:
                 unit, reference = who, plan.concepts[who[0]]
                 name, negative, labels = f"{reference.colour} {reference.shape}", "", ("", "")
             for p, prompt in enumerate(prompts(plan.concepts[unit[0]], name, plan.values_per_attribute)):
-                noise = noise_for(unit, p, plan.samples, shape)
+                noise = unit_noise(unit, p, plan.samples, shape)
                 images += [(index, prompt["text"], negative, cfg, noise[s], labels) for s in range(plan.samples)]
         started = time.monotonic()
         reads = []
@@ -450,13 +417,7 @@ def plot(summary: dict, plan: Plan, path: Path) -> None:
                 ceiling = row["steps"]["0"][f]
                 ax.axhspan(ceiling["low"], ceiling["high"], color="grey", alpha=0.15, label=row["label"])
                 continue
-            xs = [s for s in plan.checkpoints if row["steps"][str(s)][f]["units"]]
-            if not xs:
-                continue
-            mean = [row["steps"][str(s)][f]["mean"] for s in xs]
-            ax.plot(xs, mean, marker="o", markersize=3, label=row["label"])
-            ax.fill_between(xs, [row["steps"][str(s)][f]["low"] for s in xs],
-                            [row["steps"][str(s)][f]["high"] for s in xs], alpha=0.12)
+            curve(ax, row, plan.checkpoints, f)
         ax.axhline(FIDELITY_OK if f == "fidelity" else CONTROL_OK, color="grey", linewidth=0.8, linestyle=":")
         ax.axvline(plan.sweep_step, color="grey", linewidth=0.6, linestyle="--")
         ax.set(xscale="log", xlim=(plan.checkpoints[0] * 0.8, plan.checkpoints[-1] * 1.25), ylim=(0, 1.02),
@@ -468,13 +429,7 @@ def plot(summary: dict, plan: Plan, path: Path) -> None:
     plt.close(figure)
 
 
-def check_ranges(summary: dict) -> None:
-    """Every mean and interval bound is a share in [0, 1] and every interval holds its mean: what --quick asserts."""
-    for m, row in summary["methods"].items():
-        for step, figs in row["steps"].items():
-            for f, interval in figs.items():
-                if interval["units"] and not 0 <= interval["low"] <= interval["mean"] <= interval["high"] <= 1:
-                    raise AssertionError(f"{m} at {step}: {f} {interval} is not an interval in [0, 1]")
+check_ranges = check_methods  # what --quick asserts
 
 
 def base(samples: int) -> dict[str, float]:
