@@ -175,3 +175,26 @@ def test_an_sdxl_model_is_told_in_one_comment_and_left_alone(host_v1101):
     assert list(p.comments) == [f"DreamArtist: {NAME} not applied: identity mode applies identities to SD 1.x and 2.x "
                                 "models for now."]
     assert "DreamArtist identity" not in processed.infotexts[0] and model is host_v1101.shared.sd_model
+
+
+def test_prompt_editing_weights_and_a_pairs_negative_compose_with_the_identity(hooked):
+    from fakehost.checks import write_pair
+
+    write_pair(hooked.embeddings_dir, "walle", seed=1)
+    hooked.module("modules.sd_hijack").model_hijack.embedding_db.load_textual_inversion_embeddings(force_reload=True)
+    p, processed, probe = generate(hooked, prompt=f"[a photo of ({NAME}:1.3), walle:a red cat:2]", steps=4)
+    # the webui's schedule: the first text through step 2 (0-based: three steps), the second after it
+    assert [split_rows(call) for call in probe.calls] == [[True, False]] * 3 + [[False, False]]
+    assert "walle-neg" in p.all_negative_prompts[0]
+    assert f"DreamArtist identity: {NAME}" in processed.infotexts[0]
+
+
+def test_an_sd2_model_gets_the_identity_through_its_openclip_encoder(host_v1101):
+    from extensions_builtin_compat import identities
+
+    model = host_v1101.load_model("sd2")
+    tokens = identity_tokens(model)
+    identityfiles.save_identity(identities.identities_dir(), NAME, tokens, {}, {"kv_split": True})
+    host_v1101.load_extension(REPO)
+    _, processed, probe = generate(host_v1101, prompt=f"a photo of {NAME}")
+    assert probe.calls and all(split_rows(call) == [True, False] for call in probe.calls)

@@ -214,3 +214,15 @@ def test_forge_refuses_identity_mode_in_one_sentence_and_still_trains_pairs(host
     pair = client.post("/dreamartist/v1/train", json={"image": b64(reference_image()), "name": "walle", **TINY,
                                                       "reconstruction": False})
     assert pair.status_code == 200, pair.text
+
+
+def test_an_sd2_model_trains_an_identity_for_its_openclip_encoder(host_v1101):
+    from dreamartist import identityfiles
+
+    host_v1101.load_model("sd2")
+    client = api_client(host_v1101)
+    response = client.post("/dreamartist/v1/train", json={"mode": "identity", "image": b64(reference_image()),
+                                                           "mask": b64(face_mask()), "name": "zqv", **TINY})
+    assert response.status_code == 200, response.text
+    saved = identityfiles.load_identity(identities_dir() / "zqv.identity.safetensors")
+    assert list(saved.tokens.tokens) == ["clip_h"] and saved.tokens.stages == 5
