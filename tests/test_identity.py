@@ -294,3 +294,28 @@ def test_bad_identity_options_are_one_line_before_the_model_loads(tmp_path, caps
     err = capsys.readouterr().err
     assert code == 2 and fragment in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "emb").exists()
+
+
+def test_an_sdxl_identity_has_stage_tokens_for_both_encoders_and_its_k_variant_gives_the_pooled_output(tmp_path):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    import tiny_sdxl
+
+    from dreamartist.backend import POOLED
+
+    xl = tiny_sdxl.backend(seed=0)
+    face = prepare_reference(Image.new("RGB", (64, 64), (200, 30, 30)), 64, 64)
+    result = IdentityTrainer(xl, _config(), [face], tmp_path).run()
+    tokens = identityfiles.load_identity(result.files[0]).tokens
+    assert {k: tuple(t.shape) for k, t in tokens.tokens.items()} == {
+        "clip_l": (5, 2, tiny_sdxl.L_WIDTH), "clip_g": (5, 2, tiny_sdxl.G_WIDTH)}
+    staged = StagedConditioning(xl, ["a photo of zqv"], {}, (), {"zqv": tokens})
+    cond, values = staged.at(700)
+    with torch.no_grad():
+        k = xl.encode(["a photo of zqv"], {"zqv": tokens.vectors(3, K)})
+        v = xl.encode(["a photo of zqv"], {"zqv": tokens.vectors(3, V)})
+    torch.testing.assert_close(cond.context, k.context)
+    torch.testing.assert_close(cond.extras[POOLED], k.extras[POOLED])
+    torch.testing.assert_close(values, v.context)
