@@ -87,6 +87,7 @@ METHODS: dict[str, Method] = {
     "id_onepair": Method("identity mode, one K/V pair", "identity", {"stages": 1}),
 }
 MASS_ROWS = ("ti", "id", "id_noattn", "id_onepair")
+MASS_PAIRS = (("id", "id_noattn"), ("id", "ti"))  # the attention loss's effect; identity mode against TI
 IDENTITY_PROMPTS = ("a photo of a [name]", "a picture of a [name]")
 EDIT_PROMPT = {"background": "a photo of a [name] on a {value} background",
                "pattern": "a photo of a [name] on a {value} background", "colour": "a photo of a [name] in {value}"}
@@ -334,6 +335,11 @@ def summarize(records: dict, plan: Plan, methods: dict[str, Method]) -> dict:
         if m in methods:
             summary["mass"][m] = {str(step): asdict(bootstrap(per_unit(records, m, step, "mass", units, "mass:")))
                                   for step in (0, *plan.checkpoints)}
+    summary["mass_differences"] = {
+        f"{a}-{b}": {str(step): asdict(paired(per_unit(records, a, step, "mass", units, "mass:"),
+                                              per_unit(records, b, step, "mass", units, "mass:")))
+                     for step in (0, *plan.checkpoints)}
+        for a, b in MASS_PAIRS if a in methods and b in methods}
     area = [float(object_mask(plan.concepts[c], 8).float().mean()) for c, _ in units]
     summary["mask_area"] = statistics.fmean(area)
     return summary
@@ -370,6 +376,9 @@ def tables(summary: dict, plan: Plan) -> str:
             "| method | " + " | ".join(f"step {s}" for s in steps) + " |", "|---|" + "---|" * len(steps)]
     for m, by_step in summary["mass"].items():
         out.append(f"| {summary['methods'][m]['label']} | " + " | ".join(_cell(by_step[s]) for s in steps) + " |")
+    for pair, by_step in summary["mass_differences"].items():
+        out.append(f"| difference {pair} | " + " | ".join(
+            _cell(by_step[s]) + (" *" if Interval(**by_step[s]).excludes_zero else "") for s in steps) + " |")
     if summary["cost"]:
         c = summary["cost"]
         out += ["", f"Cost of a training step, side by side ({c['device']}, {c['threads']} thread(s), 64 px): "
