@@ -3,9 +3,7 @@ attribute, its scores come from what was rendered, and its quick plan runs every
 writes every output where it is told (a temporary folder by default)."""
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 import tempfile
 from pathlib import Path
 
@@ -16,18 +14,6 @@ from PIL import Image
 from dreamartist.toyworld.world import ATTRIBUTES, held_out_scenes
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def editing():
-    spec = importlib.util.spec_from_file_location("editing_benchmark", ROOT / "benchmarks" / "editing.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    try:
-        spec.loader.exec_module(module)
-        yield module
-    finally:
-        sys.modules.pop(spec.name, None)
 
 
 @pytest.fixture(scope="module")

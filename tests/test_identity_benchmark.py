@@ -2,25 +2,11 @@
 attention mass and the cost, gives every figure in range, and a second call finds everything done in its ledger."""
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def identity_bench():
-    spec = importlib.util.spec_from_file_location("identity_benchmark", ROOT / "benchmarks" / "identity.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    try:
-        spec.loader.exec_module(module)
-        yield module
-    finally:
-        sys.modules.pop(spec.name, None)
 
 
 def test_the_quick_plan_scores_every_row_and_resumes_from_its_ledger(identity_bench, tmp_path, monkeypatch):
