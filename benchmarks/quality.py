@@ -357,7 +357,7 @@ def tables(summary: dict, plan: Plan) -> str:
     """Markdown: fidelity and control over the steps; every figure with its interval, and the paired differences,
     at the product's default and at the last checkpoint (or the last one done); the CFG sweep; the time spent."""
     done = done_steps(summary, plan)
-    shown = sorted({plan.sweep_step, plan.checkpoints[-1]} & set(done)) or done[-1:]
+    shown = sorted({plan.sweep_step, *done[-1:]} & set(done))
     out = [] if done == list(plan.checkpoints) else [
         f"**Partial**: scored so far at {', '.join(map(str, done)) or 'no checkpoint'} of "
         f"{', '.join(map(str, plan.checkpoints))} steps; `python benchmarks/quality.py` goes on from there.", ""]
