@@ -226,3 +226,16 @@ def test_an_sd2_model_trains_an_identity_for_its_openclip_encoder(host_v1101):
     assert response.status_code == 200, response.text
     saved = identityfiles.load_identity(identities_dir() / "zqv.identity.safetensors")
     assert list(saved.tokens.tokens) == ["clip_h"] and saved.tokens.stages == 5
+
+
+def test_previews_sample_with_the_identity_in_the_webui(host_v1101):
+    from dreamartist.images import face_reference
+    from extensions_builtin_compat import jobs
+
+    config = IdentityConfig(name="zqv", preview_every=1, **TINY)
+    seen = []
+    result = jobs.run_training(config, [face_reference(reference_image(), face_mask(), 64, 64)],
+                               on_progress=lambda progress: seen.append(progress.preview))
+    assert result.step == 2 and all(p is not None and p.size == (64, 64) for p in seen)
+    unet = host_v1101.shared.sd_model.model.diffusion_model
+    assert all("forward" not in m.__dict__ for m in unet.modules())  # the previews' control is gone too
