@@ -355,6 +355,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     from . import fileops, identityfiles, pairfiles
     from .fileops import walk_files
+    from .identity import IdentityTokens
     from .images import parameters_png_info
     from .pairing import add_partners
     from .prompts import WordFinder, words_used
@@ -388,7 +389,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         if name in identity_files and name not in files:
             identity = identityfiles.load_identity(identity_files[name])
             identityfiles.check_compatible(identity, backend.embedding_dims)
-            identities[name] = identityfiles.IdentityTokens(
+            identities[name] = IdentityTokens(
                 {k: v.to(backend.device) for k, v in identity.tokens.tokens.items()})
             words[name] = identities[name].vectors(0, 0)  # a carrier: each step puts its stage's tokens there
             continue

@@ -82,12 +82,16 @@ class IdentityObjective:
                 self._references[line] = self.backend.encode([fill(line, self.config.class_word)]).context.detach()
         return self._references[line]
 
-    def loss(self, params: Params, references: list, generator: torch.Generator) -> torch.Tensor:
+    def loss(self, params: Params, references: list, generator: torch.Generator,
+             latents: torch.Tensor | None = None) -> torch.Tensor:
+        """One micro-batch's loss; ``latents`` are the references' own, encoded once by the run, which serve where
+        augmentation is off (with it on, each step encodes its own augmented copy)."""
         backend, config, b = self.backend, self.config, len(references)
         device = backend.device
-        pixels = torch.stack([augment(r.pixels, generator) if config.augment else r.pixels for r in references])
-        with torch.no_grad():
-            latents = backend.vae_encode(pixels.to(device))
+        if config.augment or latents is None:
+            pixels = torch.stack([augment(r.pixels, generator) if config.augment else r.pixels for r in references])
+            with torch.no_grad():
+                latents = backend.vae_encode(pixels.to(device))
         lines = torch.randint(0, len(self.templates), (b,), generator=generator).tolist()
         T = backend.alphas_cumprod.shape[0]
         t = torch.randint(0, T, (b,), generator=generator)
@@ -176,7 +180,9 @@ class IdentityTrainer(Trainer):
         total = 0.0
         for _ in range(self.config.grad_accum):
             picks = torch.randint(0, len(self.references), (self.config.batch_size,), generator=self.generator)
-            loss = self.objective.loss(self.params, [self.references[i] for i in picks.tolist()], self.generator)
+            picked = picks.tolist()
+            loss = self.objective.loss(self.params, [self.references[i] for i in picked], self.generator,
+                                       torch.cat([self.latents[i] for i in picked]))
             value = float(loss.detach())
             if not torch.isfinite(loss.detach()):
                 raise _NonFinite(f"The loss became {value}")

@@ -21,7 +21,7 @@ from safetensors.torch import save as safetensors_bytes
 from . import pairfiles
 from .errors import InputError
 from .fileops import walk_files, write_together
-from .identity import IdentityTokens, stage_bounds  # noqa: F401 (IdentityTokens: part of this module's API)
+from .identity import IdentityTokens, stage_bounds
 from .names import validate_name
 
 SUFFIX = ".identity.safetensors"

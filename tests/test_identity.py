@@ -173,11 +173,17 @@ def test_the_attention_loss_gradient_reaches_the_module_and_only_the_module(rand
     assert all(p.grad is None for p in model)
 
 
-def test_without_the_attention_loss_no_map_is_formed(random_backend, face, tmp_path):
-    trainer = IdentityTrainer(random_backend, _config(attention_weight=0.0), [face], tmp_path)
+@pytest.mark.parametrize("weight, maps_formed", [(0.0, False), (0.003, True)])
+def test_the_attention_maps_are_formed_only_with_the_attention_loss(random_backend, face, tmp_path, monkeypatch,
+                                                                    weight, maps_formed):
+    formed = []
+    probabilities = IdentityControl.probabilities
+    monkeypatch.setattr(IdentityControl, "probabilities",
+                        lambda self, site, probs: formed.append(site.layer) or probabilities(self, site, probs))
+    trainer = IdentityTrainer(random_backend, _config(attention_weight=weight), [face], tmp_path)
     trainer.run()
-    assert trainer.objective.last_terms[1] == 0.0
-    assert IdentityControl(levels=frozenset({1})).wants_probabilities(_site(1, _Layer())) is False
+    assert bool(formed) is maps_formed  # no explicit softmax (and no extra cost) without the loss
+    assert (trainer.objective.last_terms[1] > 0) is maps_formed
 
 
 # -- the run, the files, resume ------------------------------------------------------------------------------
