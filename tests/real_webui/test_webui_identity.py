@@ -150,3 +150,15 @@ def test_the_tab_trains_an_identity_in_chromium(browser, webui, reference_png, o
     assert saw_bar, "the webui's progress bar (.progressDiv) never showed"
     assert (webui.folder / "models" / "dreamartist-identities" / "da_tab_face.identity.safetensors").is_file()
     assert errors == []
+
+
+def test_the_forge_family_refuses_identity_mode_in_one_sentence(webui, reference_image):
+    if webui.version not in FORGE:
+        pytest.skip(f"webui {webui.version} trains identities (the other tests)")
+    reply = webui.post("/dreamartist/v1/train", {"mode": "identity", "image": png_base64(reference_image),
+                                                 "mask": png_base64(face_mask()), "name": NAME, "steps": 1,
+                                                 "width": 64, "height": 64})
+    assert reply.status == 501, reply
+    detail = reply.detail
+    assert detail.endswith(".") and "identity mode" in detail.lower(), detail
+    assert not (webui.folder / "models" / "dreamartist-identities").exists()
