@@ -156,11 +156,24 @@ def _acts_on(label: Label, adapter_id: str) -> bool:
 @contextlib.contextmanager
 def installed(layers: Mapping[str, torch.nn.Module], adapters: Mapping[str, tuple[Adapter, float]],
               dropout: float = 0.0, training: bool = False) -> Iterator[None]:
+    """``hooked`` for a block of model calls that a checkpointed block may recompute in the backward pass, after the
+    block has ended (``checkpoint`` installs them again for it): a training step."""
+    token = _installs.set((*_installs.get(), (layers, adapters, dropout, training)))
+    try:
+        with hooked(layers, adapters, dropout, training):
+            yield
+    finally:
+        _installs.reset(token)
+
+
+@contextlib.contextmanager
+def hooked(layers: Mapping[str, torch.nn.Module], adapters: Mapping[str, tuple[Adapter, float]],
+           dropout: float = 0.0, training: bool = False) -> Iterator[None]:
     """Forward hooks on ``layers`` adding each adapter's delta (times its strength) to the rows labelled with
     its id: ``adapters`` maps an id to (adapter, strength). Rows without a label, and calls made with no
-    labels at all, are left alone. Every hook is removed when the block ends."""
+    labels at all, are left alone. Every hook is removed when the block ends, in whatever thread it ends (a
+    generation's hooks may be removed by the next generation's request)."""
     handles = []
-    token = _installs.set((*_installs.get(), (layers, adapters, dropout, training)))
     try:
         for name, layer in layers.items():
             acting = [(adapter_id, adapter[name], strength) for adapter_id, (adapter, strength) in adapters.items()
@@ -171,7 +184,6 @@ def installed(layers: Mapping[str, torch.nn.Module], adapters: Mapping[str, tupl
     finally:
         for handle in handles:
             handle.remove()
-        _installs.reset(token)
 
 
 def _batch_dim(output: torch.Tensor, rows: int) -> int:

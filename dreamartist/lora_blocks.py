@@ -57,17 +57,20 @@ class _Blocks(torch.autograd.Function):
         h = _scaled_bmm(x_used.reshape(n, -1, x.shape[-1]), down.transpose(1, 2), scale)
         rows = output.reshape(n, -1, output.shape[-1])
         ctx.seed = seeded_dropout.new_seed() if levels < seeded_dropout.LEVELS else None
+        # the result is a tensor of its own, not a view: a host may add its residual onto it in place (Forge Neo's
+        # feed-forward output), which autograd forbids on a view made inside a custom Function
+        result = output.new_empty(output.shape)
+        added = result.view(rows.shape)
         if ctx.seed is None:
-            added = torch.baddbmm(rows, h, up.transpose(1, 2))
+            torch.baddbmm(rows, h, up.transpose(1, 2), out=added)
         else:
-            update = torch.bmm(h, up.transpose(1, 2))
-            # into the update's own memory: one tensor of the output's size fewer at once
-            added = torch.addcmul(rows, update, seeded_dropout.kept(update, levels, ctx.seed), out=update)
+            torch.bmm(h, up.transpose(1, 2), out=added)  # the update in the result's memory, then the rows added
+            torch.addcmul(rows, added, seeded_dropout.kept(added, levels, ctx.seed), out=added)
         ctx.plan, ctx.x_meta, ctx.kept = plan, (x.shape, x.dtype), len(kept)
         # the weights uncast, their casts made again in the backward pass rather than kept through the step (the
         # adapters' size in the model's dtype, per branch); the input as multiplied, where it cannot be made again
         ctx.save_for_backward(h, *downs, *ups, *(kept if make else [x_used]))
-        return added.view(output.shape)
+        return result
 
     @staticmethod
     def backward(ctx, grad):

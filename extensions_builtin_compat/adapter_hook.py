@@ -1,6 +1,6 @@
-"""PN adapters at generation time (webui 1.6-1.10, SD1/SD2/SDXL): phi^p on the cond rows and phi^n on the uncond rows
-of every UNet call of the CFG denoiser, for the images whose prompt uses the pair; phi^p on the text-encoder rows
-of prompts that use S^p, phi^n on those of negative prompts that carry S^n ("pair" mode).
+"""PN adapters at generation time (webui 1.6-1.10 and the Forge family, SD1/SD2/SDXL): phi^p on the cond rows and
+phi^n on the uncond rows of every UNet call of the CFG denoiser, for the images whose prompt uses the pair; phi^p on
+the text-encoder rows of prompts that use S^p, phi^n on those of negative prompts that carry S^n ("pair" mode).
 
 Modes: "pair" keeps S^n on the negative side and adds phi^n; "DA++" puts NAME + phi^p on the cond side and phi^n
 alone on the uncond side (no S^n). In DA++ the negative prompt has no S^n to attach phi^n's text-encoder part
@@ -11,7 +11,9 @@ Which UNet rows are cond and which uncond: the denoiser's layout (``on_cfg_denoi
 one per AND sub-prompt, then one uncond row per image) and a cursor over the rows of its UNet calls, which come
 in increasing row order in every batching the webui uses (one call; batch_cond_uncond off; a separate uncond
 call for prompts of other lengths; uncond skipped). An extension that calls the UNet more often within one
-denoiser step (tiled diffusion) breaks that order; the rows then go unlabelled and no adapter acts.
+denoiser step (tiled diffusion) breaks that order; the rows then go unlabelled and no adapter acts. The Forge
+family's samplers say it themselves: each UNet call carries ``cond_or_uncond`` in its transformer_options, one
+entry per chunk of one row per image.
 """
 from __future__ import annotations
 
@@ -21,12 +23,13 @@ import os
 import secrets
 from dataclasses import dataclass, field
 
+import torch
 from modules import prompt_parser
 
 from dreamartist import adapters, pairfiles
 
 from . import embeddings, host, host_pairing
-from .host_backend import layers_of, text_encoders
+from .host_backend import layers_of, text_encoders, unet_of
 
 MODES = ("pair", "DA++", "off")
 log = logging.getLogger("dreamartist")
@@ -79,13 +82,32 @@ class GenerationAdapters:
                 for branch, strength in (("pos", pos), ("neg", neg)):
                     if f"{part}_{branch}" in groups:
                         acting[self.id(pair, branch)] = (adapters.unflatten(groups[f"{part}_{branch}"]), strength)
-            self.stack.enter_context(adapters.installed(layers[part], acting))
-        labelled = [(model.model.diffusion_model, self._label_unet_call)]
+            self.stack.enter_context(adapters.hooked(layers[part], acting))
+        labelled = [(unet_of(model), self._label_unet_call)]
         labelled += [(encoder, self._label_text_call) for encoder in text_encoders(model).values()]  # SDXL: two
         for module, before in labelled:
-            handles = (module.register_forward_pre_hook(before), module.register_forward_hook(self._unlabel))
+            handles = (module.register_forward_pre_hook(before, with_kwargs=True),
+                       module.register_forward_hook(self._unlabel))
             self.stack.callback(lambda hs=handles: [h.remove() for h in hs])
         self._tokens: list = []
+        self.texts: list[str] | None = None  # the prompts being encoded, where the encoder sees token ids only
+        if host.runs_forge_engine(model):
+            self._watch_prompts(model)
+
+    def _watch_prompts(self, model) -> None:
+        """Forge's engines (Neo) give their transformer token ids, not prompts: for the generation, the model's
+        get_learned_conditioning (the one entry point of a generation's prompts) notes which prompts it encodes."""
+        original = model.get_learned_conditioning
+
+        def get_learned_conditioning(texts):
+            self.texts = texts
+            try:
+                return original(texts)
+            finally:
+                self.texts = None
+
+        model.get_learned_conditioning = get_learned_conditioning  # shadows the method on this instance only
+        self.stack.callback(vars(model).pop, "get_learned_conditioning", None)
 
     def id(self, pair: str, branch: str) -> str:
         return f"{pair}:{branch}@{self.tag}"
@@ -116,11 +138,27 @@ class GenerationAdapters:
         self.cursor += count
         return labels
 
-    def _label_unet_call(self, module, args, kwargs=None):
-        self._push(self._unet_labels(args[0].shape[0]))
+    def _chunk_labels(self, count: int, chunks: list[int]) -> list[frozenset] | None:
+        """The Forge family's samplers: a UNet call is whole chunks of one row per image of the batch, chunk k of
+        the cond (0) or uncond (1) branch as its transformer_options' ``cond_or_uncond`` says (one cond chunk per
+        AND sub-prompt)."""
+        images = len(self.batch)
+        if not images or count != len(chunks) * images:
+            return None
+        return [frozenset(self.id(pair, "neg" if chunk else "pos") for pair in self.batch[image])
+                for chunk in chunks for image in range(images)]
 
-    def _label_text_call(self, module, args, kwargs=None):
-        texts = args[0]
+    def _label_unet_call(self, module, args, kwargs):
+        count = (args[0] if args else kwargs["x"]).shape[0]
+        chunks = (kwargs.get("transformer_options") or {}).get("cond_or_uncond")
+        self._push(self._unet_labels(count) if chunks is None else self._chunk_labels(count, chunks))
+
+    def _label_text_call(self, module, args, kwargs):
+        texts = args[0] if args and not torch.is_tensor(args[0]) else self.texts
+        rows = args[0].shape[0] if args and torch.is_tensor(args[0]) else None
+        if texts is None or (rows is not None and rows != len(texts)):
+            self._push(None)
+            return
         side = "neg" if getattr(texts, "is_negative_prompt", False) else "pos"
         self._push([self._text_label(text, side) for text in texts])
 
@@ -143,15 +181,16 @@ class GenerationAdapters:
             self._tokens.pop().__exit__(None, None, None)
 
     def close(self) -> None:
-        while self._tokens:
-            self._tokens.pop().__exit__(None, None, None)
+        while self._tokens:  # labels a failed UNet call left: set in its request's context, gone with it
+            with contextlib.suppress(ValueError):
+                self._tokens.pop().__exit__(None, None, None)
         self.stack.close()
 
 
 def plan_for(p, mode: str, strengths: tuple[float, float]) -> Plan | None:
     """The adapters this generation uses (None when there are none, or the mode is off)."""
     encoder = host_pairing.prompt_encoder(p.sd_model)
-    if mode == "off" or encoder is None or not host.runs_webui_modules(p.sd_model) or not any(
+    if mode == "off" or encoder is None or not any(
             getattr(p.sd_model, f"is_{family}", False) for family in ("sd1", "sd2", "sdxl")):
         return None
     partners = {name.lower(): partner for name, partner in embeddings.partners().items()}

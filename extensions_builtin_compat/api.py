@@ -93,9 +93,7 @@ async def train(request: Request) -> dict:
 def _mode_unsupported_reason(config: TrainConfig | IdentityConfig) -> str | None:
     """Why this webui cannot train ``config``'s mode, checked before the request waits; the loaded model is judged in
     its turn (jobs.run_training)."""
-    if isinstance(config, IdentityConfig):
-        return host.identity_unsupported_reason()
-    return host.adapters_unsupported_reason(config.adapters)
+    return host.identity_unsupported_reason() if isinstance(config, IdentityConfig) else None
 
 
 def _references(config: TrainConfig | IdentityConfig, image: bytes, mask: bytes | None) -> list:

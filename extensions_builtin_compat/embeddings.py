@@ -15,9 +15,6 @@ from dreamartist.pairfiles import EMBEDDING_EXTS, list_pairs, load_pair, load_st
 from . import host
 
 FIELD_NAMES = {f.name for f in fields()}
-FORGE_ENGINES = ("text_processing_engine", "text_processing_engine_l", "text_processing_engine_g")
-
-
 def embeddings_dir() -> Path:
     return Path(shared.cmd_opts.embeddings_dir)
 
@@ -34,7 +31,7 @@ def databases() -> list:
     if db is not None:
         return [db]
     model = host.loaded_model()
-    return [getattr(model, name).embeddings for name in FORGE_ENGINES if hasattr(model, name)]
+    return [engine.embeddings for engine in host.text_engines(model)]
 
 
 def refresh() -> None:

@@ -42,8 +42,9 @@ def _is_model(model) -> bool:
 
 
 def runs_webui_modules(model) -> bool:
-    """Whether generation runs ``model``'s own ldm/sgm modules, where the PN adapters hook in. The Forge family
-    (Classic, reForge, Neo) samples through its backend's patchers instead: the adapters are off there."""
+    """Whether generation runs ``model``'s own ldm/sgm modules through the webui's CFG denoiser, where the attention
+    control of BARET and identities hooks in. The Forge family (Classic, reForge, Neo) samples through its backend's
+    patchers and attention functions instead."""
     return getattr(model, "forge_objects", None) is None
 
 
@@ -66,11 +67,16 @@ def host_unsupported_reason() -> str | None:
 TEXT_ENGINES = ("text_processing_engine", "text_processing_engine_l", "text_processing_engine_g")
 
 
+def text_engines(model) -> list:
+    """The text engines of a model Forge's own backend loaded (one for SD1, CLIP-L's and CLIP-G's for SDXL), in the
+    order their outputs are concatenated; none on other models."""
+    return [engine for name in TEXT_ENGINES if (engine := getattr(model, name, None)) is not None]
+
+
 def runs_forge_engine(model) -> bool:
     """Whether ``model`` is one Forge's own backend loaded (Forge Neo, original Forge): its prompts go through the
     backend's text engines and there is no webui model object around its UNet."""
-    return getattr(getattr(model, "model", None), "diffusion_model", None) is None and \
-        any(getattr(model, name, None) is not None for name in TEXT_ENGINES)
+    return getattr(getattr(model, "model", None), "diffusion_model", None) is None and bool(text_engines(model))
 
 
 def adds_residuals_in_place(block: torch.nn.Module) -> bool:
@@ -87,19 +93,6 @@ def _inplace_source(block_class: type) -> bool:
     except (OSError, TypeError):  # no source to read: assume the common, out-of-place form
         return False
     return re.search(r"\bx\s*\+=\s*n\b", source) is not None
-
-
-def adapters_unsupported_reason(wanted: bool) -> str | None:
-    """Why the PN adapters a run ``wanted`` cannot be trained here, in one sentence; None when they can (or are not
-    wanted). A Forge-family webui samples through its backend's patchers, where the adapters do not act
-    (runs_webui_modules)."""
-    if not wanted:
-        return None
-    model = loaded_model()
-    if is_forge() or (model is not None and not runs_webui_modules(model)):
-        return ("PN adapters are not supported in Forge-family webuis yet (they would not act at generation there); "
-                "turn off \"PN adapters\" to train the pair alone.")
-    return None
 
 
 IDENTITY_NOT_IN_FORGE = ("Identity mode is not supported in Forge-family webuis yet (their backend's attention "
@@ -125,8 +118,6 @@ def model_unsupported_reason(model) -> str | None:
     engine_model = forge_model and runs_forge_engine(model)
     if forge_model and not engine_model and getattr(getattr(model, "model", None), "diffusion_model", None) is None:
         return "This model was loaded by Forge's backend without a text engine or UNet to train on; reload it."
-    if forge_model and (getattr(model, "is_sdxl", False) or hasattr(model, "conditioner")):
-        return "SDXL training in Forge-family webuis is not supported yet; load an SD1.x or SD2.x checkpoint to train."
     if getattr(model, "is_sdxl", False) or hasattr(model, "conditioner"):
         reason = sdxl_unsupported_reason(model)
         if reason:
@@ -147,12 +138,17 @@ def model_unsupported_reason(model) -> str | None:
 
 def sdxl_unsupported_reason(model) -> str | None:
     """Why an SDXL-family model cannot be trained on (the refiner, inpainting UNets), or None for the base."""
-    embedders = list(getattr(getattr(model, "conditioner", None), "embedders", []))
-    keys = [getattr(embedder, "input_key", None) for embedder in embedders]
-    if keys.count("txt") != 2 or "aesthetic_score" in keys:
+    if runs_forge_engine(model):  # Forge's backend: the refiner has CLIP-G's engine alone
+        base = [getattr(engine, "embedding_key", None) for engine in text_engines(model)] == ["clip_l", "clip_g"]
+        unet = getattr(getattr(getattr(model.forge_objects, "unet", None), "model", None), "diffusion_model", None)
+    else:
+        keys = [getattr(embedder, "input_key", None)
+                for embedder in getattr(getattr(model, "conditioner", None), "embedders", [])]
+        base = keys.count("txt") == 2 and "aesthetic_score" not in keys
+        unet = getattr(getattr(model, "model", None), "diffusion_model", None)
+    if not base:
         return ("SDXL refiner checkpoints cannot be trained on: the refiner has no CLIP-L text encoder and only "
                 "finishes the base model's images; load the SDXL base checkpoint (or a model made from it).")
-    unet = getattr(getattr(model, "model", None), "diffusion_model", None)
     conv_in = next((m for m in unet.modules() if isinstance(m, torch.nn.Conv2d)), None) if unet is not None else None
     if getattr(model, "is_sdxl_inpaint", False) or (conv_in is not None and conv_in.in_channels != 4):
         return ("SDXL inpainting checkpoints cannot be trained on; load the SDXL base checkpoint (or a model made "

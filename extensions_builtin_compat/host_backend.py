@@ -43,10 +43,21 @@ def model_family(sd_model) -> str:
     return "sdxl" if getattr(sd_model, "is_sdxl", False) else "sd2" if getattr(sd_model, "is_sd2", False) else "sd1"
 
 
+def unet_of(sd_model) -> torch.nn.Module:
+    """The UNet module generation runs: the webui model's (reForge and Forge Classic share theirs with their
+    backend's patcher), or, on a model Forge's own backend loaded (Neo), that of its UNet patcher."""
+    if host.runs_forge_engine(sd_model):
+        return sd_model.forge_objects.unet.model.diffusion_model
+    return sd_model.model.diffusion_model
+
+
 def text_encoders(sd_model) -> dict[str, torch.nn.Module]:
-    """The webui's prompt encoders of a loaded model by encoder key: SD1/SD2's cond_stage_model; SDXL's conditioner
+    """The prompt encoders of a loaded model by encoder key: SD1/SD2's cond_stage_model; SDXL's conditioner
     embedders, each known by the key its EmbeddingsWithFixes splices ("clip_l", "clip_g"), in the conditioner's
-    order (the order in which their outputs are concatenated)."""
+    order (the order in which their outputs are concatenated); on a model Forge's own backend loaded (Neo), the
+    transformer each text engine runs on its token ids."""
+    if host.runs_forge_engine(sd_model):
+        return {engine.embedding_key: engine.text_encoder.transformer for engine in host.text_engines(sd_model)}
     family = model_family(sd_model)
     if family != "sdxl":
         (key,) = FAMILIES[family].widths
@@ -295,29 +306,34 @@ def forge_parts_loaded(sd_model, inference: bool = False) -> Iterator[None]:
 def normal_weights(*modules: torch.nn.Module) -> Iterator[None]:
     """Weights that a generation created, moved or LoRA-patched under torch.inference_mode are inference tensors,
     which backward cannot save ("Inference tensors cannot be saved for backward"): for the run, each such Parameter
-    or buffer of ``modules`` is replaced by a normal clone (a tensor shared by several modules by one clone), and the
-    original objects are put back after, so the host's memory manager and LoRA backups find their own tensors."""
+    or buffer of ``modules`` is replaced by a normal tensor over the same memory (a copy would hold the model twice,
+    which an fp32 SDXL does not fit; the weights are frozen, so nothing writes through it), and the original objects
+    are put back after, so the host's memory manager and LoRA backups find their own tensors."""
     swapped: list[tuple[dict, str, torch.Tensor]] = []
-    clones: dict[int, torch.Tensor] = {}
+    aliases: dict[int, torch.Tensor] = {}
     try:
-        with torch.inference_mode(False), torch.no_grad():
-            for owner in (m for module in modules for m in module.modules()):
-                for table in (owner._parameters, owner._buffers):
-                    for name, tensor in list(table.items()):
-                        if tensor is None or not tensor.is_inference():
-                            continue
-                        clone = clones.get(id(tensor))
-                        if clone is None:
-                            clone = tensor.clone()
-                            if isinstance(tensor, torch.nn.Parameter):
-                                clone = torch.nn.Parameter(clone, requires_grad=tensor.requires_grad)
-                            clones[id(tensor)] = clone
-                        swapped.append((table, name, tensor))
-                        table[name] = clone
+        for owner in (m for module in modules for m in module.modules()):
+            for table in (owner._parameters, owner._buffers):
+                for name, tensor in list(table.items()):
+                    if tensor is None or not tensor.is_inference():
+                        continue
+                    if id(tensor) not in aliases:  # a tensor several modules share stays shared
+                        aliases[id(tensor)] = _normal_alias(tensor)
+                    swapped.append((table, name, tensor))
+                    table[name] = aliases[id(tensor)]
         yield
     finally:
         for table, name, tensor in reversed(swapped):
             table[name] = tensor
+
+
+def _normal_alias(tensor: torch.Tensor) -> torch.Tensor:
+    """A tensor made outside inference mode over ``tensor``'s storage: the same memory, without the inference flag."""
+    with torch.inference_mode(False), torch.no_grad():
+        alias = tensor.new_empty(0).set_(tensor.untyped_storage(), tensor.storage_offset(), tensor.shape,
+                                         tensor.stride())
+    return torch.nn.Parameter(alias, requires_grad=tensor.requires_grad) if isinstance(tensor, torch.nn.Parameter) \
+        else alias
 
 
 def _copied_inputs(module: torch.nn.Module, args: tuple) -> tuple:
@@ -370,8 +386,9 @@ def attention_with_backward() -> Iterator[None]:
 
 
 def layers_of(sd_model) -> dict[str, dict[str, torch.nn.Module]]:
-    """The adapter layers of a loaded model, by canonical name (ldm's, sgm's and OpenCLIP's modules mapped)."""
-    unet = named_layers(sd_model.model.diffusion_model.named_modules(), unet_name)
+    """The adapter layers of a loaded model, by canonical name (ldm's, sgm's, OpenCLIP's and Forge's backend's
+    modules mapped)."""
+    unet = named_layers(unet_of(sd_model).named_modules(), unet_name)
     text = text_layers(text_encoders(sd_model))
     return {adapters.UNET: adapters.target_layers(unet, adapters.UNET),
             adapters.TEXT: adapters.target_layers(text, adapters.TEXT)}
@@ -415,6 +432,10 @@ def ldm_checkpointing_off(unet: torch.nn.Module) -> Iterator[None]:
             setattr(module, flag, value)
 
 
+def _on_a_copy(function, x: torch.Tensor, *args, **kwargs):
+    return function(x.clone(), *args, **kwargs)
+
+
 @contextlib.contextmanager
 def checkpointed_blocks(unet: torch.nn.Module, enabled: bool) -> Iterator[None]:
     """Gradient checkpointing without touching any class: each block gets an instance ``forward`` that runs its
@@ -423,7 +444,10 @@ def checkpointed_blocks(unet: torch.nn.Module, enabled: bool) -> Iterator[None]:
     blocks = [m for m in unet.modules() if _checkpointable(m) and "forward" not in m.__dict__] if enabled else []
     try:
         for block in blocks:
-            block.forward = functools.partial(adapters.checkpoint, block._forward)
+            run = block._forward
+            if host.adds_residuals_in_place(block):  # onto its own input, which the recomputation starts from
+                run = functools.partial(_on_a_copy, run)
+            block.forward = functools.partial(adapters.checkpoint, run)
         yield
     finally:
         for block in blocks:

@@ -1,9 +1,10 @@
-"""The Backend protocol over an SD1 model that Forge's own backend loaded (Forge Neo, original Forge), reusing the
-loaded weights: prompts through the model's text-processing engine with the learned words registered in that
-engine's embedding database (Forge's CLIPEmbeddingForTextualInversion splices ``vec`` in, so gradients reach it),
-the UNet called directly for its eps or v output, the VAE's own encoder (the posterior mean; Forge's encode samples
-it) and decoder. What Forge's loading leaves in the way of a backward pass is changed for the run only: inference
-weights, in-place residuals, attention kernels without a backward (host_backend's contexts).
+"""The Backend protocol over an SD1 or SDXL model that Forge's own backend loaded (Forge Neo, original Forge), reusing
+the loaded weights: prompts through the model's text-processing engines (SDXL: CLIP-L's and CLIP-G's) with the
+learned words registered in each engine's embedding database (Forge's CLIPEmbeddingForTextualInversion splices
+``vec`` in, so gradients reach it), the UNet called directly for its eps or v output (SDXL: with the "vector"
+Forge's conditioning builds), the VAE's own encoder (the posterior mean; Forge's encode samples it) and decoder.
+What Forge's loading leaves in the way of a backward pass is changed for the run only: inference weights, in-place
+residuals, attention kernels without a backward (host_backend's contexts).
 """
 from __future__ import annotations
 
@@ -14,11 +15,22 @@ from collections.abc import Iterator
 import torch
 from modules import devices
 
-from dreamartist import adapters
-from dreamartist.backend import EPSILON, V_PREDICTION, Conditioning, PatchSlot, WordVectors, checked_words, frozen
+from dreamartist import adapters, size_conditioning
+from dreamartist.backend import (
+    EPSILON,
+    POOLED,
+    TIME_IDS,
+    V_PREDICTION,
+    Conditioning,
+    PatchSlot,
+    WordVectors,
+    checked_words,
+    frozen,
+)
 from dreamartist.errors import ModelError
 from dreamartist.families import FAMILIES
 
+from . import host
 from .host_backend import (
     MAX_INIT_TOKENS,
     attention_with_backward,
@@ -26,6 +38,7 @@ from .host_backend import (
     checkpointed_blocks,
     float32_weights,
     forge_parts_loaded,
+    layers_of,
     ldm_checkpointing_off,
     normal_weights,
     norms_read_copies,
@@ -48,16 +61,17 @@ class ForgeBackend(PatchSlot):
 
     def __init__(self, sd_model=None):
         model = self.sd_model = trainable_model(sd_model)
-        self.family = "sd1"
+        self.family = "sdxl" if getattr(model, "is_sdxl", False) else "sd1"
         self.image_size = FAMILIES[self.family].size
-        self.engine = model.text_processing_engine
-        self.table = _token_table(self.engine)
-        self.key = self.engine.embedding_key
-        self.embedding_dims = {self.key: self.table.weight.shape[1]}
+        # key -> engine in the order their states are concatenated (SDXL: CLIP-L's, then CLIP-G's)
+        self.engines = {engine.embedding_key: engine for engine in host.text_engines(model)}
+        self.tables = {key: _token_table(engine) for key, engine in self.engines.items()}
+        self.embedding_dims = {key: table.weight.shape[1] for key, table in self.tables.items()}
         objects = model.forge_objects_original or model.forge_objects
         self.kmodel = objects.unet.model
         self.first_stage = objects.vae.first_stage_model
         self.text_encoder = objects.clip.cond_stage_model
+        self.size_embedder = getattr(model, "embedder", None)  # SDXL: each size number's sinusoidal embedding
         predictor = self.kmodel.predictor
         self.prediction_type = V_PREDICTION if predictor.prediction_type == "v_prediction" else EPSILON
         self.alphas_cumprod = predictor.alphas_cumprod.detach().to("cpu", torch.float32).clone()
@@ -68,42 +82,60 @@ class ForgeBackend(PatchSlot):
 
     # -- text ----------------------------------------------------------------------------------------
     def word_vectors(self, text: str) -> dict[str, torch.Tensor]:
-        ids = self.engine.tokenize([text])[0][:MAX_INIT_TOKENS]
-        return {self.key: self.table.wrapped.weight.detach()[ids].float().cpu().clone()}
+        return {key: self.tables[key].wrapped.weight.detach()[engine.tokenize([text])[0][:MAX_INIT_TOKENS]]
+                .float().cpu().clone() for key, engine in self.engines.items()}
 
     def eos_vector(self) -> dict[str, torch.Tensor]:
-        return {self.key: self.table.wrapped.weight.detach()[self.engine.id_end].float().cpu().clone()}
+        return {key: self.tables[key].wrapped.weight.detach()[engine.id_end].float().cpu().clone()
+                for key, engine in self.engines.items()}
 
     def _embedding(self, name: str, vector: dict[str, torch.Tensor]):
-        embedding = importlib.import_module("backend.text_processing.textual_inversion").Embedding(vector[self.key],
-                                                                                                 name)
-        embedding.vectors, embedding.shape = vector[self.key].shape[0], vector[self.key].shape[1]
+        """An Embedding as Forge's loader makes one: SD1's tensor, or SDXL's {"clip_l", "clip_g"} dict (each engine
+        splices its own key) with the widths summed as its shape."""
+        vec = vector if len(self.engines) > 1 else next(iter(vector.values()))
+        embedding = importlib.import_module("backend.text_processing.textual_inversion").Embedding(vec, name)
+        embedding.vectors = next(iter(vector.values())).shape[0]
+        embedding.shape = sum(v.shape[1] for v in vector.values())
         return embedding
 
     def encode(self, prompts: list[str], words: WordVectors | None = None, branches: tuple = ()) -> Conditioning:
-        """The engine's prompt encoding with ``words`` as temporary embeddings; differentiable in those only."""
+        """The engines' prompt encoding with ``words`` as temporary embeddings; differentiable in those only. SDXL:
+        both engines' states side by side, and CLIP-G's pooled output of the first chunk, as its conditioning
+        does."""
         if branches and len(branches) != len(prompts):
             raise ValueError(f"{len(branches)} branches for {len(prompts)} prompts")
-        db = self.engine.embeddings
         embeddings = {name: self._embedding(name, vector)
                       for name, vector in checked_words(words or {}, self.embedding_dims).items()}
-        first_id = lambda name: self.engine.tokenize([name])[0][0]  # noqa: E731
-        with registered_in(db, embeddings, first_id, db.register_embedding):
-            cond = Conditioning(context=self._encoded(list(prompts)).float())
+        contexts, pooled = [], None
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(adapters.row_labels(branches or None))
+            for engine in self.engines.values():
+                db = engine.embeddings
+                first_id = lambda name, engine=engine: engine.tokenize([name])[0][0]  # noqa: E731
+                stack.enter_context(registered_in(db, embeddings, first_id, db.register_embedding))
+            for engine in self.engines.values():
+                context, first_pooled = self._encoded(engine, list(prompts))
+                contexts.append(context)
+                pooled = first_pooled if first_pooled is not None else pooled
+        length = max(c.shape[1] for c in contexts)  # Forge pads the shorter engine's states with zeros
+        contexts = [torch.cat([c, c.new_zeros(c.shape[0], length - c.shape[1], c.shape[2])], dim=1) for c in contexts]
+        cond = Conditioning(context=torch.cat(contexts, dim=2).float(),
+                            extras={} if pooled is None else {POOLED: pooled.float()})
         cond.branches = tuple(branches)
         return cond
 
-    def _encoded(self, prompts: list[str]) -> torch.Tensor:
+    @staticmethod
+    def _encoded(engine, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The engine's own call without what belongs to a generation (a printed line per embedding used, and the
         "TI"/"Emphasis" notes it leaves for the next infotext): every 75-token chunk of every prompt through its
-        process_tokens, side by side."""
-        batch_chunks, _ = self.engine.process_texts(prompts)
+        process_tokens, side by side; and the first chunk's pooled output where the engine makes one."""
+        batch_chunks, _ = engine.process_texts(prompts)
         states = []
         for i in range(max(len(chunks) for chunks in batch_chunks)):
-            chunk = [chunks[i] if i < len(chunks) else self.engine.empty_chunk() for chunks in batch_chunks]
-            self.engine.embeddings.fixes = [c.fixes for c in chunk]
-            states.append(self.engine.process_tokens([c.tokens for c in chunk], [c.multipliers for c in chunk]))
-        return torch.hstack(states)
+            chunk = [chunks[i] if i < len(chunks) else engine.empty_chunk() for chunks in batch_chunks]
+            engine.embeddings.fixes = [c.fixes for c in chunk]
+            states.append(engine.process_tokens([c.tokens for c in chunk], [c.multipliers for c in chunk]))
+        return torch.hstack(states), getattr(states[0], "pooled", None)
 
     # -- UNet and VAE --------------------------------------------------------------------------------
     def unet(self, latents: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning) -> torch.Tensor:
@@ -111,13 +143,24 @@ class ForgeBackend(PatchSlot):
             raise ValueError(f"{latents.shape[0]} latents for {len(cond)} conditioning rows")
         unet = self.kmodel.diffusion_model
         device, dtype = next(unet.parameters()).device, self.kmodel.computation_dtype
-        out = unet(latents.to(device, dtype), timesteps.to(device).float(), context=cond.context.to(device, dtype),
-                   transformer_options={})
+        extra = {} if self.size_embedder is None else {"y": self._vector(latents, cond).to(device, dtype)}
+        with adapters.row_labels(cond.branches or None):
+            out = unet(latents.to(device, dtype), timesteps.to(device).float(),
+                       context=cond.context.to(device, dtype), transformer_options={}, **extra)
         return out.float()
 
+    def _vector(self, latents: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        """SDXL's "vector": the pooled text embedding, then the embedding of each of the six size numbers (sampling's
+        defaults for the latents' size when the caller set none), as Forge's conditioning builds it."""
+        ids = cond.extras.get(TIME_IDS)
+        if ids is None:
+            ids = size_conditioning.defaults(latents.shape[-2] * self.vae_scale, latents.shape[-1] * self.vae_scale,
+                                             latents.shape[0])
+        sizes = self.size_embedder(ids.reshape(-1).float()).reshape(ids.shape[0], -1)
+        return torch.cat([cond.extras[POOLED].to(sizes), sizes], dim=1)
+
     def adapter_layers(self) -> dict[str, dict[str, torch.nn.Module]]:
-        """None: the adapters would not act where Forge samples (host.adapters_unsupported_reason refuses them)."""
-        return {adapters.UNET: {}, adapters.TEXT: {}}
+        return layers_of(self.sd_model)
 
     def _vae_input(self, tensor: torch.Tensor) -> torch.Tensor:
         weight = next(self.first_stage.parameters())

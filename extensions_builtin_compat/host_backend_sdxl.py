@@ -73,6 +73,6 @@ def backend_for(sd_model=None) -> HostBackend:
     from .host_backend_forge import ForgeBackend
 
     model = shared.sd_model if sd_model is None else sd_model
-    if host.runs_forge_engine(model) and not getattr(model, "is_sdxl", False):
+    if host.runs_forge_engine(model):
         return ForgeBackend(model)
     return (SDXLHostBackend if getattr(model, "is_sdxl", False) else HostBackend)(model)

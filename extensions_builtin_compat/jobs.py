@@ -60,9 +60,7 @@ def training_size(config: TrainConfig | IdentityConfig) -> tuple[int, int]:
 
 def _unavailable_reason(config: TrainConfig | IdentityConfig) -> str | None:
     """Why this run cannot start on the loaded model, in one sentence; None when it can."""
-    if isinstance(config, IdentityConfig):
-        return host.identity_unsupported_reason(host.loaded_model())
-    return host.adapters_unsupported_reason(config.adapters)
+    return host.identity_unsupported_reason(host.loaded_model()) if isinstance(config, IdentityConfig) else None
 
 
 def _trainer(config: TrainConfig | IdentityConfig, backend, references: list[Reference], on_progress) -> Trainer:

@@ -146,3 +146,29 @@ def test_the_model_is_as_before_after_generating_with_adapters(hooked):
     generate(hooked, prompt="walle")
     assert_same_state(before, model_state(model))
     assert np.array_equal(np.asarray(generate(hooked, prompt="a cat")[1].images[0]), np.asarray(first))
+
+
+def test_a_generation_that_failed_in_another_request_leaves_the_next_one_its_adapters(hooked):
+    """The webui runs each request in a copy of the server's context. A generation that failed inside a UNet call
+    left its adapters and row labels, set in that request's context, which the next request's cannot reset (seen in
+    a real webui: "Token ... was created in a different Context", and the next generation went without adapters)."""
+    import contextvars
+
+    from extensions_builtin_compat.host_backend import layers_of
+
+    layer = next(iter(layers_of(hooked.shared.sd_model)["unet"].values()))
+
+    def fail(module, inputs, output):
+        raise RuntimeError("the UNet call failed")
+
+    handle = layer.register_forward_hook(fail)
+    p = hooked.txt2img(prompt="walle", seed=3, steps=2, script_args={"dreamartist": [True, "pair", 0.8, 0.65]})
+    try:
+        with pytest.raises(RuntimeError, match="UNet call failed"):
+            contextvars.copy_context().run(hooked.process_images, p)
+    finally:
+        handle.remove()
+    assert adapters.current_rows() is None  # this context never had the failed request's labels
+    _, processed, seen = contextvars.copy_context().run(generate, hooked, prompt="walle")
+    assert seen.unet == [[POS, NEG]] * 2 and "DreamArtist adapters" in processed.infotexts[0]
+    assert hooked.module("modules.errors").reported == []

@@ -155,7 +155,7 @@ def test_pairs_from_models_embeddings_bring_their_partner(host_neo):
 def test_sdxl_pairs_are_found_by_the_clip_l_engine(host_neo):
     from extensions_builtin_compat import embeddings
 
-    pos = {"clip_l": torch.randn(2, 2048), "clip_g": torch.randn(2, 2048)}  # the stand-in engines' width
+    pos = {"clip_l": torch.randn(2, 32), "clip_g": torch.randn(2, 48)}  # the stand-in SDXL's widths
     pairfiles.save_pair(host_neo.embeddings_dir, "walle", pos, {k: -v for k, v in pos.items()})
     host_neo.load_extension(REPO)
     host_neo.load_model("sdxl")
@@ -171,21 +171,42 @@ def test_pairing_can_be_turned_off(host_neo):
     assert p.all_negative_prompts == [""] and "DreamArtist: off" in processed.infotexts[0]
 
 
-@pytest.mark.parametrize("forge_host", ["host_neo", "host_forge"])
-def test_adapters_stay_off_without_errors(request, forge_host):
-    """A pair that carries PN adapters pairs as usual; its adapters are not applied (the Forge family samples
-    through its own backend) and nothing in the infotext claims they were."""
-    host_neo = request.getfixturevalue(forge_host)
-    write_pair(host_neo.embeddings_dir, "walle", width=32)
-    pos, neg = pairfiles.load_pair(host_neo.embeddings_dir, "walle")
-    groups = {"unet_pos": {"some.layer.down": torch.zeros(2, 4)}, "unet_neg": {"some.layer.down": torch.zeros(2, 4)}}
-    pairfiles.save_pair(host_neo.embeddings_dir, "walle", pos.vectors, neg.vectors, overwrite=True, adapters=groups)
-    host_neo.load_extension(REPO)
-    for mode in ("pair", "DA++"):
-        p = host_neo.txt2img(prompt="walle", negative_prompt="", script_args={"dreamartist": [True, mode, 0.8, 0.65]})
-        processed = host_neo.process_images(p)
-        assert p.all_negative_prompts == ["walle-neg"], mode  # DA++ without adapters keeps S^n
-        assert "DreamArtist adapters" not in processed.infotexts[0]
-    from extensions_builtin_compat import adapter_hook
+def test_neo_trains_an_sdxl_pair_with_adapters_on_its_own_model(host_neo, references):
+    """Neo's SDXL: both engines' states side by side and a "vector" of CLIP-G's pooled output and the embedded
+    sizes; the pair in the webui's SDXL layout, its adapters on both encoders; the model as it was."""
+    from modules import sd_models
 
-    assert adapter_hook.current() is None
+    from extensions_builtin_compat import jobs
+
+    model = host_neo.load_model("sdxl")
+    assert sd_models.model_data.sd_model is model
+    with torch.inference_mode():
+        model.get_learned_conditioning(["a photo"])  # transformers installs its output hooks at the first call
+    before = parts_state(model)
+    result = jobs.run_training(config(adapters=True, unet_lr_pos=0.01, text_lr=0.01), references)
+    assert result.step == 2
+    pos, neg = pairfiles.load_pair(host_neo.embeddings_dir, "walle")
+    assert {k: v.shape[1] for k, v in pos.vectors.items()} == {"clip_l": 32, "clip_g": 48}
+    groups = pairfiles.load_adapters(host_neo.embeddings_dir, "walle")
+    assert any(name.startswith("clip_l.") for name in groups["te_pos"]) and any(
+        name.startswith("clip_g.") for name in groups["te_pos"])
+    assert_same_parts(before, parts_state(model))
+
+
+def test_inference_weights_are_swapped_for_normal_ones_without_holding_the_model_twice(host_neo):
+    """A real Neo with an fp32 SDXL was killed for memory when the run held a normal copy of every inference weight:
+    the run's normal tensors alias the originals' memory, and the original objects come back after."""
+    from extensions_builtin_compat.host_backend import normal_weights
+
+    with torch.inference_mode():
+        shared = torch.nn.Linear(3, 3)
+        model = torch.nn.Sequential(shared, torch.nn.Linear(3, 3), shared)
+    originals = [(p, p.detach().clone()) for p in model.parameters()]
+    with normal_weights(model):
+        now = list(model.parameters())
+        assert not any(p.is_inference() for p in now)
+        assert [p.data_ptr() for p in now] == [p.data_ptr() for p, _ in originals]  # nothing held twice
+        assert model[0].weight is model[2].weight  # a shared weight stays shared
+        model(torch.ones(1, 3, requires_grad=True)).sum().backward()
+    for (p, values), now in zip(originals, model.parameters(), strict=True):
+        assert now is p and p.is_inference() and torch.equal(p, values)

@@ -10,8 +10,8 @@ import torch
 from fakehost.checks import assert_same_state, model_state
 from tabhelpers import load_extension
 
+from dreamartist import pairfiles
 from dreamartist.config import TrainConfig
-from dreamartist.errors import ModelError
 
 
 def config(**changes) -> TrainConfig:
@@ -106,29 +106,24 @@ def test_training_on_a_fresh_model_equals_training_after_a_generation(host_refor
     assert fresh.losses == again.losses
 
 
-def test_adapters_are_refused_with_one_sentence(host_reforge, references):
+@pytest.mark.parametrize("forge_host", ["host_reforge", "host_classic"])
+def test_sdxl_trains_on_the_webui_model_and_leaves_it_as_it_was(request, forge_host, references):
+    """reForge and Forge Classic keep the webui's sgm model over their ldm_patched parts: an SDXL pair (with
+    adapters) trains there as in A1111, and the same seed gives the same image afterwards."""
+    host = request.getfixturevalue(forge_host)
     from extensions_builtin_compat import jobs
 
-    host_reforge.load_model("sd1")
-    with pytest.raises(ModelError) as refused:
-        jobs.run_training(config(adapters=True), references)
-    message = str(refused.value)
-    assert "PN adapters" in message and message.count(". ") == 0
-    assert not any(host_reforge.embeddings_dir.glob("walle*"))
+    model = host.load_model("sdxl")
+    before, image = model_state(model), generate(host)[0]
+    result = jobs.run_training(config(adapters=True), references)
+    assert result.step == 2 and (host.embeddings_dir / "walle.dreamartist-lora").is_file()
+    pos, _ = pairfiles.load_pair(host.embeddings_dir, "walle")
+    assert set(pos.vectors) == {"clip_l", "clip_g"}
+    assert_same_state(before, model_state(model))
+    assert np.array_equal(generate(host)[0], image)
 
 
-def test_sdxl_is_refused_with_one_sentence(host_reforge):
-    from extensions_builtin_compat import host as probes
-    from extensions_builtin_compat.host_backend_sdxl import backend_for
-
-    host_reforge.load_model("sdxl")
-    reason = probes.training_unavailable_reason()
-    assert "SDXL" in reason and reason.count(". ") == 0
-    with pytest.raises(ModelError, match="SDXL"):
-        backend_for()
-
-
-def test_the_api_trains_and_refuses_adapters_with_501(host_reforge):
+def test_the_api_trains_with_and_without_adapters(host_reforge):
     from test_api import B64_PNG, TINY, api_client
 
     client = api_client(host_reforge)
@@ -137,7 +132,8 @@ def test_the_api_trains_and_refuses_adapters_with_501(host_reforge):
     assert response.status_code == 200, response.text
     assert response.json()["files"] == ["walle.pt", "walle-neg.pt"]
     response = client.post("/dreamartist/v1/train", json={"image": B64_PNG, "name": "eve", "adapters": True, **TINY})
-    assert response.status_code == 501 and "PN adapters" in response.json()["detail"]
+    assert response.status_code == 200, response.text
+    assert (host_reforge.embeddings_dir / "eve.dreamartist-lora").is_file()
 
 
 def test_forge_classic_trains_through_its_in_place_residuals_as_reforge_does(host_classic, references):

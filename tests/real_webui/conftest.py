@@ -20,7 +20,6 @@ from webui_harness import (
     FORGE_ENGINE,
     NO_WEBUI_TI,
     PAIR,
-    TRAINS_WITHOUT_ADAPTERS,
     WebUI,
     png_base64,
     selected_versions,
@@ -68,7 +67,6 @@ def pytest_terminal_summary(terminalreporter):
 
 
 FORGE_TESTS = "test_webui_forge.py"  # for the hosts whose engines read embeddings at model load (FORGE_ENGINE)
-ADAPTER_AND_SDXL_TESTS = ("test_webui_adapters.py", "test_webui_sdxl.py")  # skipped where adapters are refused
 # the webui's own textual inversion (the step-time test times DreamArtist alone where there is none)
 WEBUI_TI_TESTS = ("test_webui_textual_inversion_still_trains",)
 
@@ -77,9 +75,6 @@ def pytest_runtest_setup(item):
     callspec = getattr(item, "callspec", None)
     version = callspec.params.get("webui") if callspec else None
     name = Path(str(item.path)).name
-    if version in TRAINS_WITHOUT_ADAPTERS and name in ADAPTER_AND_SDXL_TESTS:
-        pytest.skip(f"webui {version}: DreamArtist trains SD1/SD2 pairs there but refuses PN adapters and SDXL "
-                    "training (one sentence each, checked in test_webui_extension.py)")
     if version in NO_WEBUI_TI and item.originalname in WEBUI_TI_TESTS:
         pytest.skip(f"webui {version}: no textual-inversion training of its own: {NO_WEBUI_TI[version]}")
     if version is not None and version not in FORGE_ENGINE and name == FORGE_TESTS:

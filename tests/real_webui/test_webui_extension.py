@@ -16,7 +16,6 @@ from webui_harness import (
     BASELINE,
     NO_WEBUI_TI,
     PAIR,
-    TRAINS_WITHOUT_ADAPTERS,
     one_sentence,
     parse_infotext,
     png_base64,
@@ -235,19 +234,6 @@ def test_api_trains_a_pair(webui, trained_pair):
     assert {f"{PAIR}.pt", f"{PAIR}-neg.pt"} <= set(body["files"])
     for name in (PAIR, f"{PAIR}-neg"):
         assert file_step(webui.embeddings / f"{name}.pt") == 4
-
-
-def test_api_refuses_adapters_where_they_do_not_act(webui, reference_image):
-    """reForge trains pairs but samples through its backend, where the PN adapters would not act: 501, nothing
-    written."""
-    if webui.version not in TRAINS_WITHOUT_ADAPTERS:
-        pytest.skip(f"webui {webui.version} trains PN adapters (test_webui_adapters.py)")
-    reply = webui.post("/dreamartist/v1/train", {"image": png_base64(reference_image), "name": "da_refused",
-                                                 "steps": 1, "width": 64, "height": 64, "adapters": True})
-    assert reply.status == 501, reply
-    detail = reply.json()["detail"]
-    assert "PN adapters" in detail and one_sentence(detail), detail
-    assert not list(webui.embeddings.glob("da_refused*"))
 
 
 def test_api_lists_the_pairs(webui, trained_pair):

@@ -3,14 +3,16 @@ that the harness's make_checkpoint_sdxl.py writes), a pair (and a pair with adap
 the webui's own sgm model, the webui loads the files as SDXL embeddings, txt2img with the pair adds NAME-neg, and
 the same seed gives the same image before and after training.
 
-The webui of each version restarts with that checkpoint for these tests (after the others of its version; an
-fp32 SDXL webui reached 18 GB of RAM while training, so never two at once) and then again with its own.
+The webui of each version restarts with that checkpoint for these tests (Neo, which has no ``--ckpt``, selects it
+in its settings) after the others of its version (an fp32 SDXL webui reached 18 GB of RAM while training, so never
+two at once) and then again with its own.
 
     DREAMARTIST_WEBUI_HARNESS=... DREAMARTIST_WEBUI_SDXL=.../sdxl-random.safetensors \\
         .venv/bin/python -m pytest tests/real_webui/test_webui_sdxl.py -v
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -36,12 +38,33 @@ def sdxl_webui(webui):
     approx = webui.folder / "models" / "VAE-approx" / "vaeapprox-sdxl.pt"
     if not approx.is_file():  # the webui would download it at the first SDXL generation
         pytest.fail(f"{approx} is missing (make_checkpoint_sdxl.py writes it into the webui it is given; copy it)")
-    webui.restart("--ckpt", str(checkpoint))
-    try:
+    with sdxl_loaded(webui, checkpoint):
         webui.sdxl_baseline = webui.generate("txt2img", webui.payload(**PROMPT, steps=2)).images[0]
         yield webui
+
+
+@contextlib.contextmanager
+def sdxl_loaded(webui, checkpoint: Path):
+    """The webui restarted with ``--ckpt``; Neo, which has no such flag, picks the checkpoint from its models folder
+    through the settings, as a user does, and loads it at the next generation."""
+    if webui.version != "neo":
+        webui.restart("--ckpt", str(checkpoint))
+        try:
+            yield
+        finally:
+            webui.restart()
+        return
+    link = webui.folder / "models" / "Stable-diffusion" / checkpoint.name
+    link.symlink_to(checkpoint)
+    previous = webui.get("/sdapi/v1/options").json()["sd_model_checkpoint"]
+    try:
+        assert webui.post("/sdapi/v1/refresh-checkpoints", {}).status == 200
+        assert webui.post("/sdapi/v1/options", {"sd_model_checkpoint": checkpoint.name}, timeout=900).status == 200
+        yield
     finally:
-        webui.restart()
+        webui.post("/sdapi/v1/options", {"sd_model_checkpoint": previous}, timeout=900)
+        link.unlink()
+        webui.post("/sdapi/v1/refresh-checkpoints", {})
 
 
 @pytest.fixture(scope="module")
@@ -68,6 +91,11 @@ def test_txt2img_loads_the_pair_as_sdxl_embeddings_and_adds_the_partner(sdxl_web
     generation = sdxl_webui.generate("txt2img", sdxl_webui.payload(f"a photo of {NAME}", "blurry", steps=2))
     info = parse_infotext(generation.infotext)
     assert info.params.get("DreamArtist") == NAME and f"{NAME}-neg" in info.negative, generation.infotext
+    if sdxl_webui.version == "neo":  # its infotext notes the prompt's embeddings only; its log names each one used
+        log = sdxl_webui.log_text()
+        assert all(f"Used Embedding [{name}] in CLIP of [{key}]" in log for name in (NAME, f"{NAME}-neg")
+                   for key in ("clip_l", "clip_g")), generation.infotext
+        return
     hashes = info.params.get("TI hashes", "")
     assert f"{NAME}:" in hashes and f"{NAME}-neg:" in hashes, generation.infotext  # the webui used both files
 

@@ -39,9 +39,9 @@ VERSIONS = {"1.10.1": "a1111", "1.6.0": "a1111-v160", "neo": "forge-neo", "refor
 FORGE_ENGINE = {"neo"}
 # where a host reads embeddings, relative to its folder
 EMBEDDINGS_DIR = {"neo": "models/embeddings", "classic": "models/embeddings"}
-# Forge-family hosts where DreamArtist trains SD1 (SD2 where the host loads it) but has no PN adapters and refuses
-# SDXL, and the A1111 version each follows: the adapter and SDXL tests skip them.
-TRAINS_WITHOUT_ADAPTERS = {"reforge": "1.10.1", "classic": "1.10.1", "neo": "1.10.1"}
+# Forge-family hosts, where DreamArtist trains SD1 (SD2 where the host loads it) and refuses SDXL, and the A1111
+# version each follows: the SDXL tests skip them.
+FORGE_FAMILY = {"reforge": "1.10.1", "classic": "1.10.1", "neo": "1.10.1"}
 # Hosts without a textual-inversion training of their own to compare with, and why
 NO_WEBUI_TI = {
     "reforge": "its Train tab and /sdapi/v1/train/embedding fail with the default settings (modules.sd_hijack has no "
@@ -49,7 +49,7 @@ NO_WEBUI_TI = {
     "classic": "it removed the Train tab",
     "neo": "it removed the Train tab",
 }
-FOLLOWS = TRAINS_WITHOUT_ADAPTERS  # a Forge-family host -> the A1111 version it follows
+FOLLOWS = FORGE_FAMILY  # a Forge-family host -> the A1111 version it follows
 EXTENSION_DIR = "sd-webui-dreamartist"  # the folder name under <webui>/extensions
 PROBE_DIR = "dreamartist-probe"  # the test-only extension that records adapter row labels (tests/real_webui/probe)
 READY_LINE = "Model loaded in"

@@ -148,8 +148,8 @@ class StableDiffusionProcessingTxt2Img(StableDiffusionProcessing):
         if FLAGS.before_every_sampling and self.scripts is not None:
             self.scripts.process_before_every_sampling(self, x=noise, noise=noise, c=conditioning,
                                                        uc=unconditional_conditioning)
-        if not hasattr(self.sd_model, "apply_model"):
-            return noise  # a Forge-shaped stand-in engine has no UNet to sample with
+        if not hasattr(self.sd_model, "apply_model") and sd_samplers.forge_unet(self.sd_model) is None:
+            return noise  # a weightless Forge-shaped stand-in engine has no UNet to sample with
         samples = sd_samplers.sample_ddim(self, noise, conditioning, unconditional_conditioning)
         if self.enable_hr:  # the stand-in's second pass samples again at the same size, with the hires conds
             if self.scripts is not None:
@@ -262,7 +262,7 @@ def process_images(p) -> Processed:
 
 
 def _decode(sd_model, samples: torch.Tensor) -> list:
-    if getattr(sd_model, "first_stage_model", None) is None:
+    if getattr(sd_model, "first_stage_model", None) is None and sd_samplers.forge_unet(sd_model) is None:
         return [Image.new("RGB", (samples.shape[-1] * 8, samples.shape[-2] * 8)) for _ in samples]
     pixels = ((sd_model.decode_first_stage(samples).float() + 1) / 2).clamp(0, 1)
     arrays = (pixels.permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8)

@@ -76,10 +76,54 @@ def cfg_denoise(p, denoiser, x: torch.Tensor, t: int, cond, uncond) -> torch.Ten
                         for i, conds in enumerate(conds_list)])
 
 
+def forge_unet(sd_model):
+    """The UNet a Forge-family model samples with (its UNet patcher's model), None on A1111's model objects and on
+    Forge's weightless stand-in engines."""
+    objects = getattr(sd_model, "forge_objects", None)
+    return getattr(getattr(objects, "unet", None), "model", None)
+
+
+def forge_cfg_denoise(p, denoiser, x: torch.Tensor, t: int, cond, uncond) -> torch.Tensor:
+    """One step of the Forge family's sampling_function: one cond entry per AND position (the images' compositions
+    zipped, each a chunk of one row per image) and one uncond chunk; calc_cond_uncond_batch puts every chunk whose
+    context has the first one's shape into one UNet call, in reverse order, and names each call's chunks in its
+    transformer_options (cond_or_uncond: 0 cond, 1 uncond); the cond chunks averaged, then CFG."""
+    conds_list, tensor = prompt_parser.reconstruct_multicond_batch(cond, denoiser.step)
+    uncond = prompt_parser.reconstruct_cond_batch(uncond, denoiser.step)
+    as_dict = lambda c: c if isinstance(c, dict) else {"crossattn": c}  # noqa: E731  (SDXL: with its "vector")
+    tensor, uncond = as_dict(tensor), as_dict(uncond)
+    parts = min(len(conds) for conds in conds_list)
+    to_run = [({key: value[[conds[k][0] for conds in conds_list]] for key, value in tensor.items()}, 0)
+              for k in range(parts)] + [(uncond, 1)]
+    model = forge_unet(p.sd_model)
+    outputs: dict[int, list] = {0: [], 1: []}
+    while to_run:
+        shape = to_run[0][0]["crossattn"].shape
+        batch = [i for i, (c, _) in enumerate(to_run) if c["crossattn"].shape == shape][::-1]
+        chunks = [to_run[i] for i in batch]
+        to_run = [chunk for i, chunk in enumerate(to_run) if i not in batch]
+        x_in = torch.cat([x] * len(chunks))
+        t_in = torch.full((x_in.shape[0],), t, dtype=torch.long)
+        options = {"cond_or_uncond": [branch for _, branch in chunks]}
+        joined = {key: torch.cat([c[key] for c, _ in chunks]) for key in chunks[0][0]}
+        y = {"y": joined["vector"]} if "vector" in joined else {}
+        out = model.diffusion_model(x_in, t_in, context=joined["crossattn"], transformer_options=options,
+                                    **y).chunk(len(chunks))
+        for (_, branch), o in zip(chunks, out, strict=True):
+            outputs[branch].append(o)
+    cond_out, uncond_out = torch.stack(outputs[0]).mean(0), outputs[1][0]
+    return uncond_out + (cond_out - uncond_out) * p.cfg_scale
+
+
 def sample_ddim(p, x: torch.Tensor, c, uc) -> torch.Tensor:
-    """Deterministic DDIM (eta 0) from noise ``x`` through ``cfg_denoise``."""
+    """Deterministic DDIM (eta 0) from noise ``x`` through ``cfg_denoise`` (the Forge family's on its models)."""
     sd_model = p.sd_model
-    alphas = sd_model.alphas_cumprod.float()
+    forge = forge_unet(sd_model)
+    predictor = getattr(forge, "predictor", None)  # Neo's KModel holds the schedule; reForge's webui model does
+    alphas = (predictor.alphas_cumprod if predictor is not None else sd_model.alphas_cumprod).float()
+    v_prediction = (predictor.prediction_type == "v_prediction" if predictor is not None
+                    else sd_model.parameterization == "v")
+    denoise = cfg_denoise if forge is None else forge_cfg_denoise
     timesteps = ddim_timesteps(p.steps)
     denoiser = CFGDenoiser(p, len(timesteps))
     shared.state.sampling_steps = len(timesteps)
@@ -90,8 +134,8 @@ def sample_ddim(p, x: torch.Tensor, c, uc) -> torch.Tensor:
         t = timesteps[index]
         a_t = alphas[t]
         a_prev = alphas[timesteps[index - 1]] if index > 0 else alphas[0]
-        out = cfg_denoise(p, denoiser, x, t, c, uc)
-        if sd_model.parameterization == "v":
+        out = denoise(p, denoiser, x, t, c, uc)
+        if v_prediction:
             out = a_t.sqrt() * out + (1 - a_t).sqrt() * x
         after = script_callbacks.AfterCFGCallbackParams(out, i, len(timesteps))
         script_callbacks.cfg_after_cfg_callback(after)

@@ -2,7 +2,10 @@
 layer, the row labels DreamArtist's adapters saw (which adapter acted on which row), behind a small HTTP API.
 
     POST /dreamartist-probe/v1/watch   hook the loaded model's first UNet and text-encoder adapter layers; forget
-    GET  /dreamartist-probe/v1/rows    {"unet": [[labels per row] per call], "te": [...]}, ids without their tag
+    GET  /dreamartist-probe/v1/rows    {"unet": [[labels per row] per call], "te": [...], "chunks": [the branch
+                                       of each chunk of each UNet call (0 cond, 1 uncond) as the Forge family's
+                                       sampler names them in its transformer_options; None on A1111]}, ids without
+                                       their tag
     POST /dreamartist-probe/v1/unwatch remove the hooks
     GET  /dreamartist-probe/v1/identity {"calls": [{"t": [...], "split": [bool per row], "keys": [float per row]}]}:
                                        per UNet call, its timesteps and, at the first cross-attention, whether each
@@ -11,7 +14,7 @@ layer, the row labels DreamArtist's adapters saw (which adapter acted on which r
 """
 from modules import script_callbacks, shared
 
-_records = {"unet": [], "te": [], "identity": []}
+_records = {"unet": [], "te": [], "identity": [], "chunks": []}
 _handles = []
 
 
@@ -29,6 +32,7 @@ def _hook(part):
 def _unet_call(module, args, kwargs):
     t = args[1] if len(args) > 1 else kwargs.get("timesteps")
     _records["identity"].append({"t": [float(x) for x in t.reshape(-1)], "k": None, "v": None})
+    _records["chunks"].append((kwargs.get("transformer_options") or {}).get("cond_or_uncond"))
 
 
 def _context(which):
@@ -40,15 +44,17 @@ def _context(which):
 
 def watch():
     from extensions_builtin_compat.host_attention import attention_layers
-    from extensions_builtin_compat.host_backend import layers_of
+    from extensions_builtin_compat.host_backend import layers_of, unet_of
 
     unwatch()
     for part, layers in layers_of(shared.sd_model).items():
         _handles.append(next(iter(layers.values())).register_forward_hook(_hook(part)))
-    unet = shared.sd_model.model.diffusion_model
-    attn2 = next(m for name, m in attention_layers(unet).items() if name.endswith("attn2"))
-    _handles.extend([unet.register_forward_pre_hook(_unet_call, with_kwargs=True),
-                     attn2.to_k.register_forward_hook(_context("k")), attn2.to_v.register_forward_hook(_context("v"))])
+    unet = unet_of(shared.sd_model)
+    _handles.append(unet.register_forward_pre_hook(_unet_call, with_kwargs=True))
+    attn2 = next((m for name, m in attention_layers(unet).items() if name.endswith("attn2")), None)
+    if attn2 is not None:  # the webui's own ldm attention (identities)
+        _handles.extend([attn2.to_k.register_forward_hook(_context("k")),
+                         attn2.to_v.register_forward_hook(_context("v"))])
     return {"watching": len(_handles)}
 
 
@@ -61,7 +67,7 @@ def unwatch():
 
 
 def rows():
-    return {part: _records[part] for part in ("unet", "te")}
+    return {part: _records[part] for part in ("unet", "te", "chunks")}
 
 
 def identity():

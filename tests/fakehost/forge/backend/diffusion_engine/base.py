@@ -38,6 +38,19 @@ class ForgeDiffusionEngine(torch.nn.Module):
 
     @torch.inference_mode()
     def get_learned_conditioning(self, prompts):
+        """The text engine's encoding (SD1 with weights); SDXL's {"crossattn", "vector"} as Neo builds them (both
+        engines' states side by side; CLIP-G's pooled output and the embedded size numbers); zeros for the
+        weightless engines."""
+        engine = getattr(self, "text_processing_engine", None)
+        if getattr(engine, "text_encoder", None) is not None:
+            return engine(prompts)
+        if getattr(getattr(self, "text_processing_engine_g", None), "text_encoder", None) is not None:
+            cond_l = self.text_processing_engine_l(prompts)
+            cond_g, pooled = self.text_processing_engine_g(prompts)
+            height, width = getattr(prompts, "height", 1024) or 1024, getattr(prompts, "width", 1024) or 1024
+            sizes = self.embedder(torch.tensor([height, width, 0, 0, height, width])).flatten()
+            return {"crossattn": torch.cat([cond_l, cond_g], dim=2),
+                    "vector": torch.cat([pooled, sizes.expand(pooled.shape[0], -1).to(pooled)], dim=1)}
         return torch.zeros(len(prompts), 77, self.width)
 
     @torch.inference_mode()
@@ -46,4 +59,8 @@ class ForgeDiffusionEngine(torch.nn.Module):
 
     @torch.inference_mode()
     def decode_first_stage(self, z):
+        """The VAE's decode (SD1 with weights), zeros for the weightless engines."""
+        vae = getattr(getattr(self.forge_objects, "vae", None), "first_stage_model", None)
+        if vae is not None:
+            return vae.decode(vae.process_out(z))
         return torch.zeros(z.shape[0], 3, z.shape[2] * 8, z.shape[3] * 8)

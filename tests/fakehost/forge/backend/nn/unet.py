@@ -1,7 +1,9 @@
 """backend.nn.unet: Neo's UNet call signature over a tiny diffusers UNet2DConditionModel, whose transformer blocks
-add each residual in place onto the x their norm has just read (``x += n``), as Neo's do; the attention function is
-bound at import (Neo's flash/Sage kernels have no backward)."""
+add each residual in place, as Neo's do: onto the x their norm has just read (``x += n``) and onto the feed-forward's
+output; the attention function is bound at import (Neo's flash/Sage kernels have no backward)."""
 from __future__ import annotations
+
+import math
 
 import torch
 from backend.attention import attention_function  # noqa: F401  (bound at import, as in Neo)
@@ -11,35 +13,55 @@ from diffusers.models.attention_processor import AttnProcessor
 
 
 class BasicTransformerBlock(_DiffusersTransformerBlock):
-    checkpoint = False
-
     def forward(self, hidden_states, encoder_hidden_states=None, **kwargs):
-        return self._forward(hidden_states, encoder_hidden_states)
+        return self._forward(hidden_states, encoder_hidden_states=encoder_hidden_states)
 
-    def _forward(self, x, context=None):
+    def _forward(self, x, encoder_hidden_states=None, **kwargs):
+        context = encoder_hidden_states
         n = self.norm1(x)
         n = self.attn1(n)
         x += n
         n = self.norm2(x)
         n = self.attn2(n, encoder_hidden_states=context)
         x += n
-        x = self.ff(self.norm3(x)) + x
+        x_skip = x
+        x = self.ff(self.norm3(x))
+        x += x_skip  # onto the feed-forward's output, in place
         return x
 
 
-class IntegratedUNet2DConditionModel(torch.nn.Module):
-    def __init__(self, context_dim: int):
+class Timestep(torch.nn.Module):
+    """SDXL's embedder of each size number: the sinusoidal timestep embedding."""
+
+    def __init__(self, dim: int):
         super().__init__()
+        self.dim = dim
+
+    def forward(self, t):
+        half = self.dim // 2
+        freqs = torch.exp(-math.log(10000) * torch.arange(half, dtype=torch.float32) / half)
+        args = t[:, None].float() * freqs[None]
+        return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+class IntegratedUNet2DConditionModel(torch.nn.Module):
+    """``adm_in_channels`` (SDXL): the width of the "vector" ``y``, added to the time embedding."""
+
+    def __init__(self, context_dim: int, adm_in_channels: int | None = None):
+        super().__init__()
+        adm = {} if adm_in_channels is None else dict(class_embed_type="projection",
+                                                      projection_class_embeddings_input_dim=adm_in_channels)
         self.unet = UNet2DConditionModel(
             sample_size=8, in_channels=4, out_channels=4, block_out_channels=(8, 16), layers_per_block=1,
             down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
             up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-            cross_attention_dim=context_dim, attention_head_dim=4, norm_num_groups=4)
+            cross_attention_dim=context_dim, attention_head_dim=4, norm_num_groups=4, **adm)
         self.unet.set_attn_processor(AttnProcessor())
         for module in self.modules():
             if type(module) is _DiffusersTransformerBlock:
                 module.__class__ = BasicTransformerBlock
+                module.checkpoint = False  # an instance flag, as Neo's blocks set it
 
     def forward(self, x, timesteps=None, context=None, y=None, control=None, transformer_options=None, **kwargs):
         transformer_options["original_shape"] = list(x.shape)  # Neo writes into the dict it is given
-        return self.unet(x, timesteps, encoder_hidden_states=context).sample
+        return self.unet(x, timesteps, encoder_hidden_states=context, class_labels=y).sample

@@ -41,7 +41,7 @@ class CLIPEmbeddingForTextualInversion(torch.nn.Module):
 
 class ClassicTextProcessingEngine:
     def __init__(self, text_encoder, tokenizer, chunk_length=75, embedding_dir=None, embedding_key="clip_l",
-                 embedding_expected_shape=768, **kwargs):
+                 embedding_expected_shape=768, return_pooled=False, **kwargs):
         self.embeddings = EmbeddingDatabase(tokenizer, embedding_expected_shape)
         self.id_start, self.id_end = tokenizer.bos_token_id, tokenizer.eos_token_id
         if text_encoder is not None:  # Forge swaps its token table for the splicing wrapper
@@ -51,7 +51,7 @@ class ClassicTextProcessingEngine:
         if isinstance(embedding_dir, str):  # Forge reads the folder once, here, when the model is built
             self.embeddings.add_embedding_dir(embedding_dir)
             self.embeddings.load_textual_inversion_embeddings()
-        self.embedding_key = embedding_key
+        self.embedding_key, self.return_pooled = embedding_key, return_pooled
         self.text_encoder = text_encoder
         self.tokenizer = tokenizer
         self.chunk_length = chunk_length
@@ -109,12 +109,16 @@ class ClassicTextProcessingEngine:
     def process_tokens(self, tokens, multipliers):
         """The last hidden state through the final norm, weighted as the webui's "Original" emphasis does."""
         transformer = self.text_encoder.transformer
-        z = transformer(torch.asarray(tokens), output_hidden_states=True).hidden_states[-1]
-        z = next(m for name, m in transformer.named_modules() if name.endswith("final_layer_norm"))(z)
+        out = transformer(torch.asarray(tokens), output_hidden_states=True)
+        z = next(m for name, m in transformer.named_modules() if name.endswith("final_layer_norm"))(
+            out.hidden_states[-1])
         weights = torch.asarray(multipliers).to(z)
         original_mean = z.mean()
         z = z * weights.unsqueeze(-1)
-        return z * (original_mean / z.mean())
+        z = z * (original_mean / z.mean())
+        if self.return_pooled:  # SDXL's CLIP-G: the projected EOS state rides on the states
+            z.pooled = out.text_embeds
+        return z
 
     def __call__(self, texts):
         """Neo's engine call: every chunk of every prompt encoded, the embeddings used printed and noted as "TI" for
@@ -130,4 +134,4 @@ class ClassicTextProcessingEngine:
             for name in used:
                 print(f"[Textual Inversion] Used Embedding [{name}] in CLIP of [{self.embedding_key}]")
             dynamic_args.last_extra_generation_params["TI"] = ", ".join(used)
-        return torch.hstack(zs)
+        return (torch.hstack(zs), zs[0].pooled) if self.return_pooled else torch.hstack(zs)

@@ -57,10 +57,15 @@ class EmbeddingDatabase:
             data = safetensors.torch.load_file(path)
         else:
             return  # the stand-in reads no image-embedded embeddings
-        vec = next(iter(data["string_to_param"].values())) if "string_to_param" in data else next(
-            v for v in data.values() if isinstance(v, torch.Tensor))
-        embedding = Embedding(vec.float(), name)
-        embedding.shape, embedding.vectors, embedding.filename = vec.shape[-1], vec.shape[0], path
+        if "clip_l" in data and "clip_g" in data:  # SDXL: both tensors, the widths summed as its shape
+            vec = {key: data[key].float() for key in ("clip_l", "clip_g")}
+            shape, vectors = vec["clip_l"].shape[-1] + vec["clip_g"].shape[-1], vec["clip_g"].shape[0]
+        else:
+            vec = (next(iter(data["string_to_param"].values())) if "string_to_param" in data else next(
+                v for v in data.values() if isinstance(v, torch.Tensor))).float()
+            shape, vectors = vec.shape[-1], vec.shape[0]
+        embedding = Embedding(vec, name)
+        embedding.shape, embedding.vectors, embedding.filename = shape, vectors, path
         if self.expected_shape in (-1, embedding.shape):
             self.register_embedding(embedding)
         else:
