@@ -1,8 +1,8 @@
-"""BARET edit in real AUTOMATIC1111 webuis: the img2img script is listed, edits through /sdapi/v1/img2img with
-script_name (an image, the branch images and an infotext carrying every BARET setting, at 64 px and 4 steps),
-under the webui's default attention optimisation and under SDP, Interrupt ends an edit cleanly, and the same txt2img
-seed gives the same image afterwards. The log check is
-test_webui_extension.py's (the whole log).
+"""BARET edit in real AUTOMATIC1111 webuis: the img2img script is listed, edits from the img2img tab in chromium and
+through /sdapi/v1/img2img with script_name (an image, the branch images and an infotext carrying every BARET setting,
+at 64 px and 4 steps), under the webui's default attention optimisation and under SDP, Interrupt ends an edit
+cleanly, and the same txt2img seed gives the same image afterwards. The log check is test_webui_extension.py's (the
+whole log).
 
     DREAMARTIST_WEBUI_HARNESS=... DREAMARTIST_WEBUI_VERSIONS=1.10.1,1.6.0 DREAMARTIST_WEBUI_INSTALL=copy \\
         .venv/bin/python -m pytest tests/real_webui/test_webui_baret.py tests/real_webui/test_webui_extension.py \\
@@ -79,6 +79,47 @@ def test_baret_edits_through_the_api_with_its_settings_in_the_infotext(a1111, re
     assert parse_infotext(again.infotext).params["BARET tau_SA"] == "0.3"
     (output_dir / f"baret-{a1111.tag}.txt").write_text(f"BARET edit at 64 px, {STEPS} steps, 1 TTIS iteration: "
                                                       f"{first_s:.1f} s; re-edit (cached inversion): {again_s:.1f} s\n")
+
+
+def test_baret_edits_from_the_img2img_tab_in_a_browser(a1111, browser, reference_png, output_dir):
+    """As a user does: the image dropped into img2img, the target text as the prompt, "BARET edit" picked in the Script
+    dropdown, its controls set, Generate; the edit and its branch images come back with the settings in the
+    infotext."""
+    from playwright.sync_api import expect
+
+    page = browser.new_page(viewport={"width": 1500, "height": 1400})
+    errors: list[str] = []
+    page.on("pageerror", lambda error: errors.append(str(error)))
+    page.set_default_timeout(120_000)
+    try:
+        page.goto(a1111.url, wait_until="domcontentloaded")
+        page.locator("#tabs > .tab-nav button", has_text="img2img").first.click()
+        page.locator("#img2img_image input[type=file]").set_input_files(str(reference_png))
+        page.locator("#img2img_prompt textarea").fill(TARGET)
+        for control, value in (("steps", STEPS), ("width", 64), ("height", 64)):
+            box = page.locator(f"#img2img_{control} input[type=number]")
+            box.fill(str(value))
+            box.press("Enter")
+        page.locator("#tab_img2img #script_list input").click()
+        page.locator("#tab_img2img #script_list ul.options li", has_text=TITLE).click()
+        page.locator("#script_baret_edit_settings").wait_for(state="visible")
+        box = page.locator("#script_baret_edit_ttis_iterations input[type=number]")
+        box.fill("1")
+        box.press("Enter")
+        page.locator("#script_baret_edit_branches input[type=checkbox]").check()
+        page.screenshot(path=str(output_dir / f"{a1111.tag}-baret-before.png"), full_page=True)
+        page.locator("#img2img_generate").click()
+        info = page.locator("#html_info_img2img.prose")  # the HTML itself, inside a block of the same id
+        expect(info).to_contain_text("BARET alpha start", timeout=900_000)
+        page.wait_for_timeout(1500)
+        page.screenshot(path=str(output_dir / f"{a1111.tag}-baret-after.png"), full_page=True)
+        text = info.inner_text()
+        assert TARGET in text and "Script: BARET edit" in text and "BARET TTIS iterations: 1" in text, text
+        assert "BARET branches: True" in text, text
+        assert page.locator("#img2img_gallery img").count() >= 3, "the edit and its two branch images"
+    finally:
+        page.close()
+    assert errors == []
 
 
 def test_baret_interrupt_ends_the_edit_cleanly(a1111, reference_image):
