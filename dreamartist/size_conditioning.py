@@ -33,3 +33,10 @@ def for_references(references: Sequence[Reference]) -> torch.Tensor:
 def defaults(height: int, width: int, rows: int) -> torch.Tensor:
     """(rows, 6) of sampling's defaults: original = target = height x width, crop (0, 0)."""
     return time_ids((height, width), (0, 0), (height, width)).expand(rows, -1).clone()
+
+
+def for_latents(given: torch.Tensor | None, latents: torch.Tensor, vae_scale: int) -> torch.Tensor:
+    """The time ids a UNet call was given, else sampling's defaults for its latents' size."""
+    if given is not None:
+        return given
+    return defaults(latents.shape[-2] * vae_scale, latents.shape[-1] * vae_scale, latents.shape[0])

@@ -152,10 +152,7 @@ class ForgeBackend(PatchSlot):
     def _vector(self, latents: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         """SDXL's "vector": the pooled text embedding, then the embedding of each of the six size numbers (sampling's
         defaults for the latents' size when the caller set none), as Forge's conditioning builds it."""
-        ids = cond.extras.get(TIME_IDS)
-        if ids is None:
-            ids = size_conditioning.defaults(latents.shape[-2] * self.vae_scale, latents.shape[-1] * self.vae_scale,
-                                             latents.shape[0])
+        ids = size_conditioning.for_latents(cond.extras.get(TIME_IDS), latents, self.vae_scale)
         sizes = self.size_embedder(ids.reshape(-1).float()).reshape(ids.shape[0], -1)
         return torch.cat([cond.extras[POOLED].to(sizes), sizes], dim=1)
 

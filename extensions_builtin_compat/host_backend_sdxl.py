@@ -45,10 +45,7 @@ class SDXLHostBackend(HostBackend):
     def _unet_cond(self, latents: torch.Tensor, cond: Conditioning) -> dict:
         """{"crossattn", "vector"}: the vector is the pooled text embedding followed by each size embedder's output
         on its columns of the time ids (sampling's defaults for the latents' size when the caller set none)."""
-        ids = cond.extras.get(TIME_IDS)
-        if ids is None:
-            ids = size_conditioning.defaults(latents.shape[-2] * self.vae_scale, latents.shape[-1] * self.vae_scale,
-                                             latents.shape[0])
+        ids = size_conditioning.for_latents(cond.extras.get(TIME_IDS), latents, self.vae_scale)
         ids = ids.to(self.device, torch.float32)
         vector = [cond.extras[POOLED]] + [embedder(ids[:, SIZE_KEYS[embedder.input_key]])
                                           for embedder in self.size_embedders]

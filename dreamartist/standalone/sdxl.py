@@ -53,10 +53,7 @@ class SDXLBackend(StandaloneBackend):
         pooled = cond.extras.get(POOLED)
         if pooled is None:
             raise ValueError("SDXL's UNet needs the pooled text embedding; encode the prompts with this backend.")
-        ids = cond.extras.get(TIME_IDS)
-        if ids is None:
-            ids = size_conditioning.defaults(latents.shape[-2] * self.vae_scale, latents.shape[-1] * self.vae_scale,
-                                             latents.shape[0])
+        ids = size_conditioning.for_latents(cond.extras.get(TIME_IDS), latents, self.vae_scale)
         return {"added_cond_kwargs": {"text_embeds": pooled.to(self.device, self.dtype),
                                       "time_ids": ids.to(self.device, self.dtype)}}
 
