@@ -25,30 +25,29 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from .attention_control import CROSS, LAYER_SCOPES, SELF, Injection, RowInjection, controlled, step_window
 from .backend import Backend, Conditioning
 from .edit_config import EditConfig
-from .errors import DreamArtistError
+from .inversion import (
+    EMPTY_ROW,
+    NEGATIVE_ROW,
+    TARGET_ROW,
+    EditProgress,
+    Report,
+    StepTuning,
+    ddim_inversion,
+    encode_prompts,
+    limits,
+    rows,
+    stopper,
+    tune_along,
+)
 from .losses import guide
-from .sampling import ddim_inverse_step, ddim_step, ddim_timesteps, to_images
+from .sampling import ddim_step, ddim_timesteps, to_images
 
 RECONSTRUCTION, TRANSITION, EDITING = "reconstruction", "transition", "editing"
 UNCOND, COND = "uncond", "cond"
-NEGATIVE_ROW, TARGET_ROW, EMPTY_ROW = 0, 1, 2  # rows of Inversion.prompts
-
-
-class EditStopped(DreamArtistError):
-    """The edit was stopped on request before it finished."""
-
-
-@dataclass(frozen=True)
-class EditProgress:
-    phase: str  # "inversion", "ttis" or "editing"
-    step: int  # 1-based within the phase
-    steps: int
-    loss: float | None = None  # TTIS: the step's latent error after tuning
 
 
 @dataclass(frozen=True)
@@ -75,29 +74,6 @@ class EditResult:
     reused: bool  # the inversion came from the cache
 
 
-Report = Callable[[EditProgress], None]
-
-
-def _stopper(should_stop: Callable[[], bool] | None) -> Callable[[], None]:
-    def check() -> None:
-        if should_stop is not None and should_stop():
-            raise EditStopped("The edit was stopped before it finished.")
-    return check
-
-
-def _rows(prompts: Conditioning, picks: list[int], contexts: torch.Tensor | None = None) -> Conditioning:
-    """Rows ``picks`` of ``prompts``, extras included, with their cross-attention states replaced by ``contexts``."""
-    extras = {key: value[torch.tensor(picks, device=value.device)] for key, value in prompts.extras.items()}
-    return Conditioning(context=prompts.context[picks] if contexts is None else contexts, extras=extras)
-
-
-def _encode_prompts(backend: Backend, config: EditConfig) -> Conditioning:
-    with torch.no_grad():
-        cond = backend.encode([config.negative, config.target, ""])
-    return Conditioning(context=cond.context.detach().float(),
-                        extras={key: value.detach() for key, value in cond.extras.items()})
-
-
 def alpha_schedule(config: EditConfig, steps: int) -> list[float]:
     """alpha_i of each sampling step: alpha_start at the noisiest, linear to alpha_end at the last; 1 when rigid."""
     if config.rigid:
@@ -108,8 +84,8 @@ def alpha_schedule(config: EditConfig, steps: int) -> list[float]:
 
 
 def thresholds(config: EditConfig, steps: int) -> list[float]:
-    """TTIS's early-stop threshold per sampling step: low while the noise is high, raised step by step."""
-    return [config.threshold_start + i * config.threshold_step for i in range(steps)]
+    """TTIS's early-stop threshold per sampling step."""
+    return limits(config.threshold_start, config.threshold_step, steps)
 
 
 # -- 1 and 2: inversion and TTIS ------------------------------------------------------------------------------
@@ -118,72 +94,18 @@ def invert(backend: Backend, latents: torch.Tensor, config: EditConfig, on_progr
     """DDIM inversion of ``latents`` (1, C, h, w) and TTIS for ``config.target``."""
     if latents.ndim != 4 or latents.shape[0] != 1:
         raise ValueError(f"one image's latents (1, C, h, w) are edited at a time, not {tuple(latents.shape)}")
-    report, stop = on_progress or (lambda progress: None), _stopper(should_stop)
+    report, stop = on_progress or (lambda progress: None), stopper(should_stop)
     timesteps = tuple(ddim_timesteps(backend.alphas_cumprod.shape[0], config.steps))
-    prompts = _encode_prompts(backend, config)
+    prompts = encode_prompts(backend, config.negative, config.target)
     z0 = latents.detach().to(backend.device, torch.float32)
-    trajectory = _ddim_inversion(backend, z0, prompts, config, timesteps, report, stop)
-    return _target_text_inversion(backend, trajectory, prompts, config, timesteps, report, stop)
-
-
-@torch.no_grad()
-def _ddim_inversion(backend, z0, prompts, config, timesteps, report, stop) -> torch.Tensor:
-    abar_all = backend.alphas_cumprod.to(backend.device, torch.float32)
-    cond = _rows(prompts, [TARGET_ROW if config.inversion_prompt == "target" else EMPTY_ROW])
-    # The sampler ends at alphas_cumprod[0] (sampling.sample_rows), so the image's latents stand at that level.
-    path, x, level = [z0], z0, 0
-    for k, t in enumerate(reversed(timesteps)):
-        stop()
-        out = backend.unet(x, torch.full((1,), t, device=backend.device), cond)
-        x = ddim_inverse_step(backend.prediction_type, out, x, abar_all[level], abar_all[t])
-        path.append(x)
-        level = t
-        report(EditProgress("inversion", k + 1, len(timesteps)))
-    return torch.cat(path)
-
-
-def _target_text_inversion(backend, trajectory, prompts, config, timesteps, report, stop) -> Inversion:
-    abar_all = backend.alphas_cumprod.to(backend.device, torch.float32)
-    n, prediction = len(timesteps), backend.prediction_type
-    gamma = torch.full((1,), config.cfg, device=backend.device)
-    uncond = _rows(prompts, [NEGATIVE_ROW])
-    e = prompts.context[TARGET_ROW:TARGET_ROW + 1]  # e*_{-1} = e_tgt
-    x = trajectory[n:n + 1]
-    tuned, path, losses, iterations = [], [x], [], []
-    limits = thresholds(config, n)
-    with backend.training(), torch.enable_grad():
-        for i, t in enumerate(timesteps):
-            stop()
-            abar, abar_next = abar_all[t], abar_all[timesteps[i + 1] if i + 1 < n else 0]
-            goal = trajectory[n - 1 - i:n - i]
-            t_batch = torch.full((1,), t, device=backend.device)
-            with torch.no_grad():
-                out_uncond = backend.unet(x, t_batch, uncond)
-            e = e.detach().clone().requires_grad_(True)
-            optimizer = torch.optim.Adam([e], lr=config.ttis_lr)  # a fresh optimiser per step, as null-text inversion
-            out_cond, taken = None, 0
-            for _ in range(config.ttis_iterations):
-                out_cond = backend.unet(x, t_batch, _rows(prompts, [TARGET_ROW], e))
-                loss = F.mse_loss(ddim_step(prediction, guide(out_uncond, out_cond, gamma), x, abar, abar_next), goal)
-                if loss.item() < limits[i]:
-                    break  # this e is kept, and its UNet output advances the latent below
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                out_cond, taken = None, taken + 1
-            e = e.detach()
-            with torch.no_grad():
-                if out_cond is None:
-                    out_cond = backend.unet(x, t_batch, _rows(prompts, [TARGET_ROW], e))
-                x = ddim_step(prediction, guide(out_uncond, out_cond.detach(), gamma), x, abar, abar_next)
-            tuned.append(e[0])
-            path.append(x)
-            losses.append(F.mse_loss(x, goal).item())
-            iterations.append(taken)
-            report(EditProgress("ttis", i + 1, n, losses[-1]))
-    return Inversion(timesteps=timesteps, trajectory=trajectory, tuned=torch.stack(tuned),
-                     reconstruction=torch.cat(path), prompts=prompts, losses=tuple(losses),
-                     iterations=tuple(iterations), texts=(config.target, config.negative), cfg=config.cfg)
+    cond = rows(prompts, [TARGET_ROW if config.inversion_prompt == "target" else EMPTY_ROW])
+    trajectory = ddim_inversion(backend, z0, cond, timesteps, report, stop)
+    ttis = StepTuning("ttis", TARGET_ROW, config.ttis_iterations, lambda step, steps: config.ttis_lr,
+                      thresholds(config, len(timesteps)), check_first=True)
+    tuned = tune_along(backend, trajectory, prompts, timesteps, config.cfg, ttis, report, stop)
+    return Inversion(timesteps=timesteps, trajectory=trajectory, tuned=tuned.rows, reconstruction=tuned.path,
+                     prompts=prompts, losses=tuned.losses, iterations=tuned.iterations,
+                     texts=(config.target, config.negative), cfg=config.cfg)
 
 
 # -- 3: the three coupled processes -------------------------------------------------------------------------
@@ -205,7 +127,7 @@ def edit_latents(backend: Backend, inversion: Inversion, config: EditConfig, *, 
                  should_stop: Callable[[], bool] | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(edited, reconstruction, transition) latents. ``transition`` None runs the transition branch unless alpha is 1
     at every step (then the reconstruction stands for it); True or False forces it in or out."""
-    report, stop = on_progress or (lambda progress: None), _stopper(should_stop)
+    report, stop = on_progress or (lambda progress: None), stopper(should_stop)
     timesteps, n = inversion.timesteps, len(inversion.timesteps)
     asked = (config.steps, (config.target, config.negative), config.cfg)
     if asked != (n, inversion.texts, inversion.cfg):
@@ -215,7 +137,7 @@ def edit_latents(backend: Backend, inversion: Inversion, config: EditConfig, *, 
     if transition is None:
         transition = any(alpha != 1 for alpha in alphas)
     branches = (RECONSTRUCTION, TRANSITION, EDITING) if transition else (RECONSTRUCTION, EDITING)
-    rows = tuple((branch, UNCOND) for branch in branches) + tuple((branch, COND) for branch in branches)
+    labels = tuple((branch, UNCOND) for branch in branches) + tuple((branch, COND) for branch in branches)
     count, prompts = len(branches), inversion.prompts
     target = prompts.context[TARGET_ROW:TARGET_ROW + 1]
     negative = prompts.context[NEGATIVE_ROW:NEGATIVE_ROW + 1].expand(count, -1, -1)
@@ -229,9 +151,9 @@ def edit_latents(backend: Backend, inversion: Inversion, config: EditConfig, *, 
             tuned = inversion.tuned[i:i + 1]
             conds = {RECONSTRUCTION: tuned, TRANSITION: alphas[i] * tuned + (1 - alphas[i]) * target, EDITING: target}
             contexts = torch.cat([negative, *(conds[branch] for branch in branches)])
-            with calls.at(i, rows):
+            with calls.at(i, labels):
                 out = backend.unet(torch.cat([x, x]), torch.full((2 * count,), t, device=backend.device),
-                                   _rows(prompts, picks, contexts))
+                                   rows(prompts, picks, contexts))
             out_uncond, out_cond = out.chunk(2)
             abar, abar_next = abar_all[t], abar_all[timesteps[i + 1] if i + 1 < n else 0]
             x = ddim_step(backend.prediction_type, guide(out_uncond, out_cond, gamma), x, abar, abar_next)

@@ -425,8 +425,9 @@ def cmd_edit(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from . import edit_config, fileops
-    from .baret import EditStopped, decode, edit
+    from .baret import decode, edit
     from .images import load_image
+    from .inversion import EditStopped
 
     config = edit_config.EditConfig(**{f.name: getattr(args, f.name) for f in edit_config.fields()})
     output = Path(args.output)

@@ -1,13 +1,12 @@
 """Null-text inversion (Mokady et al., 2023) over any Backend: the comparison BARET is measured against.
 
-1. DDIM inversion of the image latents, conditioned on a caption of the image at w = 1 (BARET's own inversion,
-   dreamartist.baret, with the caption in the target's place).
+1. DDIM inversion of the image latents, conditioned on a caption of the image at w = 1.
 2. Walking down from z*_T, at each step i a copy of the unconditional (null) text's encoder output, warm-started from
    the previous step's, takes at most ``iterations`` Adam steps (a fresh optimiser, lr ``lr * (1 - i / (2 N))``:
    1e-2 falling to half over the steps as in the prompt-to-prompt notebook) on the MSE between the guided DDIM step
    and the inversion latent one level lower. The caption's prediction is made once per step without gradient; the
    loop stops after the step whose loss was below ``threshold_start + i * threshold_step``. The tuned embedding is
-   kept and advances the latent with a full guided step.
+   kept and advances the latent with a full guided step. Both are dreamartist.inversion's, as BARET's TTIS is.
 3. An edit then samples from z*_T with the target text as the cond and the tuned null embedding of each step as
    the uncond (``sample``); with the caption as the text it reconstructs the image.
 
@@ -20,11 +19,20 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from .backend import Backend, Conditioning
-from .baret import NEGATIVE_ROW, TARGET_ROW, EditProgress, Report, _ddim_inversion, _encode_prompts, _rows, _stopper
-from .edit_config import EditConfig
+from .inversion import (
+    NEGATIVE_ROW,
+    TARGET_ROW,
+    Report,
+    StepTuning,
+    ddim_inversion,
+    encode_prompts,
+    limits,
+    rows,
+    stopper,
+    tune_along,
+)
 from .losses import guide
 from .sampling import ddim_step, ddim_timesteps
 
@@ -40,7 +48,7 @@ class NullInversion:
     trajectory: torch.Tensor  # (N+1, C, h, w): z*_0 ... z*_T, DDIM inversion with the caption
     uncond: torch.Tensor  # (N, tokens, dim): the tuned null embedding of sampling step i
     reconstruction: torch.Tensor  # (N+1, C, h, w): the tuned path from z*_T down
-    prompts: Conditioning  # rows NEGATIVE_ROW (the null text) and TARGET_ROW (the caption), as baret lays them out
+    prompts: Conditioning  # rows NEGATIVE_ROW (the null text) and TARGET_ROW (the caption)
     losses: tuple[float, ...]  # per step: MSE between the tuned path and the trajectory
     iterations: tuple[int, ...]  # per step: Adam steps taken
     caption: str
@@ -53,52 +61,16 @@ def invert(backend: Backend, latents: torch.Tensor, caption: str, *, steps: int 
     """DDIM inversion of ``latents`` (1, C, h, w) with ``caption``, then the per-step tuning of the null text."""
     if latents.ndim != 4 or latents.shape[0] != 1:
         raise ValueError(f"one image's latents (1, C, h, w) are inverted at a time, not {tuple(latents.shape)}")
-    report, stop = on_progress or (lambda progress: None), _stopper(should_stop)
-    config = EditConfig(target=caption, steps=steps, cfg=cfg, inversion_prompt="target")
+    report, stop = on_progress or (lambda progress: None), stopper(should_stop)
     timesteps = tuple(ddim_timesteps(backend.alphas_cumprod.shape[0], steps))
-    prompts = _encode_prompts(backend, config)  # rows: the null text, the caption, the empty text
+    prompts = encode_prompts(backend, "", caption)  # rows: the null text, the caption, the empty text
     z0 = latents.detach().to(backend.device, torch.float32)
-    trajectory = _ddim_inversion(backend, z0, prompts, config, timesteps, report, stop)
-
-    abar_all = backend.alphas_cumprod.to(backend.device, torch.float32)
-    n, prediction = len(timesteps), backend.prediction_type
-    gamma = torch.full((1,), cfg, device=backend.device)
-    cond = _rows(prompts, [TARGET_ROW])
-    u = prompts.context[NEGATIVE_ROW:NEGATIVE_ROW + 1]
-    x = trajectory[n:n + 1]
-    tuned, path, losses, taken_per_step = [], [x], [], []
-    with backend.training(), torch.enable_grad():
-        for i, t in enumerate(timesteps):
-            stop()
-            abar, abar_next = abar_all[t], abar_all[timesteps[i + 1] if i + 1 < n else 0]
-            goal = trajectory[n - 1 - i:n - i]
-            t_batch = torch.full((1,), t, device=backend.device)
-            with torch.no_grad():
-                out_cond = backend.unet(x, t_batch, cond)
-            u = u.detach().clone().requires_grad_(True)
-            optimizer = torch.optim.Adam([u], lr=lr * (1 - i / (2 * n)))
-            taken = 0
-            for _ in range(iterations):
-                out_uncond = backend.unet(x, t_batch, _rows(prompts, [NEGATIVE_ROW], u))
-                loss = F.mse_loss(ddim_step(prediction, guide(out_uncond, out_cond, gamma), x, abar, abar_next), goal)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                taken += 1
-                if loss.item() < threshold_start + i * threshold_step:
-                    break
-            u = u.detach()
-            with torch.no_grad():
-                out_uncond = backend.unet(x, t_batch, _rows(prompts, [NEGATIVE_ROW], u))
-                x = ddim_step(prediction, guide(out_uncond, out_cond, gamma), x, abar, abar_next)
-            tuned.append(u[0])
-            path.append(x)
-            losses.append(F.mse_loss(x, goal).item())
-            taken_per_step.append(taken)
-            report(EditProgress("null-text", i + 1, n, losses[-1]))
-    return NullInversion(timesteps=timesteps, trajectory=trajectory, uncond=torch.stack(tuned),
-                         reconstruction=torch.cat(path), prompts=prompts, losses=tuple(losses),
-                         iterations=tuple(taken_per_step), caption=caption, cfg=cfg)
+    trajectory = ddim_inversion(backend, z0, rows(prompts, [TARGET_ROW]), timesteps, report, stop)
+    tuning = StepTuning("null-text", NEGATIVE_ROW, iterations, lambda step, steps: lr * (1 - step / (2 * steps)),
+                        limits(threshold_start, threshold_step, len(timesteps)), check_first=False)
+    tuned = tune_along(backend, trajectory, prompts, timesteps, cfg, tuning, report, stop)
+    return NullInversion(timesteps=timesteps, trajectory=trajectory, uncond=tuned.rows, reconstruction=tuned.path,
+                         prompts=prompts, losses=tuned.losses, iterations=tuned.iterations, caption=caption, cfg=cfg)
 
 
 @torch.no_grad()
@@ -113,7 +85,7 @@ def sample(backend: Backend, inversion: NullInversion, text: str) -> torch.Tenso
     x = inversion.trajectory[n:n + 1]
     for i, t in enumerate(timesteps):
         t_batch = torch.full((2,), t, device=backend.device)
-        uncond = _rows(inversion.prompts, [NEGATIVE_ROW], inversion.uncond[i:i + 1])
+        uncond = rows(inversion.prompts, [NEGATIVE_ROW], inversion.uncond[i:i + 1])
         both = Conditioning(context=torch.cat([uncond.context, cond.context]),
                             extras={key: torch.cat([value, cond.extras[key]]) for key, value in uncond.extras.items()})
         out_uncond, out_cond = backend.unet(torch.cat([x, x]), t_batch, both).chunk(2)

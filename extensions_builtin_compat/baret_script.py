@@ -28,9 +28,10 @@ from modules import scripts
 
 from dreamartist import edit_config
 from dreamartist.backend import frozen
-from dreamartist.baret import EditProgress, EditStopped, InversionCache, decode, edit
+from dreamartist.baret import InversionCache, decode, edit
 from dreamartist.edit_config import EditConfig
 from dreamartist.errors import InputError, ModelError
+from dreamartist.inversion import EditProgress, EditStopped
 
 from . import host
 

@@ -14,9 +14,10 @@ from PIL import Image
 from dreamartist import baret, cli
 from dreamartist.attention_control import CROSS, SELF, RowInjection
 from dreamartist.backend import POOLED, V_PREDICTION
-from dreamartist.baret import EditStopped, InversionCache, balanced_attention, edit, edit_latents, invert
+from dreamartist.baret import InversionCache, balanced_attention, edit, edit_latents, invert
 from dreamartist.cli import main
 from dreamartist.edit_config import EditConfig, validate
+from dreamartist.inversion import EditStopped
 
 TARGET = "a red square on a blue background, striped"
 SOURCE = ("circle", "red", "blue", "striped")
