@@ -72,6 +72,7 @@ from dreamartist import null_text  # noqa: E402
 from dreamartist.baret import InversionCache, decode, edit, edit_latents, invert  # noqa: E402
 from dreamartist.edit_config import EditConfig  # noqa: E402
 from dreamartist.gamma import parse_gamma  # noqa: E402
+from dreamartist.inversion import Inversion  # noqa: E402
 from dreamartist.losses import guide  # noqa: E402
 from dreamartist.sampling import ddim_step, ddim_timesteps, sample_rows, to_images  # noqa: E402
 from dreamartist.toyworld.evaluate import GUIDANCE, SAMPLE_STEPS  # noqa: E402
@@ -262,7 +263,7 @@ class Benchmark:
         self.ledger = Ledger(self.work / "ledger.jsonl")
         self.rows = rows(plan)
         self.cases = cases(plan)
-        self._null: tuple[int, null_text.NullInversion] | None = None  # one per render, shared by its edits
+        self._null: tuple[int, Inversion] | None = None  # one per render, shared by its edits
         self._null_seconds = 0.0
 
     def key(self, case: Case, row: str) -> str:

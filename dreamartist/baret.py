@@ -27,42 +27,25 @@ from dataclasses import dataclass
 import torch
 
 from .attention_control import CROSS, LAYER_SCOPES, SELF, Injection, RowInjection, controlled, step_window
-from .backend import Backend, Conditioning
+from .backend import Backend
 from .edit_config import EditConfig
 from .inversion import (
     EMPTY_ROW,
     NEGATIVE_ROW,
     TARGET_ROW,
     EditProgress,
+    Inversion,
     Report,
     StepTuning,
-    ddim_inversion,
-    encode_prompts,
-    limits,
+    invert_image,
     rows,
     stopper,
-    tune_along,
 )
 from .losses import guide
-from .sampling import ddim_step, ddim_timesteps, to_images
+from .sampling import ddim_step, to_images
 
 RECONSTRUCTION, TRANSITION, EDITING = "reconstruction", "transition", "editing"
 UNCOND, COND = "uncond", "cond"
-
-
-@dataclass(frozen=True)
-class Inversion:
-    """What inversion and TTIS leave for the edit; detached, on the backend's device."""
-
-    timesteps: tuple[int, ...]  # sampling order, noisiest first
-    trajectory: torch.Tensor  # (N+1, C, h, w): z*_0 (the image) ... z*_T, DDIM inversion
-    tuned: torch.Tensor  # (N, tokens, dim): e*_i of sampling step i
-    reconstruction: torch.Tensor  # (N+1, C, h, w): TTIS's own path from z*_T down, with e*_i
-    prompts: Conditioning  # rows NEGATIVE_ROW, TARGET_ROW, EMPTY_ROW; context in float32
-    losses: tuple[float, ...]  # per step: MSE between the reconstruction path and the trajectory
-    iterations: tuple[int, ...]  # per step: Adam steps taken
-    texts: tuple[str, str]  # (target, negative) it was made for
-    cfg: float  # the guidance TTIS tuned under, which the edit must use too
 
 
 @dataclass(frozen=True)
@@ -83,29 +66,16 @@ def alpha_schedule(config: EditConfig, steps: int) -> list[float]:
     return [config.alpha_start + (config.alpha_end - config.alpha_start) * i / (steps - 1) for i in range(steps)]
 
 
-def thresholds(config: EditConfig, steps: int) -> list[float]:
-    """TTIS's early-stop threshold per sampling step."""
-    return limits(config.threshold_start, config.threshold_step, steps)
-
-
 # -- 1 and 2: inversion and TTIS ------------------------------------------------------------------------------
 def invert(backend: Backend, latents: torch.Tensor, config: EditConfig, on_progress: Report | None = None,
            should_stop: Callable[[], bool] | None = None) -> Inversion:
     """DDIM inversion of ``latents`` (1, C, h, w) and TTIS for ``config.target``."""
-    if latents.ndim != 4 or latents.shape[0] != 1:
-        raise ValueError(f"one image's latents (1, C, h, w) are edited at a time, not {tuple(latents.shape)}")
     report, stop = on_progress or (lambda progress: None), stopper(should_stop)
-    timesteps = tuple(ddim_timesteps(backend.alphas_cumprod.shape[0], config.steps))
-    prompts = encode_prompts(backend, config.negative, config.target)
-    z0 = latents.detach().to(backend.device, torch.float32)
-    cond = rows(prompts, [TARGET_ROW if config.inversion_prompt == "target" else EMPTY_ROW])
-    trajectory = ddim_inversion(backend, z0, cond, timesteps, report, stop)
     ttis = StepTuning("ttis", TARGET_ROW, config.ttis_iterations, lambda step, steps: config.ttis_lr,
-                      thresholds(config, len(timesteps)), check_first=True)
-    tuned = tune_along(backend, trajectory, prompts, timesteps, config.cfg, ttis, report, stop)
-    return Inversion(timesteps=timesteps, trajectory=trajectory, tuned=tuned.rows, reconstruction=tuned.path,
-                     prompts=prompts, losses=tuned.losses, iterations=tuned.iterations,
-                     texts=(config.target, config.negative), cfg=config.cfg)
+                      (config.threshold_start, config.threshold_step), check_first=True)
+    return invert_image(backend, latents, (config.target, config.negative),
+                        TARGET_ROW if config.inversion_prompt == "target" else EMPTY_ROW, config.steps, config.cfg,
+                        ttis, report, stop)
 
 
 # -- 3: the three coupled processes -------------------------------------------------------------------------

@@ -3,7 +3,8 @@
 
 - The prompts as rows: NEGATIVE_ROW, TARGET_ROW (the target text, or the caption) and EMPTY_ROW; only a row's
   cross-attention states are ever tuned or replaced, its extras (SDXL's pooled text and size) follow it.
-- DDIM inversion z*_0 -> z*_T at w = 1.
+- DDIM inversion z*_0 -> z*_T at w = 1 (``ddim_inversion``).
+- ``invert_image``: both, into an ``Inversion``.
 - ``tune_along``: walking down from z*_T, at each step one text row (BARET's target text, null-text inversion's null
   text), warm-started from the previous step's, takes at most ``iterations`` Adam steps on the MSE between the
   guided DDIM step and the inversion latent one level lower, under a fresh optimiser; the other row's prediction
@@ -22,7 +23,7 @@ import torch.nn.functional as F
 from .backend import Backend, Conditioning
 from .errors import DreamArtistError
 from .losses import guide
-from .sampling import ddim_inverse_step, ddim_step
+from .sampling import ddim_inverse_step, ddim_step, ddim_timesteps
 
 NEGATIVE_ROW, TARGET_ROW, EMPTY_ROW = 0, 1, 2  # rows of encode_prompts
 
@@ -86,6 +87,21 @@ def limits(start: float, step: float, steps: int) -> list[float]:
 
 
 @dataclass(frozen=True)
+class Inversion:
+    """An image's DDIM inversion and the text row tuned along it; detached, on the backend's device."""
+
+    timesteps: tuple[int, ...]  # sampling order, noisiest first
+    trajectory: torch.Tensor  # (N+1, C, h, w): z*_0 (the image) ... z*_T, DDIM inversion
+    tuned: torch.Tensor  # (N, tokens, dim): the tuned row of sampling step i
+    reconstruction: torch.Tensor  # (N+1, C, h, w): the tuned path from z*_T down
+    prompts: Conditioning  # rows NEGATIVE_ROW, TARGET_ROW, EMPTY_ROW; context in float32
+    losses: tuple[float, ...]  # per step: MSE between the tuned path and the trajectory
+    iterations: tuple[int, ...]  # per step: Adam steps taken
+    texts: tuple[str, str]  # (target or caption, negative) it was made for
+    cfg: float  # the guidance it was tuned under, which the edit must use too
+
+
+@dataclass(frozen=True)
 class StepTuning:
     """Which row ``tune_along`` tunes and how."""
 
@@ -93,24 +109,33 @@ class StepTuning:
     row: int  # TARGET_ROW (the cond; NEGATIVE_ROW is the fixed uncond) or NEGATIVE_ROW (the uncond; TARGET_ROW fixed)
     iterations: int  # at most, per sampling step
     lr: Callable[[int, int], float]  # (step, steps) -> the step's learning rate
-    limits: Sequence[float]  # per sampling step
+    limit: tuple[float, float]  # the early-stop limit at the first step and its rise per step (``limits``)
     check_first: bool  # the limit is checked before each Adam step (True) or after it (False)
 
 
-@dataclass(frozen=True)
-class Tuned:
-    rows: torch.Tensor  # (N, tokens, dim): the tuned row of sampling step i
-    path: torch.Tensor  # (N+1, C, h, w): the tuned path from z*_T down
-    losses: tuple[float, ...]  # per step: MSE between the tuned path and the trajectory
-    iterations: tuple[int, ...]  # per step: Adam steps taken
+def invert_image(backend: Backend, latents: torch.Tensor, texts: tuple[str, str], inversion_row: int, steps: int,
+                 cfg: float, tuning: StepTuning, report: Report, stop: Callable[[], None]) -> Inversion:
+    """DDIM inversion of ``latents`` (1, C, h, w) conditioned on row ``inversion_row`` of ``texts`` (text, negative),
+    then the tuning of one row along it under guidance ``cfg``."""
+    if latents.ndim != 4 or latents.shape[0] != 1:
+        raise ValueError(f"one image's latents (1, C, h, w) are inverted at a time, not {tuple(latents.shape)}")
+    timesteps = tuple(ddim_timesteps(backend.alphas_cumprod.shape[0], steps))
+    prompts = encode_prompts(backend, texts[1], texts[0])
+    z0 = latents.detach().to(backend.device, torch.float32)
+    trajectory = ddim_inversion(backend, z0, rows(prompts, [inversion_row]), timesteps, report, stop)
+    tuned, path, losses, taken = tune_along(backend, trajectory, prompts, timesteps, cfg, tuning, report, stop)
+    return Inversion(timesteps=timesteps, trajectory=trajectory, tuned=tuned, reconstruction=path, prompts=prompts,
+                     losses=losses, iterations=taken, texts=texts, cfg=cfg)
 
 
 def tune_along(backend: Backend, trajectory: torch.Tensor, prompts: Conditioning, timesteps: Sequence[int],
-               cfg: float, tuning: StepTuning, report: Report, stop: Callable[[], None]) -> Tuned:
+               cfg: float, tuning: StepTuning, report: Report, stop: Callable[[], None]):
+    """(tuned rows, tuned path, losses, Adam steps taken), as ``Inversion`` holds them."""
     abar_all = backend.alphas_cumprod.to(backend.device, torch.float32)
     n, prediction = len(timesteps), backend.prediction_type
     gamma = torch.full((1,), cfg, device=backend.device)
     tunes_cond = tuning.row == TARGET_ROW
+    limit = limits(*tuning.limit, n)
     fixed = rows(prompts, [NEGATIVE_ROW if tunes_cond else TARGET_ROW])
     e = prompts.context[tuning.row:tuning.row + 1]
     x = trajectory[n:n + 1]
@@ -134,7 +159,7 @@ def tune_along(backend: Backend, trajectory: torch.Tensor, prompts: Conditioning
             for _ in range(tuning.iterations):
                 out = backend.unet(x, t_batch, rows(prompts, [tuning.row], e))
                 loss = F.mse_loss(guided(out, *state), goal)
-                good_enough = loss.item() < tuning.limits[i]
+                good_enough = loss.item() < limit[i]
                 if tuning.check_first and good_enough:
                     break  # this row is kept, and its UNet output advances the latent below
                 optimizer.zero_grad(set_to_none=True)
@@ -153,5 +178,4 @@ def tune_along(backend: Backend, trajectory: torch.Tensor, prompts: Conditioning
             losses.append(F.mse_loss(x, goal).item())
             taken_per_step.append(taken)
             report(EditProgress(tuning.phase, i + 1, n, losses[-1]))
-    return Tuned(rows=torch.stack(tuned), path=torch.cat(path), losses=tuple(losses),
-                 iterations=tuple(taken_per_step))
+    return torch.stack(tuned), torch.cat(path), tuple(losses), tuple(taken_per_step)

@@ -16,65 +16,31 @@ cross-attention states are tuned; extras (SDXL's pooled text and size) follow th
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 
 from .backend import Backend, Conditioning
-from .inversion import (
-    NEGATIVE_ROW,
-    TARGET_ROW,
-    Report,
-    StepTuning,
-    ddim_inversion,
-    encode_prompts,
-    limits,
-    rows,
-    stopper,
-    tune_along,
-)
+from .inversion import NEGATIVE_ROW, TARGET_ROW, Inversion, Report, StepTuning, invert_image, rows, stopper
 from .losses import guide
-from .sampling import ddim_step, ddim_timesteps
+from .sampling import ddim_step
 
 ITERATIONS = 10  # inner Adam steps per DDIM step (the notebook's num_inner_steps)
 LR = 1e-2
 
 
-@dataclass(frozen=True)
-class NullInversion:
-    """What null-text inversion leaves for an edit; detached, on the backend's device."""
-
-    timesteps: tuple[int, ...]  # sampling order, noisiest first
-    trajectory: torch.Tensor  # (N+1, C, h, w): z*_0 ... z*_T, DDIM inversion with the caption
-    uncond: torch.Tensor  # (N, tokens, dim): the tuned null embedding of sampling step i
-    reconstruction: torch.Tensor  # (N+1, C, h, w): the tuned path from z*_T down
-    prompts: Conditioning  # rows NEGATIVE_ROW (the null text) and TARGET_ROW (the caption)
-    losses: tuple[float, ...]  # per step: MSE between the tuned path and the trajectory
-    iterations: tuple[int, ...]  # per step: Adam steps taken
-    caption: str
-    cfg: float
-
-
 def invert(backend: Backend, latents: torch.Tensor, caption: str, *, steps: int = 50, cfg: float = 7.5,
            iterations: int = ITERATIONS, lr: float = LR, threshold_start: float = 1e-5, threshold_step: float = 2e-5,
-           on_progress: Report | None = None, should_stop: Callable[[], bool] | None = None) -> NullInversion:
-    """DDIM inversion of ``latents`` (1, C, h, w) with ``caption``, then the per-step tuning of the null text."""
-    if latents.ndim != 4 or latents.shape[0] != 1:
-        raise ValueError(f"one image's latents (1, C, h, w) are inverted at a time, not {tuple(latents.shape)}")
+           on_progress: Report | None = None, should_stop: Callable[[], bool] | None = None) -> Inversion:
+    """DDIM inversion of ``latents`` (1, C, h, w) with ``caption``, then the per-step tuning of the null text (the
+    Inversion's ``tuned`` rows); its texts are (caption, the null text)."""
     report, stop = on_progress or (lambda progress: None), stopper(should_stop)
-    timesteps = tuple(ddim_timesteps(backend.alphas_cumprod.shape[0], steps))
-    prompts = encode_prompts(backend, "", caption)  # rows: the null text, the caption, the empty text
-    z0 = latents.detach().to(backend.device, torch.float32)
-    trajectory = ddim_inversion(backend, z0, rows(prompts, [TARGET_ROW]), timesteps, report, stop)
     tuning = StepTuning("null-text", NEGATIVE_ROW, iterations, lambda step, steps: lr * (1 - step / (2 * steps)),
-                        limits(threshold_start, threshold_step, len(timesteps)), check_first=False)
-    tuned = tune_along(backend, trajectory, prompts, timesteps, cfg, tuning, report, stop)
-    return NullInversion(timesteps=timesteps, trajectory=trajectory, uncond=tuned.rows, reconstruction=tuned.path,
-                         prompts=prompts, losses=tuned.losses, iterations=tuned.iterations, caption=caption, cfg=cfg)
+                        (threshold_start, threshold_step), check_first=False)
+    return invert_image(backend, latents, (caption, ""), TARGET_ROW, steps, cfg, tuning, report, stop)
 
 
 @torch.no_grad()
-def sample(backend: Backend, inversion: NullInversion, text: str) -> torch.Tensor:
+def sample(backend: Backend, inversion: Inversion, text: str) -> torch.Tensor:
     """The latents (1, C, h, w) sampled from z*_T with ``text`` as the cond and each step's tuned null text as the
     uncond, at the guidance the inversion was tuned under."""
     encoded = backend.encode([text])
@@ -85,7 +51,7 @@ def sample(backend: Backend, inversion: NullInversion, text: str) -> torch.Tenso
     x = inversion.trajectory[n:n + 1]
     for i, t in enumerate(timesteps):
         t_batch = torch.full((2,), t, device=backend.device)
-        uncond = rows(inversion.prompts, [NEGATIVE_ROW], inversion.uncond[i:i + 1])
+        uncond = rows(inversion.prompts, [NEGATIVE_ROW], inversion.tuned[i:i + 1])
         both = Conditioning(context=torch.cat([uncond.context, cond.context]),
                             extras={key: torch.cat([value, cond.extras[key]]) for key, value in uncond.extras.items()})
         out_uncond, out_cond = backend.unet(torch.cat([x, x]), t_batch, both).chunk(2)
