@@ -4,6 +4,7 @@
     python benchmarks/quality.py --hours 2    # stop after the piece of work that passes two hours; continue later
     python benchmarks/quality.py --quick      # a one-minute version (CI): every figure comes out and lies in range
     python benchmarks/quality.py --base       # the base model's per-attribute accuracy on held-out combinations
+    python benchmarks/quality.py --probes     # DreamArtist variants that look for why it trails, to 1500 steps
 
 Each run learns one concept held out from pretraining (dreamartist.toyworld.world.CONCEPT_REFERENCES: a purple
 star, a green heart, an orange moon) from one reference render, through dreamartist.trainer with the product's
@@ -35,6 +36,10 @@ The sampling noise of an image depends on its unit, prompt and sample only, so e
 the same noise. Tables give the mean over units with a 95 % bootstrap interval over units
 (dreamartist.toyworld.intervals), and paired differences against textual inversion and DreamArtist gamma 3; a
 difference is claimed only where its interval excludes zero.
+
+--probes trains DreamArtist gamma 3 with one setting changed at a time (EMA, the negative's lr, one vector each,
+the reconstruction weight) on the same units to 1000 and 1500 steps, into the same ledger, and compares each with
+DreamArtist gamma 3 and textual inversion there (quality-probes.md).
 """
 from __future__ import annotations
 
@@ -44,7 +49,7 @@ import statistics
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -63,7 +68,7 @@ from dreamartist.toyworld.ledger import Ledger  # noqa: E402
 from dreamartist.toyworld.metrics import CONTROL_OK, FIDELITY_OK, edit_scores, faithful, share  # noqa: E402
 from dreamartist.toyworld.render import render  # noqa: E402
 from dreamartist.toyworld.reporting import Bench, Run, check_methods, curve  # noqa: E402
-from dreamartist.toyworld.world import ATTRIBUTES, CONCEPT_REFERENCES, REFERENCE_SEED, Scene  # noqa: E402
+from dreamartist.toyworld.world import ATTRIBUTES, CONCEPT_REFERENCES, REFERENCE_SEED, VALUES, Scene  # noqa: E402
 from dreamartist.trainer import Trainer, train_together  # noqa: E402
 
 EDITED = ("background", "pattern")  # what control changes; the concept's own shape and colour are never edited
@@ -98,6 +103,13 @@ METHODS: dict[str, Method] = {
     "da3_adapters": Method("DreamArtist gamma 3 + PN adapters", {"gamma": "3", "adapters": True}, cfg=3.0),
 }
 CEILING_LABEL = "the concept's own words (base model)"
+# DreamArtist gamma 3 with one setting changed, where it trails textual inversion (--probes)
+PROBES: dict[str, Method] = {
+    "da3_ema": Method("DreamArtist gamma 3, EMA 0.99", {"gamma": "3", "ema_pos": 0.99, "ema_neg": 0.99}, cfg=3.0),
+    "da3_neglr3": Method("DreamArtist gamma 3, S^n lr / 3", {"gamma": "3", "neg_lr_mult": 1 / 3}, cfg=3.0),
+    "da3_len1": Method("DreamArtist gamma 3, 1 vector each", {"gamma": "3", "pos_len": 1, "neg_len": 1}, cfg=3.0),
+    "da3_rec2": Method("DreamArtist gamma 3, reconstruction weight 2", {"gamma": "3", "rec_weight": 2.0}, cfg=3.0),
+}
 
 # The prompts, [name] standing for the pseudo-word (or the concept's words). Fidelity: two lines of the training
 # templates and two that training never shows.
@@ -126,6 +138,7 @@ class Plan:
 
 
 FULL = Plan()
+PROBE_PLAN = replace(FULL, checkpoints=(1000, 1500), sweep_step=-1)  # no CFG sweep
 QUICK = Plan(concepts=CONCEPT_REFERENCES[:1], seeds=(0,), checkpoints=(10, 20), samples=1, sample_steps=6,
              sweep_step=20, sweep=(2.0, 4.0))
 
@@ -177,7 +190,8 @@ class Benchmark(Bench):
         self.seconds[what] += seconds
         self.ledger.add(f"seconds@{what}@{time.time_ns()}", {"what": what, "seconds": round(seconds, 1),
                                                                "device": str(self.backend.device),
-                                                               "threads": torch.get_num_threads()})
+                                                               "threads": torch.get_num_threads(),
+                                                               "methods": sorted(self.methods)})
 
     # -- training ---------------------------------------------------------------------------------------
     def saved_step(self, run: Run) -> int:
@@ -307,8 +321,8 @@ def summarize(ledger_records: list[dict], plan: Plan, methods: dict[str, Method]
     rows = {m: (methods[m].label, methods[m].cfg) for m in methods} | {CEILING: (CEILING_LABEL, GUIDANCE)}
     steps = {m: plan.checkpoints for m in methods} | {CEILING: (0,)}
     summary: dict = {"methods": {}, "differences": {}, "sweep": {}, "usable": {}, "seconds": {}}
-    for r in ledger_records:
-        if "what" in r:
+    for r in ledger_records:  # the time of the runs shown (records without "methods" are the main plan's)
+        if "what" in r and set(r.get("methods", METHODS)) <= set(methods):
             where = f"{r['device']}, {r['threads']} thread" + ("s" if r["threads"] != 1 else "")
             summary["seconds"].setdefault(where, {}).setdefault(r["what"], 0.0)
             summary["seconds"][where][r["what"]] += r["seconds"]
@@ -339,7 +353,25 @@ def summarize(ledger_records: list[dict], plan: Plan, methods: dict[str, Method]
         got = sorted(s for s in firsts if s is not None)
         summary["usable"][m] = {"reached": len(got), "units": len(units),
                                 "median_step": statistics.median(got) if got else None}
+    summary["parts"] = {m: {str(step): parts(records, plan, m, step, methods[m].cfg) for step in plan.checkpoints}
+                        for m in methods}
     return summary
+
+
+def parts(records: list[dict], plan: Plan, method: str, step: int, cfg: float) -> dict[str, float] | None:
+    """What the fidelity prompts' images keep, over every unit's images (means, no intervals): the reference's shape,
+    its colour, and the object drawn in the reference's background colour instead."""
+    kept: dict[str, list[bool]] = {"shape": [], "colour": [], "background colour": []}
+    for r in records:
+        if r["run"]["method"] != method or r["step"] != step or r["cfg"] != cfg:
+            continue
+        reference = plan.concepts[r["run"]["concept"]]
+        for reading in r["read"][:len(FIDELITY_PROMPTS) * plan.samples]:  # the fidelity prompts come first
+            seen = {a: VALUES[a][i] for a, i in zip(ATTRIBUTES, reading)}
+            kept["shape"].append(seen["shape"] == reference.shape)
+            kept["colour"].append(seen["colour"] == reference.colour)
+            kept["background colour"].append(seen["colour"] == reference.background)
+    return {k: statistics.fmean(v) for k, v in kept.items()} if kept["shape"] else None
 
 
 def _cell(interval: dict) -> str:
@@ -353,14 +385,14 @@ def done_steps(summary: dict, plan: Plan) -> list[int]:
             if all(row["steps"][str(s)]["fidelity"]["units"] == len(plan.concepts) * len(plan.seeds) for row in rows)]
 
 
-def tables(summary: dict, plan: Plan) -> str:
+def tables(summary: dict, plan: Plan, command: str = "python benchmarks/quality.py") -> str:
     """Markdown: fidelity and control over the steps; every figure with its interval, and the paired differences,
     at the product's default and at the last checkpoint (or the last one done); the CFG sweep; the time spent."""
     done = done_steps(summary, plan)
     shown = sorted({plan.sweep_step, *done[-1:]} & set(done))
     out = [] if done == list(plan.checkpoints) else [
         f"**Partial**: scored so far at {', '.join(map(str, done)) or 'no checkpoint'} of "
-        f"{', '.join(map(str, plan.checkpoints))} steps; `python benchmarks/quality.py` goes on from there.", ""]
+        f"{', '.join(map(str, plan.checkpoints))} steps; `{command}` goes on from there.", ""]
     out += ["### Fidelity / control over the steps (means over units, each method at its own CFG)", "",
             "| method | " + " | ".join(f"{s}" for s in done) + " |", "|---|" + "---|" * len(done)]
     for row in summary["methods"].values():
@@ -388,6 +420,12 @@ def tables(summary: dict, plan: Plan) -> str:
             cells = [_cell(by_step[step][f]) + (" *" if Interval(**by_step[step][f]).excludes_zero else "")
                      for f in ("fidelity", "control", "leak")]
             out.append(f"| {pair} | {step} | " + " | ".join(cells) + " |")
+    out += ["", f"### What the fidelity images keep at {done[-1] if done else '-'} steps (shares of the images, no "
+            "intervals)", "", "| method | the reference's shape | its colour | the object in the reference's "
+            "background colour |", "|---|---|---|---|"]
+    for m, by_step in summary["parts"].items():
+        if done and (kept := by_step[str(done[-1])]):
+            out.append(f"| {summary['methods'][m]['label']} | " + " | ".join(f"{v:.2f}" for v in kept.values()) + " |")
     if plan.sweep_step in done:
         cfgs = sorted({GUIDANCE, *plan.sweep})
         out += ["", f"### CFG sweep at {plan.sweep_step} steps (the words row: the base model): fidelity / control",
@@ -419,7 +457,8 @@ def plot(summary: dict, plan: Plan, path: Path) -> None:
                 continue
             curve(ax, row, plan.checkpoints, f)
         ax.axhline(FIDELITY_OK if f == "fidelity" else CONTROL_OK, color="grey", linewidth=0.8, linestyle=":")
-        ax.axvline(plan.sweep_step, color="grey", linewidth=0.6, linestyle="--")
+        if plan.sweep_step in plan.checkpoints:
+            ax.axvline(plan.sweep_step, color="grey", linewidth=0.6, linestyle="--")
         ax.set(xscale="log", xlim=(plan.checkpoints[0] * 0.8, plan.checkpoints[-1] * 1.25), ylim=(0, 1.02),
                xlabel="training steps", ylabel=f,
                title=f"{f} (95 % intervals over concepts x seeds)")
@@ -447,6 +486,8 @@ def main(argv: list[str] | None = None) -> int:
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--quick", action="store_true", help="one concept, one seed, few steps (CI)")
     mode.add_argument("--base", action="store_true", help="the base model's accuracy on held-out combinations")
+    parser.add_argument("--probes", action="store_true",
+                      help="DreamArtist gamma 3 with one setting changed at a time, to 1500 steps (quality-probes.md)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="folder for quality.json/.md/.png")
     parser.add_argument("--work", type=Path, default=None,
                         help="folder of the runs and the ledger, which a later call continues "
@@ -456,6 +497,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     args = parser.parse_args(argv)
+    if args.probes and (args.quick or args.base):
+        parser.error("--probes trains the probes of the full benchmark; it goes without --quick and --base")
     torch.set_num_threads(args.threads)
     if args.base:
         scores = base(samples=4)
@@ -463,30 +506,35 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from dreamartist.toyworld import load_backend
 
-    plan = QUICK if args.quick else FULL
+    plan, trained = (PROBE_PLAN, PROBES) if args.probes else (QUICK if args.quick else FULL, METHODS)
+    # probes are read beside the two reference rows, from the same ledger
+    shown = {m: METHODS[m] for m in REFERENCE_METHODS} | PROBES if args.probes else METHODS
+    stem, command = ("quality-probes", "python benchmarks/quality.py --probes") if args.probes else (
+        "quality", "python benchmarks/quality.py")
     work = args.work or args.out / "quality-work"
     if args.report:
         done, ledger = False, Ledger(work / "ledger.jsonl")
-        summary = summarize(list(ledger.records.values()), plan, METHODS)
+        summary = summarize(list(ledger.records.values()), plan, shown)
         done = done_steps(summary, plan) == list(plan.checkpoints)
     else:
         with tempfile.TemporaryDirectory(prefix="dreamartist-quality-") as scratch:
-            bench = Benchmark(plan, Path(scratch) if args.quick else work, backend=load_backend(device=args.device))
+            bench = Benchmark(plan, Path(scratch) if args.quick else work, trained,
+                              backend=load_backend(device=args.device))
             started = time.monotonic()
             done = bench.run(args.hours)
-            summary = summarize(list(bench.ledger.records.values()), plan, bench.methods)
+            summary = summarize(list(bench.ledger.records.values()), plan, shown)
         print(f"{time.monotonic() - started:.0f} s in this process (training {bench.seconds['training']:.0f} s, "
               f"sampling {bench.seconds['sampling']:.0f} s); {'finished' if done else 'not finished'}")
     check_ranges(summary)
-    print(tables(summary, plan))
+    print(tables(summary, plan, command))
     if not args.quick:
         args.out.mkdir(parents=True, exist_ok=True)
         result = {"plan": asdict(plan), "thresholds": {"fidelity": FIDELITY_OK, "control": CONTROL_OK},
                   "finished": done, "summary": summary}
-        (args.out / "quality.json").write_text(json.dumps(result, indent=1) + "\n")
-        (args.out / "quality.md").write_text(tables(summary, plan))
-        plot(summary, plan, args.out / "quality.png")
-        print(f"wrote {args.out / 'quality.json'}, quality.md, quality.png")
+        (args.out / f"{stem}.json").write_text(json.dumps(result, indent=1) + "\n")
+        (args.out / f"{stem}.md").write_text(tables(summary, plan, command))
+        plot(summary, plan, args.out / f"{stem}.png")
+        print(f"wrote {args.out / stem}.json, .md, .png")
     return 0
 
 

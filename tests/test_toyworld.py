@@ -196,6 +196,38 @@ def test_the_quality_benchmark_stopped_and_continued_gives_the_same_scores(toy_b
     assert scores(again) == scores(whole) and len(scores(whole)) == 2 + 5 + 2
 
 
+def test_what_the_fidelity_images_keep_is_read_from_the_fidelity_prompts_only(monkeypatch):
+    """Shares of the reference's shape, its colour, and its background colour on the object, over the first
+    prompts' readings (the fidelity prompts); the edit prompts' readings after them do not count."""
+    from dreamartist.toyworld.world import ATTRIBUTES, VALUES
+
+    quality = _quality_module(monkeypatch)
+    plan = quality.QUICK  # one sample per prompt: four fidelity readings, then the edits'
+    reference = plan.concepts[0]
+
+    def reading(shape, colour):
+        scene = {"shape": shape, "colour": colour, "background": reference.background, "pattern": reference.pattern}
+        return [VALUES[a].index(scene[a]) for a in ATTRIBUTES]
+
+    other = next(s for s in VALUES["shape"] if s != reference.shape)
+    read = [reading(reference.shape, reference.colour), reading(reference.shape, reference.background),
+            reading(other, reference.background), reading(reference.shape, reference.colour)]
+    read += [reading(other, reference.background)] * 4  # the edit prompts
+    record = {"run": {"method": "ti", "concept": 0, "seed": 0}, "step": 10, "cfg": 4.0, "read": read}
+    assert quality.parts([record], plan, "ti", 10, 4.0) == {"shape": 0.75, "colour": 0.5, "background colour": 0.5}
+    assert quality.parts([record], plan, "ti", 20, 4.0) is None
+
+
+def test_probe_time_is_counted_apart_from_the_main_plans(monkeypatch):
+    quality = _quality_module(monkeypatch)
+    shown = {m: quality.METHODS[m] for m in quality.REFERENCE_METHODS} | quality.PROBES
+    main = {"what": "training", "seconds": 10.0, "device": "cpu", "threads": 1}  # written before probes existed
+    probe = {**main, "seconds": 3.0, "methods": sorted(quality.PROBES)}
+    for methods, seconds in ((quality.METHODS, 10.0), (shown, 3.0)):
+        summary = quality.summarize([main, probe], quality.PROBE_PLAN, methods)
+        assert summary["seconds"] == {"cpu, 1 thread": {"training": seconds}}
+
+
 def test_the_cli_without_a_checkpoint_trains_on_the_toy_model_at_its_own_size(tmp_path, capsys):
     from dreamartist.cli import main
 

@@ -1,7 +1,7 @@
 """SDXL in a real webui: with an SDXL checkpoint loaded (``DREAMARTIST_WEBUI_SDXL``, e.g. the random-weight base
 that the harness's make_checkpoint_sdxl.py writes), a pair (and a pair with adapters) trains through the API on
 the webui's own sgm model, the webui loads the files as SDXL embeddings, txt2img with the pair adds NAME-neg, and
-the same seed gives the same image before and after training.
+the same seed gives the same image before and after training (and a BARET edit, in AUTOMATIC1111).
 
 The webui of each version restarts with that checkpoint for these tests (Neo, which has no ``--ckpt``, selects it
 in its settings) after the others of its version (an fp32 SDXL webui reached 18 GB of RAM while training, so never
@@ -17,7 +17,7 @@ import os
 from pathlib import Path
 
 import pytest
-from webui_harness import ENV_SDXL, parse_infotext, png_base64, skip_without_harness
+from webui_harness import ENV_SDXL, FOLLOWS, parse_infotext, png_base64, skip_without_harness
 
 skip_without_harness()
 CHECKPOINT = os.environ.get(ENV_SDXL, "").strip()
@@ -116,6 +116,20 @@ def test_adapters_train_and_apply_on_sdxl(sdxl_webui, sdxl_pair, reference_image
     without = sdxl_webui.generate("txt2img", {**payload, **off})
     assert parse_infotext(with_adapters.infotext).params.get("DreamArtist adapters") == "pair, 0.8, 0.65"
     assert with_adapters.images[0] != without.images[0]
+
+
+def test_baret_edits_on_sdxl(sdxl_webui, reference_image):
+    """BARET on the webui's sgm UNet: both text encoders' states tuned and mixed as rows, the pooled output and the
+    size conditioning following their rows; AUTOMATIC1111 only (the Forge family refuses BARET in one sentence)."""
+    from test_webui_baret import INFOTEXT, TARGET, edit_request
+
+    if sdxl_webui.version in FOLLOWS:
+        pytest.skip(f"webui {sdxl_webui.version}: BARET edit needs the webui's own sgm UNet")
+    generation = sdxl_webui.generate("img2img", edit_request(sdxl_webui, reference_image))
+    assert len(generation.images) == 3, generation.info  # the edit, the reconstruction and the transition
+    assert generation.images[0] != generation.images[1]
+    info = parse_infotext(generation.infotext)
+    assert info.prompt == TARGET and {key: info.params.get(key) for key in INFOTEXT} == INFOTEXT, generation.infotext
 
 
 def test_sdxl_generations_are_unchanged_after_training(sdxl_webui, sdxl_pair):
