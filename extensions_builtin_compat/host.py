@@ -102,11 +102,9 @@ IDENTITY_NOT_IN_FORGE = ("Identity mode is not supported in Forge-family webuis 
 def identity_unsupported_reason(model=None) -> str | None:
     """Why identity mode cannot train here, in one sentence; None when it can. It takes keys and values from different
     prompts inside the UNet's cross-attention, which only the webui's own ldm modules let this extension do (not a
-    Forge-family backend); SD1.x/SD2.x only for now. Without ``model``, the host alone is judged."""
+    Forge-family backend). Without ``model``, the host alone is judged."""
     if is_forge() or (model is not None and not runs_webui_modules(model)):
         return IDENTITY_NOT_IN_FORGE
-    if model is not None and (getattr(model, "is_sdxl", False) or hasattr(model, "conditioner")):
-        return "Identity mode trains on SD1.x and SD2.x checkpoints only for now; load one of those to train one."
     return None
 
 

@@ -1,15 +1,21 @@
-"""Identity mode at generation time (webui 1.6-1.10, SD 1.x/2.x): a prompt that names an identity gets, in every UNet
-call of the rows that hold it, the K variant of the call's stage as its context and the V variant as the values of
-every cross-attention; other rows and other prompts are untouched.
+"""Identity mode at generation time (webui 1.6-1.10; SD 1.x, 2.x and SDXL): a prompt that names an identity gets, in
+every UNet call of the rows that hold it, the K variant of the call's stage as its context and the V variant as the
+values of every cross-attention; other rows and other prompts are untouched.
 
 How, for one generation (``begin`` in the script's ``process``, ``end`` in ``postprocess``):
 - Each identity the prompts name is registered as a one-vector embedding (a carrier, its stage-0 K token), so the
   host's prompt parser gives it one token, weights, prompt editing and AND as for any embedding.
 - The text encoder's output for a batch of texts that name identities is followed by the same texts encoded with
   the carrier swapped to each stage's K and V token (2 encodes per stage pattern), kept beside the carrier rows.
+  SDXL's conditioner takes a dict (the texts under "txt", the size conditioning beside them) and gives one
+  ("crossattn", and "vector": CLIP-G's pooled output and the size embedding); its rows are re-encoded with their
+  own size conditioning, and the K variant's vector is kept too, since training conditions on the K prompt's
+  pooled output.
 - A forward pre-hook on the diffusion model finds, by value, the context rows that begin with a carrier row (the
-  denoiser may pad a row after it), reads the call's timesteps, swaps in the K variant of each row's stage and parks
-  the V variants for the cross-attentions (host_attention's control: every attention optimisation keeps working).
+  denoiser may pad a row after it; for SDXL the row's vector must match too, so that a hires pass, whose texts
+  are the same at another size, finds its own), reads the call's timesteps, swaps in the K variant of each row's
+  stage (and its vector) and parks the V variants for the cross-attentions (host_attention's control: every
+  attention optimisation keeps working).
 Every batching of cond and uncond rows works unchanged (rows are matched by value, not by position), and so do the
 hires pass and img2img, whose conds go through the same encoder. The cached conds of the generation are dropped at
 its start, so that the encoder runs while the hooks are there. A generation that fails before ``postprocess`` still
@@ -21,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+from typing import NamedTuple
 
 import torch
 
@@ -32,9 +39,10 @@ from dreamartist.identity_control import IdentityControl
 
 from . import embeddings, host, host_pairing, identities, jobs
 from .host_attention import ldm_control
-from .host_backend import _fixes, model_family, registered_in, text_encoders
+from .host_backend import _fixes, registered_in, text_encoders
 
 INFOTEXT_KEY = "DreamArtist identity"
+UNET_ARGUMENTS = ("x", "timesteps", "context", "y")  # ldm's and sgm's UNetModel.forward
 log = logging.getLogger("dreamartist")
 _active: list[GenerationIdentities] = []
 
@@ -51,16 +59,17 @@ class GenerationIdentities:
     def __init__(self, p, found: dict[str, IdentityTokens]):
         model = p.sd_model
         self.model = model
-        self.encoder = model.cond_stage_model
+        self.encoder = model.cond_stage_model  # SDXL: the conditioner, which the webui gives a ``tokenize``
+        self.prompts = host_pairing.prompt_encoder(model)
         self.timesteps = int(model.alphas_cumprod.shape[0])
-        (self.key,) = text_encoders(model)
+        self.keys = tuple(text_encoders(model))
         self.tokens = found
         self.control = IdentityControl()
-        self.entries: list[tuple[torch.Tensor, tuple[str, ...], dict]] = []  # carrier row, its names, variants
+        self.entries: list[Entry] = []
         self.busy = False
         self.stack = contextlib.ExitStack()
         db = host.embedding_db()
-        carriers = {name: _carrier(name, tokens.vectors(0, K)[self.key]) for name, tokens in found.items()}
+        carriers = {name: _carrier(name, self._vec(tokens.vectors(0, K))) for name, tokens in found.items()}
         self.carriers = carriers
         self.stack.enter_context(registered_in(
             db, carriers, lambda name: self.encoder.tokenize([name])[0][0],
@@ -72,12 +81,18 @@ class GenerationIdentities:
                    unet.register_forward_hook(self._after_unet))
         self.stack.callback(lambda: [h.remove() for h in handles])
 
+    def _vec(self, vectors: dict[str, torch.Tensor]):
+        """An Embedding's ``vec`` of one-vector tokens: the tensor (SD1/SD2), or a dict per encoder key (SDXL)."""
+        return vectors[self.keys[0]] if len(self.keys) == 1 else dict(vectors)
+
     # -- the text encoder ------------------------------------------------------------------------------
     def _encoded(self, module, args, output):
-        if self.busy or getattr(args[0], "is_negative_prompt", False):  # identities act on the cond rows only
+        batch = args[0]
+        texts = batch["txt"] if isinstance(batch, dict) else batch
+        if self.busy or getattr(texts, "is_negative_prompt", False):  # identities act on the cond rows only
             return
-        texts = list(args[0])
-        named = [tuple(host_pairing.names_in(module, text, list(self.tokens))) for text in texts]
+        texts = list(texts)
+        named = [tuple(host_pairing.names_in(self.prompts, text, list(self.tokens))) for text in texts]
         rows = [i for i, names in enumerate(named) if names]
         if not rows:
             return
@@ -87,47 +102,57 @@ class GenerationIdentities:
                 names = named[i]
                 variants = {}
                 for pattern in _stage_patterns([self.tokens[n] for n in names], self.timesteps):
-                    pair = []
+                    encoded = {}
                     for which in (K, V):
                         for name, stage in zip(names, pattern):
-                            self.carriers[name].vec = self.tokens[name].vectors(stage, which)[self.key]
-                        pair.append(module([texts[i]])[0].detach())
-                    variants[pattern] = tuple(pair)
-                self.entries.append((output[i].detach(), names, variants))
+                            self.carriers[name].vec = self._vec(self.tokens[name].vectors(stage, which))
+                        encoded[which] = _row(module(_one_row(batch, i)), 0)
+                    variants[pattern] = (encoded[K][0], encoded[V][0], encoded[K][1])
+                self.entries.append(Entry(*_row(output, i), names, variants))
         finally:
             for name, carrier in self.carriers.items():
-                carrier.vec = self.tokens[name].vectors(0, K)[self.key]
+                carrier.vec = self._vec(self.tokens[name].vectors(0, K))
             self.busy = False
 
     # -- the UNet ----------------------------------------------------------------------------------------
     def _before_unet(self, module, args, kwargs):
-        context = kwargs.get("context", args[2] if len(args) > 2 else None)
-        timesteps = kwargs.get("timesteps", args[1] if len(args) > 1 else None)
+        timesteps, context, y = (kwargs.get(name, args[i] if len(args) > i else None)
+                                 for i, name in enumerate(UNET_ARGUMENTS) if i)
         if context is None or timesteps is None or not self.entries:
             return None
-        keys, values, changed = context.clone(), context.clone(), False
+        keys, values, ys, changed = context.clone(), context.clone(), None if y is None else y.clone(), False
         for row in range(context.shape[0]):
-            entry = self._entry_of(context[row])
+            entry = self._entry_of(context[row], None if y is None else y[row])
             if entry is None:
                 continue
-            base, names, variants = entry
             t = timesteps[row] if timesteps.ndim else timesteps
-            pattern = tuple(int(stage_of(t, self.tokens[n].stages, self.timesteps)) for n in names)
-            k, v = variants[pattern]
-            keys[row, :len(base)], values[row, :len(base)] = k.to(context.dtype), v.to(context.dtype)
+            pattern = tuple(int(stage_of(t, self.tokens[n].stages, self.timesteps)) for n in entry.names)
+            k, v, k_vector = entry.variants[pattern]
+            tokens = len(entry.context)  # the denoiser may have padded the row after them
+            keys[row, :tokens], values[row, :tokens] = k.to(context.dtype), v.to(context.dtype)
+            if ys is not None and k_vector is not None:
+                ys[row] = k_vector.to(ys.dtype)
             changed = True
         if not changed:
             return None
         self._call = self.control.call(values=values)
         self._call.__enter__()
-        if "context" in kwargs:
-            return args, {**kwargs, "context": keys}
-        return (*args[:2], keys, *args[3:]), kwargs
+        args, kwargs = list(args), dict(kwargs)
+        for i, value in ((2, keys), (3, ys)):
+            if value is None:
+                continue
+            if UNET_ARGUMENTS[i] in kwargs or i >= len(args):
+                kwargs[UNET_ARGUMENTS[i]] = value
+            else:
+                args[i] = value
+        return tuple(args), kwargs
 
-    def _entry_of(self, row: torch.Tensor):
+    def _entry_of(self, row: torch.Tensor, vector: torch.Tensor | None) -> Entry | None:
         for entry in self.entries:
-            base = entry[0]
-            if base.shape[0] <= row.shape[0] and torch.equal(row[:base.shape[0]], base.to(row.dtype)):
+            base = entry.context
+            if base.shape[0] > row.shape[0] or not torch.equal(row[:base.shape[0]], base.to(row.dtype)):
+                continue
+            if vector is None or entry.vector is None or torch.equal(vector, entry.vector.to(vector.dtype)):
                 return entry
         return None
 
@@ -142,11 +167,37 @@ class GenerationIdentities:
         self.stack.close()
 
 
-def _carrier(name: str, vector: torch.Tensor):
+class Entry(NamedTuple):
+    """A cond row that names identities, as the encoder gave it, and its variants per stage pattern."""
+
+    context: torch.Tensor  # (tokens, dim)
+    vector: torch.Tensor | None  # SDXL's "vector" row
+    names: tuple[str, ...]
+    variants: dict  # stage pattern -> (K context, V context, K vector or None)
+
+
+def _one_row(batch, i: int):
+    """Row ``i`` of the encoder's input: a list of texts, or SDXL's dict of texts and size tensors."""
+    if isinstance(batch, dict):
+        return {key: [value[i]] if key == "txt" else value[i:i + 1] for key, value in batch.items()}
+    return [batch[i]]
+
+
+def _row(output, i: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(context, vector or None) of row ``i`` of the encoder's output, detached."""
+    if isinstance(output, dict):
+        vector = output.get("vector")
+        return output["crossattn"][i].detach(), None if vector is None else vector[i].detach()
+    return output[i].detach(), None
+
+
+def _carrier(name: str, vec):
+    """A one-vector host Embedding over ``vec``: (1, dim), or SDXL's {key: (1, dim)}."""
     from modules.textual_inversion.textual_inversion import Embedding
 
-    embedding = Embedding(vector.unsqueeze(0) if vector.ndim == 1 else vector, name)
-    embedding.vectors, embedding.shape = 1, int(embedding.vec.shape[-1])
+    embedding = Embedding(vec, name)
+    widths = [int(v.shape[-1]) for v in (vec.values() if isinstance(vec, dict) else [vec])]
+    embedding.vectors, embedding.shape = 1, sum(widths)
     return embedding
 
 
@@ -168,8 +219,6 @@ def used_identities(p) -> dict[str, identityfiles.IdentityFile]:
 def unsupported_reason(model) -> str | None:
     if not host.runs_webui_modules(model):
         return "identity mode applies identities in AUTOMATIC1111 1.6-1.10 for now"
-    if model_family(model) == "sdxl":
-        return "identity mode applies identities to SD 1.x and 2.x models for now"
     return None
 
 

@@ -19,12 +19,12 @@ NAME = "zqv"
 
 
 def identity_tokens(model, stages: int = 5, seed: int = 0) -> IdentityTokens:
+    """Random stage tokens for every text encoder of ``model`` (SDXL: clip_l and clip_g)."""
     from extensions_builtin_compat.host_backend import _fixes, text_encoders
 
-    ((key, encoder),) = text_encoders(model).items()
-    width = _fixes(encoder).wrapped.weight.shape[1]
     g = torch.Generator().manual_seed(seed)
-    return IdentityTokens({key: torch.randn(stages, 2, width, generator=g) * 0.5})
+    return IdentityTokens({key: torch.randn(stages, 2, _fixes(encoder).wrapped.weight.shape[1], generator=g) * 0.5
+                           for key, encoder in text_encoders(model).items()})
 
 
 @pytest.fixture
@@ -41,20 +41,28 @@ def hooked(host):
 
 
 class Probe:
-    """What every cross-attention projected its keys and its values from, per call, with the call's timesteps."""
+    """What every cross-attention projected its keys and its values from, per call, with the call's timesteps and
+    (SDXL) its vector."""
 
     def __init__(self, model):
         from extensions_builtin_compat.host_attention import attention_layers
 
         unet = model.model.diffusion_model
         self.calls, self.handles = [], [unet.register_forward_pre_hook(self.unet_call, with_kwargs=True)]
+        vector = getattr(unet.unet, "class_embedding", None)  # the stand-in sgm UNet's label_emb: y as the UNet got it
+        if vector is not None:
+            self.handles.append(vector.register_forward_pre_hook(self.vector))
         for name, module in attention_layers(unet).items():
             if name.endswith("attn2"):
                 self.handles += [module.to_k.register_forward_hook(self.record("k")),
                                  module.to_v.register_forward_hook(self.record("v"))]
 
     def unet_call(self, module, args, kwargs):
-        self.calls.append({"t": args[1].clone(), "k": [], "v": []})
+        t = kwargs.get("timesteps", args[1] if len(args) > 1 else None)
+        self.calls.append({"t": t.clone(), "y": None, "k": [], "v": []})
+
+    def vector(self, module, args):
+        self.calls[-1]["y"] = args[0].detach().clone()
 
     def record(self, which):
         def hook(module, inputs, output):
@@ -162,19 +170,58 @@ def test_a_generation_that_fails_still_removes_its_hooks_when_closed(hooked, mon
     assert not unet._forward_pre_hooks and all("forward" not in m.__dict__ for m in unet.modules())
 
 
-def test_an_sdxl_model_is_told_in_one_comment_and_left_alone(host_v1101):
+def test_an_sdxl_identity_gives_its_rows_each_stages_contexts_and_the_k_prompts_pooled_output(host_v1101):
+    """Both encoders' K and V variants side by side in the context, as the webui's conditioner concatenates them; the
+    cond row's vector starts with CLIP-G's pooled output of the K prompt (as training conditions), its size part and
+    the uncond row are left as they were; the model is exactly as before."""
+    from dreamartist.backend import POOLED
+    from extensions_builtin_compat import identities
+    from extensions_builtin_compat.host_backend_sdxl import backend_for
+
+    model = host_v1101.load_model("sdxl")
+    tokens = identity_tokens(model)
+    identityfiles.save_identity(identities.identities_dir(), NAME, tokens, {}, {"kv_split": True})
+    host_v1101.load_extension(REPO)
+    before = model_state(model)
+    prompt = f"a photo of {NAME}"
+    _, plain, plain_probe = generate(host_v1101, prompt="a photo of a cat", steps=4)
+    _, processed, probe = generate(host_v1101, prompt=prompt, steps=4)
+    assert f"DreamArtist identity: {NAME}" in processed.infotexts[0]
+    assert [split_rows(call) for call in probe.calls] == [[True, False]] * 4
+    backend, stages = backend_for(model), set()
+    for call, plain_call in zip(probe.calls, plain_probe.calls):
+        s = int(stage_of(call["t"][0], 5, 1000))
+        stages.add(s)
+        with torch.no_grad():
+            k = backend.encode([prompt], {NAME: tokens.vectors(s, K)})
+            v = backend.encode([prompt], {NAME: tokens.vectors(s, V)}).context[0]
+        torch.testing.assert_close(call["k"][0][0], k.context[0])
+        torch.testing.assert_close(call["v"][0][0], v)
+        pooled = k.extras[POOLED][0]
+        torch.testing.assert_close(call["y"][0, :pooled.shape[0]], pooled)
+        assert torch.equal(call["y"][0, pooled.shape[0]:], plain_call["y"][0, pooled.shape[0]:])  # the sizes
+        assert torch.equal(call["y"][1], plain_call["y"][1])  # the uncond row
+    assert len(stages) > 1
+    assert_same_state(before, model_state(model))
+    unet = model.model.diffusion_model
+    assert not unet._forward_pre_hooks and not model.conditioner._forward_hooks
+
+
+def test_an_sdxl_hires_pass_finds_its_own_rows_by_their_vector(host_v1101):
+    """The hires pass encodes the same texts at another size: the same crossattn, another vector; each pass's rows
+    get the vector of their own size."""
     from extensions_builtin_compat import identities
 
     model = host_v1101.load_model("sdxl")
-    tokens = IdentityTokens({"clip_l": torch.zeros(5, 2, 32), "clip_g": torch.zeros(5, 2, 32)})
-    identityfiles.save_identity(identities.identities_dir(), NAME, tokens, {}, {"kv_split": True})
+    identityfiles.save_identity(identities.identities_dir(), NAME, identity_tokens(model), {}, {"kv_split": True})
     host_v1101.load_extension(REPO)
-    p = host_v1101.txt2img(prompt=f"a photo of {NAME}", steps=2,
-                           script_args={"dreamartist": [True, "pair", 0.8, 0.65]})
-    processed = host_v1101.process_images(p)
-    assert list(p.comments) == [f"DreamArtist: {NAME} not applied: identity mode applies identities to SD 1.x and 2.x "
-                                "models for now."]
-    assert "DreamArtist identity" not in processed.infotexts[0] and model is host_v1101.shared.sd_model
+    _, _, probe = generate(host_v1101, prompt=f"a photo of {NAME}", enable_hr=True, hr_prompt=f"a photo of {NAME}")
+    _, _, plain = generate(host_v1101, prompt="a photo of a cat", enable_hr=True, hr_prompt="a photo of a cat")
+    assert len(probe.calls) == 6 and all(split_rows(call) == [True, False] for call in probe.calls)
+    pooled = identity_tokens(model).tokens["clip_g"].shape[-1]  # CLIP-G's width: the pooled part comes first
+    sizes = [call["y"][0, pooled:] for call in probe.calls]
+    assert [torch.equal(a, b["y"][0, pooled:]) for a, b in zip(sizes, plain.calls)] == [True] * 6
+    assert not torch.equal(sizes[0], sizes[-1])  # the two passes' sizes differ
 
 
 def test_prompt_editing_weights_and_a_pairs_negative_compose_with_the_identity(hooked):

@@ -187,13 +187,27 @@ def test_bad_identity_requests_are_422_with_one_sentence(host_v1101, body, words
     assert not identities_dir().exists()
 
 
-def test_an_sdxl_model_is_refused_in_one_sentence(host_v1101):
+def test_an_identity_trains_on_sdxl_with_both_encoders_tokens_and_leaves_the_model_as_it_was(host_v1101):
+    """Stage tokens for CLIP-L and CLIP-G at their widths, the export as the webui's SDXL embedding layout."""
+    from dreamartist import identityfiles
+    from extensions_builtin_compat.host_backend import _fixes, text_encoders
+
     client = api_client(host_v1101)
-    host_v1101.load_model("sdxl")
+    model = host_v1101.load_model("sdxl")
+    before, forwards = model_state(model), class_forwards()
     response = client.post("/dreamartist/v1/train", json={"mode": "identity", "image": b64(reference_image()),
-                                                           "mask": b64(face_mask()), "name": "zqv", **TINY})
-    detail = response.json()["detail"]
-    assert response.status_code == 503 and "SD1.x and SD2.x" in detail and one_sentence(detail)
+                                                           "mask": b64(face_mask()), "name": "zqv", **TINY,
+                                                           "export_embedding": True})
+    assert response.status_code == 200, response.text
+    saved = identityfiles.load_identity(identities_dir() / "zqv.identity.safetensors")
+    widths = {key: _fixes(encoder).wrapped.weight.shape[1] for key, encoder in text_encoders(model).items()}
+    assert {key: tuple(t.shape) for key, t in saved.tokens.tokens.items()} == {
+        "clip_l": (5, 2, widths["clip_l"]), "clip_g": (5, 2, widths["clip_g"])}
+    exported = torch.load(host_v1101.embeddings_dir / "zqv-identity.pt", map_location="cpu", weights_only=True)
+    assert {key: tuple(t.shape) for key, t in exported.items()} == {"clip_l": (1, widths["clip_l"]),
+                                                                     "clip_g": (1, widths["clip_g"])}
+    assert_same_state(before, model_state(model))
+    assert class_forwards() == forwards
 
 
 def test_forge_refuses_identity_mode_in_one_sentence_and_still_trains_pairs(host_forge):

@@ -159,10 +159,14 @@ OPTIMISATIONS = {"sdp - scaled dot product": "Applying attention optimization: s
                  "None": "Disabling attention optimization"}
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def default_edit(a1111, reference_image) -> bytes:
-    """The edit under the webui's default optimisation here (InvokeAI's split attention, on a CPU)."""
-    return a1111.generate("img2img", edit_request(a1111, reference_image, tau_ca=0.5, branches=False)).images[0]
+    """The edit under the webui's default optimisation here (InvokeAI's split attention, on a CPU), made once per
+    webui."""
+    if not hasattr(a1111, "default_baret_edit"):
+        request = edit_request(a1111, reference_image, tau_ca=0.5, branches=False)
+        a1111.default_baret_edit = a1111.generate("img2img", request).images[0]
+    return a1111.default_baret_edit
 
 
 @pytest.mark.parametrize("optimisation", list(OPTIMISATIONS))

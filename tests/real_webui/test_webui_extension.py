@@ -48,6 +48,8 @@ KNOWN_NOISE = [
     r"UserWarning: torch\.cuda\.amp\.GradScaler is enabled, but CUDA is not available",
     r"^\s*scaler = torch\.cuda\.amp\.GradScaler\(\)$",
     r"^\s*warnings\.warn\(\"torch\.cuda\.amp\.GradScaler is enabled",
+    # the webui's own "sdp-no-mem" attention optimisation (test_webui_baret.py sets it) on torch 2.x
+    r"FutureWarning: `torch\.backends\.cuda\.sdp_kernel\(\)` is deprecated",
     # a stock reForge here: its banner about the harness's ~/.cache path (a leading dot), a deprecation in its
     # sd_models.py, and the SD1.5 checkpoint's CLIP-L without text_projection (a key reForge's loader expects)
     r"^!+ Warning !+$",

@@ -1,7 +1,8 @@
 """SDXL in a real webui: with an SDXL checkpoint loaded (``DREAMARTIST_WEBUI_SDXL``, e.g. the random-weight base
 that the harness's make_checkpoint_sdxl.py writes), a pair (and a pair with adapters) trains through the API on
 the webui's own sgm model, the webui loads the files as SDXL embeddings, txt2img with the pair adds NAME-neg, and
-the same seed gives the same image before and after training (and a BARET edit, in AUTOMATIC1111).
+the same seed gives the same image before and after training (and, in AUTOMATIC1111, a BARET edit and an
+identity applied).
 
 The webui of each version restarts with that checkpoint for these tests (Neo, which has no ``--ckpt``, selects it
 in its settings) after the others of its version (an fp32 SDXL webui reached 18 GB of RAM while training, so never
@@ -13,6 +14,7 @@ two at once) and then again with its own.
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 from pathlib import Path
 
@@ -40,6 +42,7 @@ def sdxl_webui(webui):
         pytest.fail(f"{approx} is missing (make_checkpoint_sdxl.py writes it into the webui it is given; copy it)")
     with sdxl_loaded(webui, checkpoint):
         webui.sdxl_baseline = webui.generate("txt2img", webui.payload(**PROMPT, steps=2)).images[0]
+        webui.sdxl_model = webui.get("/dreamartist-probe/v1/model").json()
         yield webui
 
 
@@ -132,7 +135,51 @@ def test_baret_edits_on_sdxl(sdxl_webui, reference_image):
     assert info.prompt == TARGET and {key: info.params.get(key) for key in INFOTEXT} == INFOTEXT, generation.infotext
 
 
+def test_an_identity_applies_on_sdxl(sdxl_webui):
+    """Identity mode on the webui's sgm model: an identity file for this model's encoders (random stage tokens for
+    CLIP-L and CLIP-G at their widths, written as training writes it) dropped into the identities folder; a prompt
+    naming it splits keys and values in its cond row of every UNet call; AUTOMATIC1111 only. Training one here is
+    left to the stand-in: with an fp32 SDXL loaded, the save of a trained SDXL identity (its block of 210 M
+    parameters, the optimiser state and their read-back) went past this 23 GB machine's memory."""
+    import torch
+    from test_webui_identity import da, seen
+
+    from dreamartist import identityfiles
+    from dreamartist.identity import IdentityTokens
+
+    if sdxl_webui.version in FOLLOWS:
+        pytest.skip(f"webui {sdxl_webui.version}: identity mode trains and applies in A1111 1.6-1.10 for now")
+    name = f"{NAME}_face"
+    g = torch.Generator().manual_seed(0)
+    tokens = IdentityTokens({key: torch.randn(5, 2, width, generator=g) * 0.02
+                             for key, width in (("clip_l", 768), ("clip_g", 1280))})
+    identityfiles.save_identity(sdxl_webui.folder / "models" / "dreamartist-identities", name, tokens, {},
+                                {"kv_split": True, "step": 1})
+    calls, generation = seen(sdxl_webui, "txt2img", {**sdxl_webui.payload(f"a photo of {name}", steps=2), **da()})
+    assert calls and all(call["split"] == [True, False] for call in calls), calls
+    assert parse_infotext(generation.infotext).params.get("DreamArtist identity") == name, generation.infotext
+
+
 def test_sdxl_generations_are_unchanged_after_training(sdxl_webui, sdxl_pair):
+    """The model exactly as before (every weight and buffer bit for bit with its dtype, strides and requires_grad;
+    every module's hooks, instance forward and attributes; the attention forwards), and the same seed's image.
+
+    On this CPU, AUTOMATIC1111's SDXL image after a training run has differed from the one before in the last bit of
+    one pixel (one level of 255 in one channel of 1 of 4096 pixels) with the model's fingerprint unchanged, while a
+    BARET edit and a plain img2img left it exact: so a difference of at most one level in at most 4 pixels is put
+    down to the CPU kernels and reported, and anything more fails."""
+    from PIL import Image, ImageChops
+
+    model = sdxl_webui.get("/dreamartist-probe/v1/model").json()
+    changed = sorted(key for key in model.keys() | sdxl_webui.sdxl_model.keys()
+                     if model.get(key) != sdxl_webui.sdxl_model.get(key))
+    assert changed == [], changed[:20]
     after = sdxl_webui.generate("txt2img", sdxl_webui.payload(**PROMPT, steps=2)).images[0]
-    assert after == sdxl_webui.sdxl_baseline
+    if after != sdxl_webui.sdxl_baseline:
+        with Image.open(io.BytesIO(after)) as a, Image.open(io.BytesIO(sdxl_webui.sdxl_baseline)) as b:
+            difference = ImageChops.difference(a.convert("RGB"), b.convert("RGB"))
+            moved = [pixel for pixel in difference.getdata() if any(pixel)]
+        (sdxl_webui.output / f"sdxl-after-training-{sdxl_webui.tag}.txt").write_text(
+            f"{len(moved)} pixels differ, at most {max(map(max, moved))} levels\n")
+        assert len(moved) <= 4 and max(map(max, moved)) <= 1, (len(moved), max(map(max, moved)))
     assert "Traceback" not in sdxl_webui.log_text()

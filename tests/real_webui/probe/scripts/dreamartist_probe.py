@@ -11,7 +11,13 @@ layer, the row labels DreamArtist's adapters saw (which adapter acted on which r
                                        per UNet call, its timesteps and, at the first cross-attention, whether each
                                        row's values came from another context than its keys, and a sum of its keys'
                                        context (the same stage variant gives the same sum)
+    GET  /dreamartist-probe/v1/model   the loaded model as a fingerprint: per parameter and buffer a hash of its
+                                       values with its dtype, strides and requires_grad; per module its hooks, an
+                                       instance forward and its plain attributes; the attention forwards the
+                                       webui's optimisations set on ldm's and sgm's classes
 """
+import hashlib
+
 from modules import script_callbacks, shared
 
 _records = {"unet": [], "te": [], "identity": [], "chunks": []}
@@ -81,7 +87,34 @@ def identity():
     return {"calls": calls}
 
 
+def model():
+    import importlib
+
+    import torch
+
+    found, sd_model = {}, shared.sd_model
+    for kind, named in (("parameter", sd_model.named_parameters()), ("buffer", sd_model.named_buffers())):
+        for name, tensor in named:
+            data = tensor.detach().cpu()
+            data = data.float() if data.dtype == torch.bfloat16 else data  # numpy has no bfloat16; exact in float32
+            digest = hashlib.sha1(data.contiguous().numpy().tobytes()).hexdigest()
+            found[f"{kind} {name}"] = [digest, str(tensor.dtype), list(tensor.stride()), tensor.requires_grad]
+    for name, module in sd_model.named_modules():
+        plain = {k: repr(v)[:80] for k, v in vars(module).items() if not k.startswith("_")
+                 and not isinstance(v, (torch.Tensor, torch.nn.Module))}
+        found[f"module {name}"] = {**plain, "hooks": [len(module._forward_hooks), len(module._forward_pre_hooks)]}
+    forwards = {}
+    for package in ("ldm", "sgm"):  # not in every Forge-family host
+        try:
+            forwards[package] = repr(importlib.import_module(f"{package}.modules.attention").CrossAttention.forward)
+        except (ImportError, AttributeError):
+            pass
+    found["attention forwards"] = forwards
+    return found
+
+
 def on_app_started(demo, app):
+    app.add_api_route("/dreamartist-probe/v1/model", model, methods=["GET"])
     app.add_api_route("/dreamartist-probe/v1/watch", watch, methods=["POST"])
     app.add_api_route("/dreamartist-probe/v1/unwatch", unwatch, methods=["POST"])
     app.add_api_route("/dreamartist-probe/v1/rows", rows, methods=["GET"])
