@@ -162,10 +162,17 @@ class IdentityTrainer(Trainer):
             raise NameTaken(f"A pair named {self.name!r} is in {self.out_dir}; choose another name for the identity.")
 
     def saved_values(self) -> tuple[Params, int]:
+        """The trained block: from the resume state (where it is saved), or from an identity file written when the
+        block was kept in it."""
         saved = self._saved()
-        if not saved.module:
-            raise InputError(f"{saved.path.name} holds no trained block to resume from.")
-        return {GROUP: saved.module}, saved.step
+        if saved.module:
+            return {GROUP: saved.module}, saved.step
+        state = pairfiles.load_state(self.out_dir, self.name) or {}
+        if state.get("step") != saved.step or GROUP not in state.get("groups", {}):
+            raise InputError(f"{saved.path.name} is resumed from its trained block in {self.name}"
+                             f"{pairfiles.STATE_SUFFIX} (step {saved.step}), which is missing or of another step; "
+                             "train a new identity instead.")
+        return {GROUP: state["groups"][GROUP]["live"]}, saved.step
 
     def _check_shapes(self, group, saved, fresh) -> None:
         if {k: tuple(v.shape) for k, v in saved.items()} != {k: tuple(v.shape) for k, v in fresh.items()}:
@@ -208,7 +215,9 @@ class IdentityTrainer(Trainer):
                     attention_weight=config.attention_weight, attention_layers=config.attention_layers,
                     attention_reduction=config.attention_reduction, lr=config.lr, augment=config.augment,
                     base_model_hash=backend.model_hash, base_model_name=backend.model_name)
-        files = identityfiles.save_identity(self.out_dir, self.name, tokens, live[GROUP], meta, state)
+        # the block goes in the resume state only: the identity file holds what generation needs (an SDXL block is
+        # 0.8 GB; written twice and read back, it took an fp32 SDXL webui on 23 GB past its memory)
+        files = identityfiles.save_identity(self.out_dir, self.name, tokens, {}, meta, state)
         self.saved_files = [f for f in files if not f.name.endswith(pairfiles.STATE_SUFFIX)]
         if config.export_embedding:  # a file of its own, written whole or not at all
             export = self.export_dir / f"{identityfiles.export_name(self.name)}.pt"

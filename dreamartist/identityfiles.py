@@ -1,7 +1,8 @@
 """An identity on disk: ``NAME.identity.safetensors``, its own format, which no embedding loader reads.
 
 Tensors: ``kv_tokens.<encoder>`` float32 (S, 2, 1, dim), [s, 0] the stage's K token and [s, 1] its V token (equal
-without the K/V split); ``module/<parameter>`` the trained block, to resume from. Metadata (strings): the format id
+without the K/V split); ``module/<parameter>`` the trained block, in files written before it moved to the resume state
+(``NAME.dreamartist-state``, which training writes beside the identity). Metadata (strings): the format id
 and version, the name, ``num_stages``, ``stage_bounds`` ("0,200,400,600,800,1000"), ``stage_rule``, ``kv_split``,
 ``encoders`` and ``widths``, the base model's hash and name, and the training settings. The webui keeps identities
 outside its embeddings folder (its loader would read a .safetensors there as a broken embedding); the command line

@@ -199,6 +199,30 @@ def test_a_run_writes_an_identity_file_that_resume_continues_to_the_same_tokens(
     assert a.meta["step"] == "4" and a.tokens.tokens["clip_l"].shape == (5, 2, random_backend.embedding_dims["clip_l"])
 
 
+def test_the_block_is_kept_in_the_resume_state_only_and_resume_needs_it(random_backend, face, tmp_path):
+    """The identity file holds the stage tokens (what generation needs), not the trained block; resume reads the
+    block from the state beside it, or from an identity file that still holds one, and says so without either."""
+    from safetensors import safe_open
+
+    from dreamartist import pairfiles
+
+    IdentityTrainer(random_backend, _config(steps=2), [face], tmp_path).run()
+    path = tmp_path / "zqv.identity.safetensors"
+    with safe_open(str(path), "pt") as f:
+        assert sorted(f.keys()) == ["kv_tokens.clip_l"]
+    state = pairfiles.load_state(tmp_path, "zqv")
+    block = state["groups"]["identity"]["live"]
+    saved = identityfiles.load_identity(path)
+    identityfiles.save_identity(tmp_path, "zqv", saved.tokens, block, saved.meta)  # the older layout, no state
+    (tmp_path / f"zqv{pairfiles.STATE_SUFFIX}").unlink()
+    assert IdentityTrainer(random_backend, _config(steps=3, resume=True), [face], tmp_path).run().step == 3
+    identityfiles.save_identity(tmp_path, "zqv", identityfiles.load_identity(path).tokens, {}, saved.meta)
+    (tmp_path / f"zqv{pairfiles.STATE_SUFFIX}").unlink()
+    with pytest.raises(InputError, match="which is missing or of another step") as missing:
+        IdentityTrainer(random_backend, _config(steps=4, resume=True), [face], tmp_path).run()
+    assert str(missing.value).count(". ") == 0
+
+
 def test_the_ablations_write_one_pair_or_shared_tokens(random_backend, face, tmp_path):
     IdentityTrainer(random_backend, _config(stages=1), [face], tmp_path / "one").run()
     IdentityTrainer(random_backend, _config(kv_split=False), [face], tmp_path / "shared").run()
