@@ -272,10 +272,15 @@ def _add_branches(p, processed, outcome: dict) -> None:
 
 
 def run(p, *args):
-    """The script's run(): the checks, then the webui's img2img with BARET as its sampler."""
+    """The script's run(): the checks, then the webui's img2img with BARET as its sampler. What cannot be edited is
+    answered with its one sentence and no image, as a stopped edit is (raised, the webui's API would log a traceback
+    for it)."""
     from modules import processing
 
-    config, branches = checked(p, args)
+    try:
+        config, branches = checked(p, args)
+    except (InputError, ModelError) as refused:
+        return _no_image(p, str(refused))
     pixels = _pixels(p)
     p.sampler_name = "DDIM"  # what runs, whatever the sampler chosen; the infotext says so
     p.extra_generation_params.update(infotext_params(config, branches))
@@ -284,24 +289,26 @@ def run(p, *args):
     try:
         processed = processing.process_images(p)
     except EditStopped:
-        return _stopped(p)
+        return _no_image(p, STOPPED)
+    except (InputError, ModelError) as refused:  # found by the sampler (SD Unet)
+        return _no_image(p, str(refused))
     except IndexError:
         if not _should_stop():
             raise
-        return _stopped(p)  # interrupted before the edit began: 1.6's process_images fails on infotexts[0] then
+        return _no_image(p, STOPPED)  # interrupted before the edit began: 1.6's process_images fails on infotexts[0]
     if ("result" not in outcome or not processed.images) and _should_stop():
-        return _stopped(p)  # 1.10 returns an empty run when interrupted before the edit began
+        return _no_image(p, STOPPED)  # 1.10 returns an empty run when interrupted before the edit began
     if branches and "result" in outcome and processed.images:
         _add_branches(p, processed, outcome)
     return processed
 
 
-def _stopped(p):
-    """What a stopped edit returns: no image, and the sentence where the UI shows the info and the API the
+def _no_image(p, sentence: str):
+    """What a stopped or refused edit returns: no image, and the sentence where the UI shows the info and the API the
     infotexts."""
     from modules import processing
 
-    return processing.Processed(p, [], p.seed, STOPPED, infotexts=[STOPPED])
+    return processing.Processed(p, [], p.seed, sentence, infotexts=[sentence])
 
 
 class BaretEditScript(scripts.Script):

@@ -14,7 +14,6 @@ from PIL import Image, ImageDraw
 from tabhelpers import load_extension
 
 from dreamartist.attention_control import CROSS, SELF, Controller, Injection, RowInjection, controlled
-from dreamartist.errors import InputError, ModelError
 
 OPTIMISATIONS = ["None", "sdp", "Doggettx"]  # the stand-in's: none (the plain class forward), SDP, split attention
 ROWS = ("a", "b", "c")
@@ -341,12 +340,18 @@ def test_bad_input_is_one_sentence_before_any_work(scripted, photo, case):
     changes, words = BAD_INPUT[case]
     calls = UNetCalls(scripted.shared.sd_model)
     try:
-        with pytest.raises(InputError) as raised:
-            scripted.run_img2img(img2img(scripted, photo, **changes))
+        sentence = refusal(scripted.run_img2img(img2img(scripted, photo, **changes)))
     finally:
         calls.remove()
-    assert words in str(raised.value) and one_sentence(str(raised.value)), raised.value
+    assert words in sentence and one_sentence(sentence), sentence
     assert calls.count == 0 and not (scripted.root / "outputs").exists()
+
+
+def refusal(processed) -> str:
+    """The one sentence of a refused edit, which comes back as the run's info with no image (a raised error would
+    be logged by the webui's API with its traceback)."""
+    assert processed.images == [] and processed.infotexts == [processed.info], processed.infotexts
+    return processed.info
 
 
 def test_api_callers_may_pass_fewer_arguments(scripted, photo):
@@ -389,17 +394,15 @@ def test_an_sdxl_edit_goes_through_the_sgm_unet(host_v1101, photo):
 
 def test_forge_family_webuis_refuse_in_one_sentence(host_forge, photo):
     load_extension(host_forge)
-    with pytest.raises(ModelError) as raised:
-        host_forge.run_img2img(img2img(host_forge, photo))
-    assert "AUTOMATIC1111" in str(raised.value) and one_sentence(str(raised.value))
+    sentence = refusal(host_forge.run_img2img(img2img(host_forge, photo)))
+    assert "AUTOMATIC1111" in sentence and one_sentence(sentence)
 
 
 def test_a_model_it_cannot_edit_with_is_refused_in_one_sentence_before_any_work(scripted, photo):
     model = scripted.load_model("sd1-inpainting")
     calls = UNetCalls(model)
     try:
-        with pytest.raises(ModelError) as raised:
-            scripted.run_img2img(img2img(scripted, photo))
+        sentence = refusal(scripted.run_img2img(img2img(scripted, photo)))
     finally:
         calls.remove()
-    assert "inpainting" in str(raised.value) and one_sentence(str(raised.value)) and calls.count == 0
+    assert "inpainting" in sentence and one_sentence(sentence) and calls.count == 0
