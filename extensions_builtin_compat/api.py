@@ -84,16 +84,10 @@ async def train(request: Request) -> dict:
         config = MODES[mode].from_dict(fields)
     except InputError as e:
         raise HTTPException(status_code=422, detail=str(e)) from None
-    unavailable = host.host_unsupported_reason() or _mode_unsupported_reason(config)
+    unavailable = host.host_unsupported_reason()
     if unavailable:
         raise HTTPException(status_code=501, detail=unavailable)
     return await run_in_threadpool(_train_in_turn, config, image, mask)
-
-
-def _mode_unsupported_reason(config: TrainConfig | IdentityConfig) -> str | None:
-    """Why this webui cannot train ``config``'s mode, checked before the request waits; the loaded model is judged in
-    its turn (jobs.run_training)."""
-    return host.identity_unsupported_reason() if isinstance(config, IdentityConfig) else None
 
 
 def _references(config: TrainConfig | IdentityConfig, image: bytes, mask: bytes | None) -> list:

@@ -10,6 +10,10 @@ branch; the img2img Sampling steps and CFG Scale are BARET's DDIM steps and guid
 img2img resizes it, and encoded deterministically (the posterior mean, not the sample img2img draws), so that a
 re-edit of the same image finds its inversion in the module's InversionCache.
 
+The same runs in AUTOMATIC1111 and the Forge family (reForge and Forge Classic on the webui's model object over
+ldm_patched's UNet, Forge Neo on its backend's): the attention control takes every UNet's attention modules alike,
+and the Forge family's inference mode and loading are undone for the edit only.
+
 The model is as before afterwards: the attention control is removed on exit (host_attention), target-text
 inversion runs with the UNet's weights frozen for its duration and ldm's own checkpointing off (``_EditBackend``);
 nothing else is changed.
@@ -125,10 +129,7 @@ def checked(p, args: tuple) -> tuple[EditConfig, bool]:
     edited, before any work."""
     from modules import shared
 
-    model = host.loaded_model()
-    if host.is_forge() or (model is not None and not host.runs_webui_modules(model)):
-        raise ModelError("BARET edit runs in AUTOMATIC1111 1.6 to 1.10; this webui samples through its own backend, "
-                         "whose attention it cannot control yet.")
+    host.ensure_model_loaded()  # the Forge family loads the checkpoint at a generation, not at start-up
     reason = host.host_unsupported_reason() or host.model_unsupported_reason(shared.sd_model)
     if reason:
         raise ModelError(reason)
@@ -158,9 +159,11 @@ def infotext_params(config: EditConfig, branches: bool) -> dict:
 # -- the edit ---------------------------------------------------------------------------------------------------
 class _EditBackend:
     """The host backend as BARET uses it here: ``training()`` is what target-text inversion needs and no more (the
-    UNet's weights frozen, ldm's own checkpointing off, both restored after); the backend's own training context
-    would also unload the prompt's LoRAs and switch the attention optimisation. ``model_hash`` names the model
-    together with the prompt's extra networks and the texts' encoding, for the inversion cache."""
+    UNet's weights frozen, ldm's own checkpointing off, and what the Forge family's loading leaves in the way of a
+    backward pass: inference-tensor weights, in-place residuals, attention kernels without a backward; all restored
+    after); the backend's own training context would also unload the prompt's LoRAs and switch the attention
+    optimisation. ``model_hash`` names the model together with the prompt's extra networks and the texts' encoding,
+    for the inversion cache."""
 
     def __init__(self, backend, model_key: str):
         self._backend = backend
@@ -171,10 +174,17 @@ class _EditBackend:
 
     @contextlib.contextmanager
     def training(self, gradient_checkpointing: bool = False) -> Iterator[None]:
-        from .host_backend import ldm_checkpointing_off
+        from .host_backend import (
+            attention_with_backward,
+            ldm_checkpointing_off,
+            normal_weights,
+            norms_read_copies,
+            unet_of,
+        )
 
-        unet = self._backend.sd_model.model.diffusion_model
-        with frozen(unet), ldm_checkpointing_off(unet):
+        unet = unet_of(self._backend.sd_model)
+        with normal_weights(unet), frozen(unet), ldm_checkpointing_off(unet), norms_read_copies(unet), \
+                attention_with_backward():
             yield
 
 
@@ -230,6 +240,7 @@ def _sampler(p, config: EditConfig, pixels: torch.Tensor, outcome: dict):
     """A replacement for ``p.sample``: BARET on the loaded model; returns the edited latents."""
     from modules import shared
 
+    from .host_backend import forge_parts_loaded
     from .host_backend_sdxl import backend_for
 
     def sample(conditioning=None, unconditional_conditioning=None, seeds=None, subseeds=None, subseed_strength=None,
@@ -241,12 +252,15 @@ def _sampler(p, config: EditConfig, pixels: torch.Tensor, outcome: dict):
         edit_with = config.replace(target=target, negative=negative)
         if getattr(sys.modules.get("modules.sd_unet"), "current_unet", None) is not None:
             raise ModelError("BARET edit needs the webui's own UNet; set Settings > SD Unet to None for the edit.")
-        backend = backend_for(shared.sd_model)
-        backend = _EditBackend(backend, _model_key(p, backend, edit_with))
-        latents = backend.vae_encode(pixels)
-        cached = CACHE.get(InversionCache.key(backend, latents, edit_with)) is not None
-        result = edit(backend, latents, edit_with, cache=CACHE, on_progress=_progress(edit_with, cached),
-                      should_stop=_should_stop)
+        # the Forge family samples inside torch.inference_mode, in which no gradient is taken (TTIS needs one); its
+        # sampler would load the generation's parts (its LoRAs patched in) first
+        with torch.inference_mode(False), forge_parts_loaded(shared.sd_model, inference=True, networks=True):
+            backend = backend_for(shared.sd_model)
+            backend = _EditBackend(backend, _model_key(p, backend, edit_with))
+            latents = backend.vae_encode(pixels)
+            cached = CACHE.get(InversionCache.key(backend, latents, edit_with)) is not None
+            result = edit(backend, latents, edit_with, cache=CACHE, on_progress=_progress(edit_with, cached),
+                          should_stop=_should_stop)
         outcome.update(result=result, backend=backend, config=edit_with)
         return result.edited
 

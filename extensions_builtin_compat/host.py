@@ -41,13 +41,6 @@ def _is_model(model) -> bool:
                                                                    "conditioner", "model"))
 
 
-def runs_webui_modules(model) -> bool:
-    """Whether generation runs ``model``'s own ldm/sgm modules through the webui's CFG denoiser, where the attention
-    control of BARET and identities hooks in. The Forge family (Classic, reForge, Neo) samples through its backend's
-    patchers and attention functions instead."""
-    return getattr(model, "forge_objects", None) is None
-
-
 def loaded_model():
     """The loaded model, or None; unlike shared.sd_model this never starts loading one."""
     sd_models = importlib.import_module("modules.sd_models")
@@ -93,19 +86,6 @@ def _inplace_source(block_class: type) -> bool:
     except (OSError, TypeError):  # no source to read: assume the common, out-of-place form
         return False
     return re.search(r"\bx\s*\+=\s*n\b", source) is not None
-
-
-IDENTITY_NOT_IN_FORGE = ("Identity mode is not supported in Forge-family webuis yet (their backend's attention "
-                         "cannot be steered); train identities in AUTOMATIC1111 1.6 to 1.10.")
-
-
-def identity_unsupported_reason(model=None) -> str | None:
-    """Why identity mode cannot train here, in one sentence; None when it can. It takes keys and values from different
-    prompts inside the UNet's cross-attention, which only the webui's own ldm modules let this extension do (not a
-    Forge-family backend). Without ``model``, the host alone is judged."""
-    if is_forge() or (model is not None and not runs_webui_modules(model)):
-        return IDENTITY_NOT_IN_FORGE
-    return None
 
 
 def model_unsupported_reason(model) -> str | None:

@@ -1,4 +1,6 @@
-"""Attention control (dreamartist.attention_control) on the webui's own UNets: ldm's (SD1/SD2) and sgm's (SDXL).
+"""Attention control (dreamartist.attention_control) on the webui's own UNets: ldm's (SD1/SD2) and sgm's (SDXL), and
+the Forge family's (ldm_patched's in reForge and Forge Classic, the backend's in Forge Neo), whose attention modules
+have the same parts and take ldm's arguments plus a separate ``value`` context and ``transformer_options``.
 
 The webui's cross-attention optimisations (SDP, xformers, sub-quadratic, split/Doggettx, InvokeAI, V1, none) all
 replace ``CrossAttention.forward`` at class level. For one with-block, every attention module of the UNet gets an
@@ -51,19 +53,23 @@ def _upcast() -> bool:
 
 
 def controlled_forward(module: torch.nn.Module, layer: str, controller: Controller, calls: Calls):
-    """The instance ``forward`` of one ldm/sgm CrossAttention under ``controller``; ldm's arguments (sgm's extra
-    ``additional_tokens`` and ``n_times_crossframe_attn_in_self`` are ignored, as the webui's optimisations do)."""
+    """The instance ``forward`` of one ldm/sgm/Forge CrossAttention under ``controller``; ldm's arguments and the Forge
+    family's ``value`` (the values' context when it differs from the keys'); sgm's extra ``additional_tokens`` and
+    ``n_times_crossframe_attn_in_self`` and Forge's ``transformer_options`` are ignored, as the hosts' own attention
+    functions do."""
     contexts = _hypernetwork_contexts()
     upcast = _upcast()
 
     def forward(x: torch.Tensor, context: torch.Tensor | None = None, mask: torch.Tensor | None = None,
-                **kwargs) -> torch.Tensor:
+                value: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
         kind = SELF if context is None else CROSS
         batch, tokens, _ = x.shape
         heads = module.heads
         query = module.to_q(x)
         site = calls.site(layer, kind, tokens, module)
         context_k, context_v = contexts(x if context is None else context)
+        if value is not None:
+            context_v = value
         if kind == CROSS:
             context_k, context_v = controller.contexts(site, context_k, context_v)
         key, value = module.to_k(context_k), module.to_v(context_v)
@@ -85,7 +91,8 @@ def controlled_forward(module: torch.nn.Module, layer: str, controller: Controll
 
 @contextlib.contextmanager
 def ldm_control(unet: torch.nn.Module, controller: Controller, calls: Calls) -> Iterator[None]:
-    """Every attention module of ``unet`` (an ldm or sgm UNetModel) under ``controller`` for the with-block."""
+    """Every attention module of ``unet`` (an ldm, sgm or Forge-family UNet) under ``controller`` for the
+    with-block."""
     layers = attention_layers(unet)
     if not layers:
         raise ModelError("The loaded model's UNet has no attention layers this extension can control; load an SD1.x, "

@@ -66,6 +66,23 @@ def text_encoders(sd_model) -> dict[str, torch.nn.Module]:
             if (fixes := _fixes(embedder)) is not None}
 
 
+def token_widths(sd_model) -> dict[str, int]:
+    """Each prompt encoder's token width by encoder key (what an embedding's vectors for it must have)."""
+    if host.runs_forge_engine(sd_model):
+        from .host_backend_forge import token_table
+
+        return {engine.embedding_key: int(token_table(engine).wrapped.weight.shape[1])
+                for engine in host.text_engines(sd_model)}
+    return {key: int(_fixes(encoder).wrapped.weight.shape[1]) for key, encoder in text_encoders(sd_model).items()}
+
+
+def timestep_count(sd_model) -> int:
+    """The number of diffusion timesteps the model was trained with (its schedule's length)."""
+    if host.runs_forge_engine(sd_model):
+        return int(sd_model.forge_objects.unet.model.predictor.alphas_cumprod.shape[0])
+    return int(sd_model.alphas_cumprod.shape[0])
+
+
 def training_alphas(sd_model) -> torch.Tensor:
     """The schedule the webui samples with, float32 on the CPU: the fp32 original that 1.8+ keeps beside a downcast
     copy, rescaled to zero terminal SNR when its noise-schedule setting (1.8+) asks for it."""
@@ -195,14 +212,11 @@ class HostBackend(PatchSlot):
         return layers_of(self.sd_model)
 
     def controlled_attention(self, controller, calls) -> contextlib.AbstractContextManager:
-        """Every attention layer of the ldm/sgm UNet under ``controller`` for a with-block, whatever cross-attention
-        optimisation the webui applied (host_attention; dreamartist.attention_control)."""
+        """Every attention layer of the UNet generation runs under ``controller`` for a with-block, whatever
+        cross-attention optimisation the webui applied (host_attention; dreamartist.attention_control)."""
         from .host_attention import ldm_control
 
-        if not host.runs_webui_modules(self.sd_model):
-            raise ModelError("This webui samples through its own backend, whose attention this extension cannot "
-                             "control yet; use AUTOMATIC1111 1.6 to 1.10 for this.")
-        return ldm_control(self.sd_model.model.diffusion_model, controller, calls)
+        return ldm_control(unet_of(self.sd_model), controller, calls)
 
     def _vae_dtype(self) -> torch.dtype:
         return next(self.sd_model.first_stage_model.parameters()).dtype
@@ -274,20 +288,21 @@ def _memory_manager():
 
 
 @contextlib.contextmanager
-def forge_parts_loaded(sd_model, inference: bool = False) -> Iterator[None]:
+def forge_parts_loaded(sd_model, inference: bool = False, networks: bool = False) -> Iterator[None]:
     """On a model a Forge-family backend manages (reForge: the webui's model object over its ModelPatchers): for the
     run, the LoRA-free parts (forge_objects_original: an earlier generation's LoRA is unpatched by the memory manager
     when they load, and the text encoder, which loads its own patcher at every encode, finds no LoRA clone either),
     all three loaded whole on the device, outside inference mode; the model's forge_objects are put back after and
     the next generation loads what it needs. Nothing happens on a model without forge_objects (AUTOMATIC1111).
     ``inference``: load inside inference mode, as the host's own generations do, for weights that already are inference
-    tensors (Forge's backend loads every weight so; a move outside inference mode would fail on them)."""
+    tensors (Forge's backend loads every weight so; a move outside inference mode would fail on them). ``networks``:
+    the generation's own parts instead, its prompt's LoRAs patched in as its sampler would load them."""
     current = getattr(sd_model, "forge_objects", None)
     manager = _memory_manager() if current is not None else None
     if manager is None:
         yield
         return
-    original = getattr(sd_model, "forge_objects_original", None) or current
+    original = current if networks else getattr(sd_model, "forge_objects_original", None) or current
     use = original.shallow_copy() if callable(getattr(original, "shallow_copy", None)) else original
     patchers = [part for part in (getattr(use, "unet", None), getattr(getattr(use, "clip", None), "patcher", None),
                                   getattr(getattr(use, "vae", None), "patcher", None)) if part is not None]

@@ -47,7 +47,7 @@ from .host_backend import (
 )
 
 
-def _token_table(engine) -> torch.nn.Module:
+def token_table(engine) -> torch.nn.Module:
     """The engine's CLIPEmbeddingForTextualInversion (its ``wrapped`` is the token table)."""
     table = next((m for m in engine.text_encoder.modules() if hasattr(m, "wrapped") and hasattr(m, "embeddings")),
                  None)
@@ -65,7 +65,7 @@ class ForgeBackend(PatchSlot):
         self.image_size = FAMILIES[self.family].size
         # key -> engine in the order their states are concatenated (SDXL: CLIP-L's, then CLIP-G's)
         self.engines = {engine.embedding_key: engine for engine in host.text_engines(model)}
-        self.tables = {key: _token_table(engine) for key, engine in self.engines.items()}
+        self.tables = {key: token_table(engine) for key, engine in self.engines.items()}
         self.embedding_dims = {key: table.weight.shape[1] for key, table in self.tables.items()}
         objects = model.forge_objects_original or model.forge_objects
         self.kmodel = objects.unet.model
@@ -158,6 +158,12 @@ class ForgeBackend(PatchSlot):
 
     def adapter_layers(self) -> dict[str, dict[str, torch.nn.Module]]:
         return layers_of(self.sd_model)
+
+    def controlled_attention(self, controller, calls) -> contextlib.AbstractContextManager:
+        """Every attention layer of the backend's UNet under ``controller`` for a with-block (host_attention)."""
+        from .host_attention import ldm_control
+
+        return ldm_control(self.kmodel.diffusion_model, controller, calls)
 
     def _vae_input(self, tensor: torch.Tensor) -> torch.Tensor:
         weight = next(self.first_stage.parameters())

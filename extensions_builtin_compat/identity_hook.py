@@ -1,6 +1,6 @@
-"""Identity mode at generation time (webui 1.6-1.10; SD 1.x, 2.x and SDXL): a prompt that names an identity gets, in
-every UNet call of the rows that hold it, the K variant of the call's stage as its context and the V variant as the
-values of every cross-attention; other rows and other prompts are untouched.
+"""Identity mode at generation time (webui 1.6-1.10, reForge, Forge Classic; SD 1.x, 2.x and SDXL): a prompt that
+names an identity gets, in every UNet call of the rows that hold it, the K variant of the call's stage as its context
+and the V variant as the values of every cross-attention; other rows and other prompts are untouched.
 
 How, for one generation (``begin`` in the script's ``process``, ``end`` in ``postprocess``):
 - Each identity the prompts name is registered as a one-vector embedding (a carrier, its stage-0 K token), so the
@@ -25,7 +25,6 @@ closes its processing object (the webui's txt2img, img2img and API all do, with 
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
 from typing import NamedTuple
 
@@ -37,9 +36,9 @@ from dreamartist.errors import InputError
 from dreamartist.identity import IdentityTokens, K, V, stage_bounds, stage_of
 from dreamartist.identity_control import IdentityControl
 
-from . import embeddings, host, host_pairing, identities, jobs
+from . import embeddings, host_pairing, identities, identity_text, jobs
 from .host_attention import ldm_control
-from .host_backend import _fixes, registered_in, text_encoders
+from .host_backend import text_encoders, timestep_count, token_widths, unet_of
 
 INFOTEXT_KEY = "DreamArtist identity"
 UNET_ARGUMENTS = ("x", "timesteps", "context", "y")  # ldm's and sgm's UNetModel.forward
@@ -59,25 +58,21 @@ class GenerationIdentities:
     def __init__(self, p, found: dict[str, IdentityTokens]):
         model = p.sd_model
         self.model = model
-        self.encoder = model.cond_stage_model  # SDXL: the conditioner, which the webui gives a ``tokenize``
         self.prompts = host_pairing.prompt_encoder(model)
-        self.timesteps = int(model.alphas_cumprod.shape[0])
+        self.timesteps = timestep_count(model)
         self.keys = tuple(text_encoders(model))
         self.tokens = found
         self.control = IdentityControl()
         self.entries: list[Entry] = []
         self.busy = False
         self.stack = contextlib.ExitStack()
-        db = host.embedding_db()
-        carriers = {name: _carrier(name, self._vec(tokens.vectors(0, K))) for name, tokens in found.items()}
-        self.carriers = carriers
-        self.stack.enter_context(registered_in(
-            db, carriers, lambda name: self.encoder.tokenize([name])[0][0],
-            functools.partial(db.register_embedding, model=model)))
-        unet = model.model.diffusion_model
+        self.carriers = {name: identity_text.carrier(model, name, self._vec(tokens.vectors(0, K)))
+                         for name, tokens in found.items()}
+        self.stack.enter_context(identity_text.carriers_registered(model, self.carriers))
+        unet = unet_of(model)
         self.stack.enter_context(ldm_control(unet, self.control, Calls()))
-        handles = (self.encoder.register_forward_hook(self._encoded),
-                   unet.register_forward_pre_hook(self._before_unet, with_kwargs=True),
+        self.stack.enter_context(identity_text.encodes_watched(model, self._encoded))
+        handles = (unet.register_forward_pre_hook(self._before_unet, with_kwargs=True),
                    unet.register_forward_hook(self._after_unet))
         self.stack.callback(lambda: [h.remove() for h in handles])
 
@@ -86,8 +81,7 @@ class GenerationIdentities:
         return vectors[self.keys[0]] if len(self.keys) == 1 else dict(vectors)
 
     # -- the text encoder ------------------------------------------------------------------------------
-    def _encoded(self, module, args, output):
-        batch = args[0]
+    def _encoded(self, batch, output, encode):
         texts = batch["txt"] if isinstance(batch, dict) else batch
         if self.busy or getattr(texts, "is_negative_prompt", False):  # identities act on the cond rows only
             return
@@ -106,7 +100,7 @@ class GenerationIdentities:
                     for which in (K, V):
                         for name, stage in zip(names, pattern):
                             self.carriers[name].vec = self._vec(self.tokens[name].vectors(stage, which))
-                        encoded[which] = _row(module(_one_row(batch, i)), 0)
+                        encoded[which] = _row(encode(_one_row(batch, i)), 0)
                     variants[pattern] = (encoded[K][0], encoded[V][0], encoded[K][1])
                 self.entries.append(Entry(*_row(output, i), names, variants))
         finally:
@@ -128,8 +122,8 @@ class GenerationIdentities:
             t = timesteps[row] if timesteps.ndim else timesteps
             pattern = tuple(int(stage_of(t, self.tokens[n].stages, self.timesteps)) for n in entry.names)
             k, v, k_vector = entry.variants[pattern]
-            tokens = len(entry.context)  # the denoiser may have padded the row after them
-            keys[row, :tokens], values[row, :tokens] = k.to(context.dtype), v.to(context.dtype)
+            for span in _copies(context[row], entry.context):
+                keys[row, span], values[row, span] = k.to(context.dtype), v.to(context.dtype)
             if ys is not None and k_vector is not None:
                 ys[row] = k_vector.to(ys.dtype)
             changed = True
@@ -176,11 +170,22 @@ class Entry(NamedTuple):
     variants: dict  # stage pattern -> (K context, V context, K vector or None)
 
 
+def _copies(row: torch.Tensor, base: torch.Tensor) -> list[slice]:
+    """Where ``row`` holds the encoded ``base``: at its start, then every further copy of it (the Forge family's
+    batching repeats a shorter row up to the longest one's length; AUTOMATIC1111's pads it with other tokens)."""
+    tokens = base.shape[0]
+    spans = [slice(start, start + tokens) for start in range(0, row.shape[0] - tokens + 1, tokens)]
+    return [span for i, span in enumerate(spans) if i == 0 or torch.equal(row[span], base.to(row.dtype))]
+
+
 def _one_row(batch, i: int):
-    """Row ``i`` of the encoder's input: a list of texts, or SDXL's dict of texts and size tensors."""
+    """Row ``i`` of the encoder's input: a list of texts (the webui's SdConditioning keeps its size and negative
+    flags, which Forge's SDXL conditioning reads), or SDXL's dict of texts and size tensors."""
+    from modules.prompt_parser import SdConditioning
+
     if isinstance(batch, dict):
         return {key: [value[i]] if key == "txt" else value[i:i + 1] for key, value in batch.items()}
-    return [batch[i]]
+    return SdConditioning([batch[i]], copy_from=batch) if isinstance(batch, SdConditioning) else [batch[i]]
 
 
 def _row(output, i: int) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -189,16 +194,6 @@ def _row(output, i: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         vector = output.get("vector")
         return output["crossattn"][i].detach(), None if vector is None else vector[i].detach()
     return output[i].detach(), None
-
-
-def _carrier(name: str, vec):
-    """A one-vector host Embedding over ``vec``: (1, dim), or SDXL's {key: (1, dim)}."""
-    from modules.textual_inversion.textual_inversion import Embedding
-
-    embedding = Embedding(vec, name)
-    widths = [int(v.shape[-1]) for v in (vec.values() if isinstance(vec, dict) else [vec])]
-    embedding.vectors, embedding.shape = 1, sum(widths)
-    return embedding
 
 
 def used_identities(p) -> dict[str, identityfiles.IdentityFile]:
@@ -216,34 +211,23 @@ def used_identities(p) -> dict[str, identityfiles.IdentityFile]:
     return {name: identities.load(available[name]) for name in sorted(named)}
 
 
-def unsupported_reason(model) -> str | None:
-    if not host.runs_webui_modules(model):
-        return "identity mode applies identities in AUTOMATIC1111 1.6-1.10 for now"
-    return None
-
-
 def begin(p) -> None:
     """Install the hooks for the identities the prompts name (and forget any a failed generation left)."""
     end()
     found = used_identities(p)
     if not found:
         return
-    reason = unsupported_reason(p.sd_model)
-    if reason is None:
-        try:
-            widths = {key: _fixes(encoder).wrapped.weight.shape[1]
-                      for key, encoder in text_encoders(p.sd_model).items()}
-            for f in found.values():
-                identityfiles.check_compatible(f, widths)
-        except InputError as e:
-            reason = str(e).rstrip(".")
-    if reason:
-        note = f"DreamArtist: {', '.join(found)} not applied: {reason}."
+    try:
+        widths = token_widths(p.sd_model)
+        for f in found.values():
+            identityfiles.check_compatible(f, widths)
+    except InputError as e:
+        note = f"DreamArtist: {', '.join(found)} not applied: {str(e).rstrip('.')}."
         log.warning(note)
         if hasattr(p, "comment"):
             p.comment(note)
         return
-    device = next(p.sd_model.model.diffusion_model.parameters()).device
+    device = next(unet_of(p.sd_model).parameters()).device
     tokens = {name: IdentityTokens({k: v.to(device) for k, v in f.tokens.tokens.items()}) for name, f in found.items()}
     jobs.reset_cond_caches()  # cached conds were encoded before the hooks; they must be encoded again
     _active.append(GenerationIdentities(p, tokens))

@@ -58,11 +58,6 @@ def training_size(config: TrainConfig | IdentityConfig) -> tuple[int, int]:
     return config.size_for(FAMILIES[model_family(model) if model is not None else "sd1"].size)
 
 
-def _unavailable_reason(config: TrainConfig | IdentityConfig) -> str | None:
-    """Why this run cannot start on the loaded model, in one sentence; None when it can."""
-    return host.identity_unsupported_reason(host.loaded_model()) if isinstance(config, IdentityConfig) else None
-
-
 def _trainer(config: TrainConfig | IdentityConfig, backend, references: list[Reference], on_progress) -> Trainer:
     """The run of ``config``'s mode, into its folder. A name is one word in prompts: an identity's must not be an
     embedding's, a pair's not an identity's; the identities already in its folder an identity's trainer checks itself
@@ -86,12 +81,10 @@ def run_training(config: TrainConfig | IdentityConfig, references: list[Referenc
     """
     with _training:
         host.ensure_model_loaded()
-        reason = host.training_unavailable_reason() or _unavailable_reason(config)
+        reason = host.training_unavailable_reason()
         if reason:
             raise ModelError(reason)
         backend = backend_for()
-        if isinstance(config, IdentityConfig) and not hasattr(backend, "controlled_attention"):
-            raise ModelError(host.IDENTITY_NOT_IN_FORGE)
         state = shared.state
         owns_job = not state.job
         if owns_job:

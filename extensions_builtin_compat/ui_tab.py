@@ -247,7 +247,7 @@ def create_tab() -> gr.Blocks:
             with gr.TabItem("Pair (DreamArtist)", id="pair", elem_id=elem_id("pair_tab")):
                 _side(PAIR, unavailable)
             with gr.TabItem("Identity (Beyond Inserting)", id="identity", elem_id=elem_id("identity_tab")):
-                _side(IDENTITY, unavailable or host.identity_unsupported_reason())
+                _side(IDENTITY, unavailable)
     return tab
 
 

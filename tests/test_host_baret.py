@@ -180,9 +180,9 @@ def img2img(host, image, prompt="a green disc", negative="", steps=3, **knobs):
 class UNetCalls:
     """Counts calls of the loaded model's UNet (a forward pre-hook, removed by ``remove``)."""
 
-    def __init__(self, model):
+    def __init__(self, model, unet=None):
         self.count = 0
-        self.handle = model.model.diffusion_model.register_forward_pre_hook(self.seen)
+        self.handle = (unet or model.model.diffusion_model).register_forward_pre_hook(self.seen)
 
     def seen(self, *args):
         self.count += 1
@@ -392,10 +392,76 @@ def test_an_sdxl_edit_goes_through_the_sgm_unet(host_v1101, photo):
                 and type(m).__name__ == "CrossAttention"]
 
 
-def test_forge_family_webuis_refuse_in_one_sentence(host_forge, photo):
-    load_extension(host_forge)
-    sentence = refusal(host_forge.run_img2img(img2img(host_forge, photo)))
-    assert "AUTOMATIC1111" in sentence and one_sentence(sentence)
+# -- the Forge family -----------------------------------------------------------------------------------------------
+FORGE_FAMILY = ["host_neo", "host_forge", "host_reforge", "host_classic"]
+
+
+@pytest.fixture(params=FORGE_FAMILY, ids=lambda name: name.removeprefix("host_"))
+def forge_family(request):
+    host = request.getfixturevalue(request.param)
+    load_extension(host)
+    return host
+
+
+def forge_attention(unet) -> list:
+    return [m for m in unet.modules() if type(m).__name__ == "CrossAttention"]
+
+
+@pytest.mark.parametrize("kind", ["sd1", "sdxl"])
+def test_the_forge_family_edits_through_its_own_unet_and_leaves_the_model_as_it_was(forge_family, photo, kind):
+    """Each samples inside torch.inference_mode (Neo's and original Forge's weights are inference tensors, Classic's
+    blocks add residuals in place): the edit's target-text inversion takes its gradient through all of that, its
+    calls go through the host's own UNet, and nothing of the edit is left on the model."""
+    from test_host_neo import assert_same_parts, parts_state
+
+    from extensions_builtin_compat.host import runs_forge_engine
+    from extensions_builtin_compat.host_attention import attention_layers
+    from extensions_builtin_compat.host_backend import unet_of
+
+    model = forge_family.load_model(kind)
+    unet = unet_of(model)
+    assert len(attention_layers(unet)) == len(forge_attention(unet)) > 0  # the control finds every one
+    forge_family.process_images(forge_family.txt2img(prompt="a photo"))  # transformers hooks its encoder at first use
+    # the backend's parts (Neo, original Forge), or the webui's model object over them (reForge, Classic)
+    state, same = (parts_state, assert_same_parts) if runs_forge_engine(model) else (model_state, assert_same_state)
+    before = state(model)
+    calls = UNetCalls(model, unet)
+    try:
+        processed = forge_family.run_img2img(img2img(forge_family, photo, steps=2, branches=True))
+    finally:
+        calls.remove()
+    assert len(processed.images) == 3 and "Script: BARET edit" in processed.infotexts[0]
+    assert calls.count >= 2 + 2 * 2 + 2  # inversion, TTIS (at least one Adam step per step), editing
+    assert not [m for m in forge_attention(unet) if "forward" in m.__dict__]
+    same(before, state(model))
+
+
+def test_a_pass_through_control_of_neos_attention_keeps_its_separate_values(host_neo):
+    """Neo's (and ldm_patched's) attention takes the values' context apart from the keys' (``value``, which
+    ComfyUI-style patches hand it): the control keeps it."""
+    from extensions_builtin_compat.host_backend_forge import ForgeBackend
+
+    model = host_neo.load_model("sd1")
+    backend = ForgeBackend(model)
+    module = forge_attention(backend.kmodel.diffusion_model)[1]  # an attn2
+    generator = torch.Generator().manual_seed(0)
+    x, context, value = (torch.randn(2, n, d, generator=generator) for n, d in ((16, 8), (77, 32), (77, 32)))
+    with torch.no_grad():
+        plain, keys_only = module(x, context=context, value=value), module(x, context=context)
+        with controlled(backend, Probe()) as calls, calls.at(0, ROWS[:2]):
+            calls.latent_tokens = 16
+            watched = module(x, context=context, value=value)
+    assert not torch.allclose(plain, keys_only)
+    torch.testing.assert_close(watched, plain, atol=1e-5, rtol=1e-5)
+
+
+def test_the_same_txt2img_seed_gives_the_same_image_after_an_edit_in_neo(host_neo, photo):
+    load_extension(host_neo)
+    host_neo.load_model("sd1")
+    first = host_neo.process_images(host_neo.txt2img(prompt="a red disc", seed=4321)).images[0]
+    host_neo.run_img2img(img2img(host_neo, photo, rigid=True))
+    second = host_neo.process_images(host_neo.txt2img(prompt="a red disc", seed=4321)).images[0]
+    assert first.tobytes() == second.tobytes()
 
 
 def test_a_model_it_cannot_edit_with_is_refused_in_one_sentence_before_any_work(scripted, photo):

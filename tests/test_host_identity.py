@@ -20,23 +20,29 @@ NAME = "zqv"
 
 def identity_tokens(model, stages: int = 5, seed: int = 0) -> IdentityTokens:
     """Random stage tokens for every text encoder of ``model`` (SDXL: clip_l and clip_g)."""
-    from extensions_builtin_compat.host_backend import _fixes, text_encoders
+    from extensions_builtin_compat.host_backend import token_widths
 
     g = torch.Generator().manual_seed(seed)
-    return IdentityTokens({key: torch.randn(stages, 2, _fixes(encoder).wrapped.weight.shape[1], generator=g) * 0.5
-                           for key, encoder in text_encoders(model).items()})
+    return IdentityTokens({key: torch.randn(stages, 2, width, generator=g) * 0.5
+                           for key, width in token_widths(model).items()})
+
+
+def with_identity(host):
+    """``host`` with the extension loaded and an identity of random stage tokens for its model in the folder."""
+    from extensions_builtin_compat import identities
+
+    tokens = identity_tokens(host.shared.sd_model)
+    identityfiles.save_identity(identities.identities_dir(), NAME, tokens, {}, {"kv_split": True})
+    host.load_extension(REPO)
+    host.tokens = tokens
+    return host
 
 
 @pytest.fixture
 def hooked(host):
-    from extensions_builtin_compat import identities, identity_hook
+    from extensions_builtin_compat import identity_hook
 
-    model = host.shared.sd_model
-    tokens = identity_tokens(model)
-    identityfiles.save_identity(identities.identities_dir(), NAME, tokens, {}, {"kv_split": True})
-    host.load_extension(REPO)
-    host.tokens = tokens
-    yield host
+    yield with_identity(host)
     identity_hook.end()
 
 
@@ -46,8 +52,9 @@ class Probe:
 
     def __init__(self, model):
         from extensions_builtin_compat.host_attention import attention_layers
+        from extensions_builtin_compat.host_backend import unet_of
 
-        unet = model.model.diffusion_model
+        unet = unet_of(model)
         self.calls, self.handles = [], [unet.register_forward_pre_hook(self.unet_call, with_kwargs=True)]
         vector = getattr(unet.unet, "class_embedding", None)  # the stand-in sgm UNet's label_emb: y as the UNet got it
         if vector is not None:
@@ -108,10 +115,14 @@ def test_only_the_rows_naming_the_identity_read_k_and_v_from_different_contexts(
 
 
 def test_the_keys_and_values_are_the_stage_variants_of_each_calls_timestep(hooked):
-    from extensions_builtin_compat.host_backend import HostBackend
+    assert_stage_variants(hooked)
+
+
+def assert_stage_variants(hooked) -> None:
+    from extensions_builtin_compat.host_backend_sdxl import backend_for
 
     _, _, probe = generate(hooked, prompt=f"a photo of {NAME}", steps=4)
-    backend, tokens = HostBackend(), hooked.tokens
+    backend, tokens = backend_for(), hooked.tokens
     stages = set()
     for call in probe.calls:
         s = int(stage_of(call["t"][0], 5, 1000))
@@ -119,8 +130,9 @@ def test_the_keys_and_values_are_the_stage_variants_of_each_calls_timestep(hooke
         with torch.no_grad():
             k = backend.encode([f"a photo of {NAME}"], {NAME: tokens.vectors(s, K)}).context[0]
             v = backend.encode([f"a photo of {NAME}"], {NAME: tokens.vectors(s, V)}).context[0]
-        torch.testing.assert_close(call["k"][0][0], k)  # the first cross-attention's inputs, cond row
-        torch.testing.assert_close(call["v"][0][0], v)
+        row = split_rows(call).index(True)  # the cond row (A1111 batches it first, the Forge family last)
+        torch.testing.assert_close(call["k"][0][row], k)  # the first cross-attention's inputs
+        torch.testing.assert_close(call["v"][0][row], v)
     assert len(stages) > 1  # the steps crossed a stage boundary
 
 
@@ -245,3 +257,51 @@ def test_an_sd2_model_gets_the_identity_through_its_openclip_encoder(host_v1101)
     host_v1101.load_extension(REPO)
     _, processed, probe = generate(host_v1101, prompt=f"a photo of {NAME}")
     assert probe.calls and all(split_rows(call) == [True, False] for call in probe.calls)
+
+
+@pytest.mark.parametrize("webui", ["host_reforge", "host_classic"])
+def test_reforge_and_classic_apply_the_identity_through_their_own_unet(request, webui):
+    """Both keep the webui's prompt encoder and model object over ldm_patched's UNet, whose attention takes a separate
+    ``value``, and sample inside torch.inference_mode: the identity's rows get each stage's K and V, the other rows
+    nothing, and the model is as before."""
+    host = with_identity(request.getfixturevalue(webui))
+    from extensions_builtin_compat import identity_hook
+
+    try:
+        model = host.shared.sd_model
+        before = model_state(model)
+        _, processed, probe = generate(host, prompt=f"a photo of {NAME}")
+        assert [sorted(split_rows(call)) for call in probe.calls] == [[False, True]] * 3  # the cond row only
+        assert f"DreamArtist identity: {NAME}" in processed.infotexts[0]
+        assert_stage_variants(host)
+        assert_same_state(before, model_state(model))
+        assert all("forward" not in m.__dict__ for m in model.model.diffusion_model.modules())
+    finally:
+        identity_hook.end()
+
+
+@pytest.mark.parametrize("kind", ["sd1", "sdxl"])
+def test_neo_applies_the_identity_through_its_text_engines(host_neo, kind):
+    """Neo's prompts go through its backend's text engines (each with its own embedding database) from the model's
+    get_learned_conditioning, and its UNet sits behind its patcher: the identity's rows get each stage's K and V all
+    the same, and nothing of it is left on the model."""
+    from test_host_neo import assert_same_parts, parts_state
+
+    model = host_neo.load_model(kind)
+    host = with_identity(host_neo)
+    from extensions_builtin_compat import identity_hook
+    from extensions_builtin_compat.host_backend import unet_of
+
+    try:
+        generate(host, prompt="a photo")  # transformers hooks its encoders at their first use
+        before = parts_state(model)
+        _, processed, probe = generate(host, prompt=f"a photo of {NAME}")
+        assert [sorted(split_rows(call)) for call in probe.calls] == [[False, True]] * 3  # the cond row only
+        assert f"DreamArtist identity: {NAME}" in processed.infotexts[0]
+        assert_stage_variants(host)
+        assert_same_parts(before, parts_state(model))
+        assert "get_learned_conditioning" not in vars(model)
+        assert all("forward" not in m.__dict__ for m in unet_of(model).modules())
+        assert all(NAME not in engine.embeddings.word_embeddings for engine in model.text_engines())
+    finally:
+        identity_hook.end()

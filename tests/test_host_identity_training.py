@@ -15,7 +15,6 @@ from test_api import api_client
 from test_ui_tab import click_args, descendants
 
 from dreamartist.config import IdentityConfig
-from dreamartist.errors import ModelError
 
 TINY = {"steps": 2, "width": 64, "height": 64}
 ID = "dreamartist_identity_"
@@ -210,24 +209,28 @@ def test_an_identity_trains_on_sdxl_with_both_encoders_tokens_and_leaves_the_mod
     assert class_forwards() == forwards
 
 
-def test_forge_refuses_identity_mode_in_one_sentence_and_still_trains_pairs(host_forge):
-    from dreamartist.images import face_reference
-    from extensions_builtin_compat import jobs
+@pytest.mark.parametrize("webui", ["host_reforge", "host_classic", "host_neo", "host_forge"])
+def test_the_forge_family_trains_an_identity_and_leaves_the_model_as_it_was(request, webui):
+    """reForge and Classic: the webui's model object over ldm_patched's UNet (Classic's blocks add residuals in place;
+    both load weights inside inference mode at a generation); Neo and the original Forge: their backend's text
+    engines, and every weight an inference tensor. The identity trains through the API after a generation."""
+    from test_host_neo import assert_same_parts, parts_state
 
-    client = api_client(host_forge)
-    controls = by_elem_id(build_tab(host_forge))
-    assert controls[ID + "train"].interactive is False and "Forge" in controls[ID + "notice"].value
-    assert controls["dreamartist_train"].interactive is not False and "dreamartist_notice" not in controls
-    with pytest.raises(ModelError, match="not supported in Forge") as refused:
-        jobs.run_training(IdentityConfig(name="zqv", **TINY), [face_reference(reference_image(), face_mask(), 64, 64)])
-    assert one_sentence(str(refused.value))
+    host = request.getfixturevalue(webui)
+    client = api_client(host)
+    host.process_images(host.txt2img(prompt="a photo"))  # loads Neo's model; transformers hooks its encoders
+    from extensions_builtin_compat.host import runs_forge_engine
+
+    model = host.shared.sd_model
+    state, same = (parts_state, assert_same_parts) if runs_forge_engine(model) else (model_state, assert_same_state)
+    before = state(model)
     response = client.post("/dreamartist/v1/train", json={"mode": "identity", "image": b64(reference_image()),
                                                            "mask": b64(face_mask()), "name": "zqv", **TINY})
-    assert response.status_code == 501 and one_sentence(response.json()["detail"])
-    assert not identities_dir().exists()
-    pair = client.post("/dreamartist/v1/train", json={"image": b64(reference_image()), "name": "walle", **TINY,
-                                                      "reconstruction": False})
-    assert pair.status_code == 200, pair.text
+    assert response.status_code == 200, response.text
+    assert (identities_dir() / "zqv.identity.safetensors").is_file()
+    same(before, state(model))
+    controls = by_elem_id(build_tab(host))
+    assert controls[ID + "train"].interactive is not False and ID + "notice" not in controls
 
 
 def test_an_sd2_model_trains_an_identity_for_its_openclip_encoder(host_v1101):

@@ -1,20 +1,20 @@
-"""Identity mode in real webuis (A1111 1.6.0 and 1.10.1): an identity trained through the API lands in
-models/dreamartist-identities (not where the embedding loader reads); a prompt naming it gets the stage variants in
-txt2img (every row layout, the hires pass) and img2img, seen by the test-only probe (tests/real_webui/probe: per UNet
-call its timesteps and, at the first cross-attention, which rows read values from another context than keys); other
-prompts and the same-seed image are as before; the tab trains one in chromium.
+"""Identity mode in real webuis (A1111 1.6.0 and 1.10.1, and the Forge family: Neo, Classic, reForge): an identity
+trained through the API lands in models/dreamartist-identities (not where the embedding loader reads); a
+prompt naming it gets the stage variants in txt2img (every row layout, the hires pass) and img2img, seen by the
+test-only probe (tests/real_webui/probe: per UNet call its timesteps and, at the first cross-attention, which rows
+read values from another context than keys); other prompts and the same-seed image are as before; the tab trains
+one in chromium.
 
 runs on its own:  DREAMARTIST_WEBUI_HARNESS=... .venv/bin/python -m pytest tests/real_webui/test_webui_identity.py
 """
 from __future__ import annotations
 
 import pytest
-from webui_harness import BASELINE, parse_infotext, png_base64, skip_without_harness
+from webui_harness import BASELINE, FOLLOWS, parse_infotext, png_base64, skip_without_harness
 
 skip_without_harness()
 
 NAME = "da_face"
-FORGE = {"neo", "classic", "reforge"}
 
 
 def face_mask():
@@ -27,8 +27,6 @@ def face_mask():
 
 @pytest.fixture(scope="module")
 def identity(webui, reference_image):
-    if webui.version in FORGE:
-        pytest.skip(f"webui {webui.version}: identity mode trains and applies in A1111 1.6-1.10 for now")
     reply = webui.post("/dreamartist/v1/train", {"mode": "identity", "image": png_base64(reference_image),
                                                  "mask": png_base64(face_mask()), "name": NAME, "steps": 3,
                                                  "width": 64, "height": 64})
@@ -62,11 +60,32 @@ LAYOUTS = {  # name: (payload changes, which rows of each UNet call hold the ide
 }
 
 
+def by_step(calls) -> list[list[bool]]:
+    """Each step's rows, whichever calls and order the sampler put them in: the Forge family batches cond and uncond
+    rows its own way (uncond first, shorter rows repeated up to the longest), so only what a step holds is
+    compared there."""
+    steps: dict[float, list[bool]] = {}
+    for call in calls:
+        steps.setdefault(round(call["t"][0], 3), []).extend(call["split"])
+    return [sorted(rows) for rows in steps.values()]
+
+
+def assert_layout(webui, calls, per_step) -> None:
+    if webui.version in FOLLOWS:
+        expected = sorted(row for call in per_step for row in call)
+        assert calls and all(rows == expected for rows in by_step(calls)), calls
+    else:  # AUTOMATIC1111's own layout: the calls of each step as its CFG denoiser makes them
+        assert calls and all(call["split"] in per_step for call in calls), calls
+
+
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_the_rows_naming_the_identity_read_keys_and_values_from_its_stage_variants(webui, identity, layout):
     changes, per_step = LAYOUTS[layout]
+    for key in changes.get("override_settings", {}):
+        if key not in webui.get("/sdapi/v1/options").json():
+            pytest.skip(f"webui {webui.version} has no {key} setting")
     calls, generation = seen(webui, "txt2img", {**webui.payload(f"a photo of {NAME}", steps=4), **da(), **changes})
-    assert calls and all(call["split"] in per_step for call in calls), calls
+    assert_layout(webui, calls, per_step)
     assert parse_infotext(generation.infotext).params.get("DreamArtist identity") == NAME
 
 
@@ -74,21 +93,24 @@ def test_each_call_gets_the_variant_of_its_timesteps_stage(webui, identity):
     calls, _ = seen(webui, "txt2img", {**webui.payload(f"a photo of {NAME}", steps=8), **da()})
     by_stage: dict[int, set[float]] = {}
     for call in calls:
-        by_stage.setdefault(min(int(call["t"][0] * 5 // 1000), 4), set()).add(round(call["keys"][0], 3))
+        row = call["split"].index(True)  # the cond row (the Forge family batches it after the uncond row)
+        by_stage.setdefault(min(int(call["t"][0] * 5 // 1000), 4), set()).add(round(call["keys"][row], 3))
     assert len(by_stage) >= 3, calls  # eight Euler steps cross several stages
     assert all(len(sums) == 1 for sums in by_stage.values()), by_stage  # one K variant per stage
     assert len({next(iter(s)) for s in by_stage.values()}) == len(by_stage)  # a different one in each
 
 
 def test_the_hires_pass_and_img2img_apply_it_and_other_prompts_are_untouched(webui, identity, reference_image):
-    calls, _ = seen(webui, "txt2img", {**webui.payload(f"a photo of {NAME}", steps=2), **da(), "enable_hr": True,
-                                       "hr_scale": 1.5, "hr_upscaler": "Latent", "hr_second_pass_steps": 2,
-                                       "denoising_strength": 0.5})
-    assert len(calls) >= 4 and all(call["split"] == [True, False] for call in calls), calls
+    hires = {"enable_hr": True, "hr_scale": 1.5, "hr_upscaler": "Latent", "hr_second_pass_steps": 2,
+             "denoising_strength": 0.5}
+    if webui.version == "neo":  # no latent upscalers; its API needs the hires modules named
+        hires |= {"hr_upscaler": "None", "hr_additional_modules": ["Use same choices"]}
+    calls, _ = seen(webui, "txt2img", {**webui.payload(f"a photo of {NAME}", steps=2), **da(), **hires})
+    assert len(calls) >= 4 and all(sorted(call["split"]) == [False, True] for call in calls), calls
     img2img = {**webui.payload(f"a photo of {NAME}", steps=3), **da(), "init_images": [png_base64(reference_image)],
                "denoising_strength": 0.6}
     calls, _ = seen(webui, "img2img", img2img)
-    assert calls and all(call["split"] == [True, False] for call in calls), calls
+    assert calls and all(sorted(call["split"]) == [False, True] for call in calls), calls
     calls, generation = seen(webui, "txt2img", {**webui.payload("a red disc", steps=2), **da()})
     assert calls and all(not any(call["split"]) for call in calls)
     assert "DreamArtist identity" not in generation.infotext
@@ -109,8 +131,6 @@ def test_the_tab_trains_an_identity_in_chromium(browser, webui, reference_png, o
     the file."""
     import time
 
-    if webui.version in FORGE:
-        pytest.skip(f"webui {webui.version}: identity mode trains in A1111 1.6-1.10 for now")
     mask_png = tmp_path / "mask.png"
     face_mask().save(mask_png)
     page = browser.new_page(viewport={"width": 1500, "height": 1100})
@@ -150,15 +170,3 @@ def test_the_tab_trains_an_identity_in_chromium(browser, webui, reference_png, o
     assert saw_bar, "the webui's progress bar (.progressDiv) never showed"
     assert (webui.folder / "models" / "dreamartist-identities" / "da_tab_face.identity.safetensors").is_file()
     assert errors == []
-
-
-def test_the_forge_family_refuses_identity_mode_in_one_sentence(webui, reference_image):
-    if webui.version not in FORGE:
-        pytest.skip(f"webui {webui.version} trains identities (the other tests)")
-    reply = webui.post("/dreamartist/v1/train", {"mode": "identity", "image": png_base64(reference_image),
-                                                 "mask": png_base64(face_mask()), "name": NAME, "steps": 1,
-                                                 "width": 64, "height": 64})
-    assert reply.status == 501, reply
-    detail = reply.detail
-    assert detail.endswith(".") and "identity mode" in detail.lower(), detail
-    assert not (webui.folder / "models" / "dreamartist-identities").exists()

@@ -53,6 +53,9 @@ class ForgeDiffusionEngine(torch.nn.Module):
                     "vector": torch.cat([pooled, sizes.expand(pooled.shape[0], -1).to(pooled)], dim=1)}
         return torch.zeros(len(prompts), 77, self.width)
 
+    def get_first_stage_encoding(self, x):  # the encode already scales, as Neo's does
+        return x
+
     @torch.inference_mode()
     def encode_first_stage(self, x):
         return torch.zeros(x.shape[0], 4, x.shape[2] // 8, x.shape[3] // 8)

@@ -1,15 +1,29 @@
 """backend.nn.unet: Neo's UNet call signature over a tiny diffusers UNet2DConditionModel, whose transformer blocks
 add each residual in place, as Neo's do: onto the x their norm has just read (``x += n``) and onto the feed-forward's
-output; the attention function is bound at import (Neo's flash/Sage kernels have no backward)."""
+output, and call their attention modules as Neo does (``attn(n, context=..., value=..., transformer_options=...)``,
+keys from ``context``, values from ``value`` when given); the attention function is bound at import (Neo's
+flash/Sage kernels have no backward)."""
 from __future__ import annotations
 
 import math
 
 import torch
-from backend.attention import attention_function  # noqa: F401  (bound at import, as in Neo)
+from backend.attention import attention_function  # bound at import, as in Neo
 from diffusers import UNet2DConditionModel
 from diffusers.models.attention import BasicTransformerBlock as _DiffusersTransformerBlock
-from diffusers.models.attention_processor import AttnProcessor
+from diffusers.models.attention_processor import Attention, AttnProcessor
+
+
+class CrossAttention(Attention):
+    """Neo's CrossAttention: to_q, to_k, to_v, to_out and heads; no scale attribute."""
+
+    def forward(self, x, context=None, value=None, mask=None, transformer_options={}):  # noqa: B006  (Neo's)
+        context = x if context is None else context
+        q, k, v = self.to_q(x), self.to_k(context), self.to_v(context if value is None else value)
+        out = attention_function(q, k, v, self.heads, mask)
+        for part in self.to_out:  # diffusers' ModuleList of Neo's Sequential(Linear, Dropout)
+            out = part(out)
+        return out
 
 
 class BasicTransformerBlock(_DiffusersTransformerBlock):
@@ -19,10 +33,10 @@ class BasicTransformerBlock(_DiffusersTransformerBlock):
     def _forward(self, x, encoder_hidden_states=None, **kwargs):
         context = encoder_hidden_states
         n = self.norm1(x)
-        n = self.attn1(n)
+        n = self.attn1(n, context=None, value=None, transformer_options={})
         x += n
         n = self.norm2(x)
-        n = self.attn2(n, encoder_hidden_states=context)
+        n = self.attn2(n, context=context, value=None, transformer_options={})
         x += n
         x_skip = x
         x = self.ff(self.norm3(x))
@@ -61,6 +75,9 @@ class IntegratedUNet2DConditionModel(torch.nn.Module):
             if type(module) is _DiffusersTransformerBlock:
                 module.__class__ = BasicTransformerBlock
                 module.checkpoint = False  # an instance flag, as Neo's blocks set it
+            elif type(module) is Attention:
+                del module.scale  # Neo's has none
+                module.__class__ = CrossAttention
 
     def forward(self, x, timesteps=None, context=None, y=None, control=None, transformer_options=None, **kwargs):
         transformer_options["original_shape"] = list(x.shape)  # Neo writes into the dict it is given

@@ -1,0 +1,78 @@
+"""Where identity mode meets the host's prompt encoding, for one generation: the carriers (one-vector embeddings an
+identity's name stands for) registered where the host finds embeddings, and a call after each prompt encode with
+the encode itself, to encode rows again with other carrier values.
+
+Two hosts' shapes: the webui's prompt encoder module (AUTOMATIC1111, reForge, Forge Classic: ``cond_stage_model``,
+SDXL's conditioner; one embedding database), and Forge's own backend (Neo, original Forge: the model's
+``get_learned_conditioning`` runs a text engine per encoder, each with its own database).
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib
+from collections.abc import Callable, Iterator, Mapping
+
+from . import host
+from .host_backend import registered_in
+
+# (batch the host encoded, its output, the encode to call again with one row)
+OnEncoded = Callable[[object, object, Callable], None]
+_MISSING = object()
+
+
+def carrier(model, name: str, vec):
+    """A one-vector Embedding of the host's own class over ``vec``: (1, dim), or SDXL's {key: (1, dim)}."""
+    module = "backend.text_processing.textual_inversion" if host.runs_forge_engine(model) else \
+        "modules.textual_inversion.textual_inversion"
+    embedding = importlib.import_module(module).Embedding(vec, name)
+    widths = [int(v.shape[-1]) for v in (vec.values() if isinstance(vec, dict) else [vec])]
+    embedding.vectors, embedding.shape = 1, sum(widths)
+    return embedding
+
+
+@contextlib.contextmanager
+def carriers_registered(model, carriers: Mapping[str, object]) -> Iterator[None]:
+    """``carriers`` known to the host's prompt parsing for the with-block (each engine's database on Forge's
+    backend), as any embedding is: one token each, weights, prompt editing and AND."""
+    with contextlib.ExitStack() as stack:
+        if host.runs_forge_engine(model):
+            for engine in host.text_engines(model):
+                first_id = functools.partial(lambda engine, name: engine.tokenize([name])[0][0], engine)
+                stack.enter_context(registered_in(engine.embeddings, carriers, first_id,
+                                                  engine.embeddings.register_embedding))
+        else:
+            db, encoder = host.embedding_db(), model.cond_stage_model
+            stack.enter_context(registered_in(db, carriers, lambda name: encoder.tokenize([name])[0][0],
+                                              functools.partial(db.register_embedding, model=model)))
+        yield
+
+
+@contextlib.contextmanager
+def encodes_watched(model, on_encoded: OnEncoded) -> Iterator[None]:
+    """``on_encoded`` after every prompt encode of ``model`` in the with-block: a forward hook on the webui's prompt
+    encoder, or, on Forge's backend, the model's ``get_learned_conditioning`` wrapped for this instance."""
+    if not host.runs_forge_engine(model):
+        handle = model.cond_stage_model.register_forward_hook(
+            lambda module, args, output: on_encoded(args[0], output, module))
+        try:
+            yield
+        finally:
+            handle.remove()
+        return
+    encode = model.get_learned_conditioning
+    saved = model.__dict__.get("get_learned_conditioning", _MISSING)
+
+    def watched(batch):
+        output = encode(batch)
+        on_encoded(batch, output, encode)
+        return output
+
+    model.get_learned_conditioning = watched
+    try:
+        yield
+    finally:
+        if saved is _MISSING:
+            del model.get_learned_conditioning
+        else:
+            model.get_learned_conditioning = saved
