@@ -224,7 +224,7 @@ class HostBackend(PatchSlot):
     def vae_encode(self, pixels: torch.Tensor) -> torch.Tensor:
         """The posterior mode (its mean) times scale_factor: deterministic, no gradient, in the VAE's own dtype
         (float32 during training) with autocast off."""
-        with torch.no_grad(), devices.without_autocast():
+        with torch.no_grad(), devices.without_autocast(), posterior_mode(self.sd_model.first_stage_model):
             posterior = self.sd_model.encode_first_stage(pixels.to(self.device, self._vae_dtype()))
             # ldm's posterior (its mean); reForge's encode_first_stage returns the latents as a tensor, whose own
             # mode() is the statistical one
@@ -273,6 +273,22 @@ class HostBackend(PatchSlot):
             finally:
                 if undo_attention:
                     sd_hijack.apply_optimizations()
+
+
+@contextlib.contextmanager
+def posterior_mode(first_stage: torch.nn.Module) -> Iterator[None]:
+    """ldm_patched's VAE (the Forge family's webui model object) passes its posterior through a regularizer that
+    samples it when its ``sample`` is on (Forge Classic's; reForge's is off): off for the with-block, so an encode
+    gives the posterior's mode, as elsewhere."""
+    regularizer = getattr(first_stage, "regularization", None)
+    sampling = getattr(regularizer, "sample", False) is True
+    try:
+        if sampling:
+            regularizer.sample = False
+        yield
+    finally:
+        if sampling:
+            regularizer.sample = True
 
 
 def _memory_manager():

@@ -180,3 +180,19 @@ def test_sage_attention_gives_way_to_pytorch_attention_for_the_run(host_classic,
     with attention_with_backward():
         assert module.optimized_attention is module.optimized_attention_masked is attention_pytorch
     assert module.optimized_attention is module.optimized_attention_masked is attention_sage
+
+
+@pytest.mark.parametrize("webui", ["host_reforge", "host_classic"])
+def test_the_vae_encode_is_the_posterior_mode_though_classics_vae_samples_it(request, webui):
+    """ldm_patched's VAE regularizer samples the posterior in Forge Classic (a real Classic gave a BARET re-edit no
+    cached inversion: each encode of the same image differed); the backend's encode is its mode in both."""
+    host = request.getfixturevalue(webui)
+    from extensions_builtin_compat.host_backend import HostBackend
+
+    model = host.load_model("sd1")
+    backend = HostBackend()
+    pixels = torch.rand(1, 3, 64, 64) * 2 - 1
+    host_encodes = [model.encode_first_stage(pixels) for _ in range(2)]
+    assert torch.equal(*host_encodes) is (webui == "host_reforge")
+    assert torch.equal(backend.vae_encode(pixels), backend.vae_encode(pixels))
+    assert model.first_stage_model.regularization.sample is (webui == "host_classic")  # put back

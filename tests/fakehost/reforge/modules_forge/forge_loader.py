@@ -1,6 +1,7 @@
 """What reForge's load_model_for_a1111 makes of the webui's model object: its UNet, text encoder and VAE behind
 ModelPatchers (forge_objects, with the LoRA-free forge_objects_original and forge_objects_after_applying_lora),
-the same module objects as the model's own parts, and a VAE encode that returns scaled latents in inference mode."""
+the same module objects as the model's own parts, and a VAE encode that returns scaled latents in inference mode,
+through ldm_patched's regularizer (Classic's samples the posterior)."""
 from __future__ import annotations
 
 import types
@@ -16,6 +17,17 @@ class ForgeObjects:
 
     def shallow_copy(self) -> ForgeObjects:
         return ForgeObjects(self.unet, self.clip, self.vae)
+
+
+class DiagonalGaussianRegularizer(torch.nn.Module):
+    """ldm_patched's: the posterior's sample when ``sample`` is on (Forge Classic's default), else its mode."""
+
+    def __init__(self, sample: bool):
+        super().__init__()
+        self.sample = sample
+
+    def forward(self, posterior):
+        return posterior.sample() if self.sample else posterior.mode()
 
 
 class BaseModel(torch.nn.Module):
@@ -41,11 +53,12 @@ def attach(sd_model) -> None:
     sd_model.forge_objects_original = objects.shallow_copy()
     sd_model.forge_objects_after_applying_lora = objects.shallow_copy()
     encode, encoding = sd_model.encode_first_stage, sd_model.get_first_stage_encoding
+    sd_model.first_stage_model.regularization = regularize = DiagonalGaussianRegularizer(FLAGS.vae_samples_posterior)
 
     @torch.inference_mode()
     def encode_first_stage(x):
         posterior = encode(x)
-        return encoding(posterior.mode() if hasattr(posterior, "mode") else posterior)
+        return encoding(posterior if isinstance(posterior, torch.Tensor) else regularize(posterior))
 
     sd_model.encode_first_stage = encode_first_stage
     sd_model.get_first_stage_encoding = lambda x: x
