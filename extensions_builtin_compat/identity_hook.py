@@ -1,21 +1,22 @@
-"""Identity mode at generation time (webui 1.6-1.10, reForge, Forge Classic; SD 1.x, 2.x and SDXL): a prompt that
-names an identity gets, in every UNet call of the rows that hold it, the K variant of the call's stage as its context
-and the V variant as the values of every cross-attention; other rows and other prompts are untouched.
+"""Identity mode at generation time (webui 1.6-1.10 and the Forge family; SD 1.x, 2.x and SDXL): a prompt that names
+an identity gets, in every UNet call of the rows that hold it, the K variant of the call's stage as its context and
+the V variant as the values of every cross-attention; other rows and other prompts are untouched.
 
 How, for one generation (``begin`` in the script's ``process``, ``end`` in ``postprocess``):
 - Each identity the prompts name is registered as a one-vector embedding (a carrier, its stage-0 K token), so the
-  host's prompt parser gives it one token, weights, prompt editing and AND as for any embedding.
-- The text encoder's output for a batch of texts that name identities is followed by the same texts encoded with
+  host's prompt parser gives it one token, weights, prompt editing and AND as for any embedding (identity_text:
+  the webui's database, or each of Forge Neo's text engines').
+- The prompt encode's output for a batch of texts that name identities is followed by the same texts encoded with
   the carrier swapped to each stage's K and V token (2 encodes per stage pattern), kept beside the carrier rows.
   SDXL's conditioner takes a dict (the texts under "txt", the size conditioning beside them) and gives one
   ("crossattn", and "vector": CLIP-G's pooled output and the size embedding); its rows are re-encoded with their
   own size conditioning, and the K variant's vector is kept too, since training conditions on the K prompt's
   pooled output.
 - A forward pre-hook on the diffusion model finds, by value, the context rows that begin with a carrier row (the
-  denoiser may pad a row after it; for SDXL the row's vector must match too, so that a hires pass, whose texts
-  are the same at another size, finds its own), reads the call's timesteps, swaps in the K variant of each row's
-  stage (and its vector) and parks the V variants for the cross-attentions (host_attention's control: every
-  attention optimisation keeps working).
+  denoiser may pad a row after it, or repeat it up to a longer row's length as the Forge family does; for SDXL the
+  row's vector must match too, so that a hires pass, whose texts are the same at another size, finds its own),
+  reads the call's timesteps, swaps in the K variant of each row's stage in every copy (and its vector) and parks
+  the V variants for the cross-attentions (host_attention's control: every attention optimisation keeps working).
 Every batching of cond and uncond rows works unchanged (rows are matched by value, not by position), and so do the
 hires pass and img2img, whose conds go through the same encoder. The cached conds of the generation are dropped at
 its start, so that the encoder runs while the hooks are there. A generation that fails before ``postprocess`` still
@@ -41,7 +42,7 @@ from .host_attention import ldm_control
 from .host_backend import text_encoders, timestep_count, token_widths, unet_of
 
 INFOTEXT_KEY = "DreamArtist identity"
-UNET_ARGUMENTS = ("x", "timesteps", "context", "y")  # ldm's and sgm's UNetModel.forward
+UNET_ARGUMENTS = ("x", "timesteps", "context", "y")  # ldm's, sgm's and the Forge family's UNet forward
 log = logging.getLogger("dreamartist")
 _active: list[GenerationIdentities] = []
 

@@ -259,49 +259,33 @@ def test_an_sd2_model_gets_the_identity_through_its_openclip_encoder(host_v1101)
     assert probe.calls and all(split_rows(call) == [True, False] for call in probe.calls)
 
 
-@pytest.mark.parametrize("webui", ["host_reforge", "host_classic"])
-def test_reforge_and_classic_apply_the_identity_through_their_own_unet(request, webui):
-    """Both keep the webui's prompt encoder and model object over ldm_patched's UNet, whose attention takes a separate
-    ``value``, and sample inside torch.inference_mode: the identity's rows get each stage's K and V, the other rows
-    nothing, and the model is as before."""
-    host = with_identity(request.getfixturevalue(webui))
-    from extensions_builtin_compat import identity_hook
-
-    try:
-        model = host.shared.sd_model
-        before = model_state(model)
-        _, processed, probe = generate(host, prompt=f"a photo of {NAME}")
-        assert [sorted(split_rows(call)) for call in probe.calls] == [[False, True]] * 3  # the cond row only
-        assert f"DreamArtist identity: {NAME}" in processed.infotexts[0]
-        assert_stage_variants(host)
-        assert_same_state(before, model_state(model))
-        assert all("forward" not in m.__dict__ for m in model.model.diffusion_model.modules())
-    finally:
-        identity_hook.end()
-
-
-@pytest.mark.parametrize("kind", ["sd1", "sdxl"])
-def test_neo_applies_the_identity_through_its_text_engines(host_neo, kind):
-    """Neo's prompts go through its backend's text engines (each with its own embedding database) from the model's
-    get_learned_conditioning, and its UNet sits behind its patcher: the identity's rows get each stage's K and V all
-    the same, and nothing of it is left on the model."""
+@pytest.mark.parametrize("webui, kind", [("host_reforge", "sd1"), ("host_classic", "sd1"), ("host_neo", "sd1"),
+                                         ("host_neo", "sdxl")])
+def test_the_forge_family_applies_the_identity_and_leaves_the_model_as_it_was(request, webui, kind):
+    """reForge and Classic keep the webui's prompt encoder and model object over ldm_patched's UNet; Neo's prompts go
+    through its backend's text engines (each with its own embedding database) from the model's
+    get_learned_conditioning, its UNet behind its patcher. All sample inside torch.inference_mode and batch the uncond
+    row first: the identity's rows get each stage's K and V all the same, the other rows nothing, and nothing of it
+    is left on the model."""
     from test_host_neo import assert_same_parts, parts_state
 
-    model = host_neo.load_model(kind)
-    host = with_identity(host_neo)
+    host = request.getfixturevalue(webui)
+    model = host.load_model(kind)
+    host = with_identity(host)
     from extensions_builtin_compat import identity_hook
+    from extensions_builtin_compat.host import runs_forge_engine
     from extensions_builtin_compat.host_backend import unet_of
 
+    state, same = (parts_state, assert_same_parts) if runs_forge_engine(model) else (model_state, assert_same_state)
     try:
         generate(host, prompt="a photo")  # transformers hooks its encoders at their first use
-        before = parts_state(model)
+        before = state(model)
         _, processed, probe = generate(host, prompt=f"a photo of {NAME}")
         assert [sorted(split_rows(call)) for call in probe.calls] == [[False, True]] * 3  # the cond row only
         assert f"DreamArtist identity: {NAME}" in processed.infotexts[0]
         assert_stage_variants(host)
-        assert_same_parts(before, parts_state(model))
+        same(before, state(model))
         assert "get_learned_conditioning" not in vars(model)
         assert all("forward" not in m.__dict__ for m in unet_of(model).modules())
-        assert all(NAME not in engine.embeddings.word_embeddings for engine in model.text_engines())
     finally:
         identity_hook.end()
