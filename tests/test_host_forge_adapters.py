@@ -48,7 +48,7 @@ def generate(host, mode="pair", **fields):
 
 @pytest.mark.parametrize("fields, unet_calls", [
     (dict(prompt="a photo of walle"), [[NEG, POS]]),  # one call, the uncond chunk first
-    (dict(prompt="walle " + "word " * 80), [[POS], [NEG]]),  # contexts of other lengths: a call each
+    (dict(prompt="walle " + "word " * 80), [[NEG, POS]]),  # other lengths: one call, the shorter one repeated
     (dict(prompt="walle AND a red cat"), [[NEG, POS, POS]]),  # a cond chunk per AND sub-prompt
     (dict(prompt=["walle", "a cat"], batch_size=2), [[NEG, [], POS, []]]),  # a row per image in each chunk
 ], ids=["one call", "other lengths", "AND prompts", "batch of two prompts"])

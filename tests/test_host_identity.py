@@ -289,3 +289,27 @@ def test_the_forge_family_applies_the_identity_and_leaves_the_model_as_it_was(re
         assert all("forward" not in m.__dict__ for m in unet_of(model).modules())
     finally:
         identity_hook.end()
+
+
+@pytest.mark.parametrize("webui", ["host_neo", "host_reforge"])
+def test_a_row_the_forge_family_repeats_gets_the_stage_variants_in_every_copy(request, webui):
+    """With a negative prompt of two chunks, the Forge family's batching repeats the identity's one-chunk row up to
+    the uncond row's length: each copy of it takes the K variant."""
+    host = request.getfixturevalue(webui)
+    host.load_model("sd1")
+    host = with_identity(host)
+    from extensions_builtin_compat import identity_hook
+    from extensions_builtin_compat.host_backend_sdxl import backend_for
+
+    try:
+        _, _, probe = generate(host, prompt=f"a photo of {NAME}", negative_prompt="blurry, " * 60, steps=2)
+        backend = backend_for()
+        for call in probe.calls:
+            row = split_rows(call).index(True)
+            stage = int(stage_of(call["t"][row], 5, 1000))
+            with torch.no_grad():
+                k = backend.encode([f"a photo of {NAME}"], {NAME: host.tokens.vectors(stage, K)}).context[0]
+            assert call["k"][0].shape[1] == 2 * k.shape[0]  # one call, the cond row repeated to 154 tokens
+            torch.testing.assert_close(call["k"][0][row], torch.cat([k, k]))
+    finally:
+        identity_hook.end()

@@ -1,6 +1,8 @@
 """A DDIM sampler with CFG, run the way the webui's CFGDenoiser runs it (cond rows first, callbacks per step)."""
 from __future__ import annotations
 
+import math
+
 import torch
 from modules import prompt_parser, script_callbacks, shared
 
@@ -76,6 +78,16 @@ def cfg_denoise(p, denoiser, x: torch.Tensor, t: int, cond, uncond) -> torch.Ten
                         for i, conds in enumerate(conds_list)])
 
 
+def _can_concat(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """The Forge family's ConditionCrossAttn.can_concat: contexts of other lengths go into one call (each repeated up
+    to their lengths' least common multiple) unless that repeats one more than 4 times."""
+    if a.shape == b.shape:
+        return True
+    if a.shape[0] != b.shape[0] or a.shape[2] != b.shape[2]:
+        return False
+    return math.lcm(a.shape[1], b.shape[1]) // min(a.shape[1], b.shape[1]) <= 4
+
+
 def forge_unet(sd_model):
     """The UNet a Forge-family model samples with (its UNet patcher's model), None on A1111's model objects and on
     Forge's weightless stand-in engines."""
@@ -86,7 +98,8 @@ def forge_unet(sd_model):
 def forge_cfg_denoise(p, denoiser, x: torch.Tensor, t: int, cond, uncond) -> torch.Tensor:
     """One step of the Forge family's sampling_function: one cond entry per AND position (the images' compositions
     zipped, each a chunk of one row per image) and one uncond chunk; calc_cond_uncond_batch puts every chunk whose
-    context has the first one's shape into one UNet call, in reverse order, and names each call's chunks in its
+    context can be concatenated with the first one's into one UNet call (a shorter context repeated up to the longest
+    one's length), in reverse order, and names each call's chunks in its
     transformer_options (cond_or_uncond: 0 cond, 1 uncond); the cond chunks averaged, then CFG."""
     conds_list, tensor = prompt_parser.reconstruct_multicond_batch(cond, denoiser.step)
     uncond = prompt_parser.reconstruct_cond_batch(uncond, denoiser.step)
@@ -98,14 +111,16 @@ def forge_cfg_denoise(p, denoiser, x: torch.Tensor, t: int, cond, uncond) -> tor
     model = forge_unet(p.sd_model)
     outputs: dict[int, list] = {0: [], 1: []}
     while to_run:
-        shape = to_run[0][0]["crossattn"].shape
-        batch = [i for i, (c, _) in enumerate(to_run) if c["crossattn"].shape == shape][::-1]
+        first = to_run[0][0]["crossattn"]
+        batch = [i for i, (c, _) in enumerate(to_run) if _can_concat(first, c["crossattn"])][::-1]
         chunks = [to_run[i] for i in batch]
         to_run = [chunk for i, chunk in enumerate(to_run) if i not in batch]
         x_in = torch.cat([x] * len(chunks))
         t_in = torch.full((x_in.shape[0],), t, dtype=torch.long)
         options = {"cond_or_uncond": [branch for _, branch in chunks]}
-        joined = {key: torch.cat([c[key] for c, _ in chunks]) for key in chunks[0][0]}
+        length = math.lcm(*(c["crossattn"].shape[1] for c, _ in chunks))
+        joined = {key: torch.cat([c[key].repeat(1, length // c[key].shape[1], 1) if key == "crossattn" else c[key]
+                                  for c, _ in chunks]) for key in chunks[0][0]}
         y = {"y": joined["vector"]} if "vector" in joined else {}
         out = model.diffusion_model(x_in, t_in, context=joined["crossattn"], transformer_options=options,
                                     **y).chunk(len(chunks))
