@@ -1,8 +1,7 @@
 """SDXL in a real webui: with an SDXL checkpoint loaded (``DREAMARTIST_WEBUI_SDXL``, e.g. the random-weight base
 that the harness's make_checkpoint_sdxl.py writes), a pair (and a pair with adapters) trains through the API on
 the webui's own sgm model, the webui loads the files as SDXL embeddings, txt2img with the pair adds NAME-neg, and
-the same seed gives the same image before and after training (and, in AUTOMATIC1111, a BARET edit and an
-identity applied).
+the same seed gives the same image before and after training, a BARET edit and an identity applied.
 
 The webui of each version restarts with that checkpoint for these tests (Neo, which has no ``--ckpt``, selects it
 in its settings) after the others of its version (an fp32 SDXL webui reached 18 GB of RAM while training, so never
@@ -123,12 +122,10 @@ def test_adapters_train_and_apply_on_sdxl(sdxl_webui, sdxl_pair, reference_image
 
 
 def test_baret_edits_on_sdxl(sdxl_webui, reference_image):
-    """BARET on the webui's sgm UNet: both text encoders' states tuned and mixed as rows, the pooled output and the
-    size conditioning following their rows; AUTOMATIC1111 only (the Forge family refuses BARET in one sentence)."""
+    """BARET on the webui's SDXL UNet (sgm's, or the Forge family's): both text encoders' states tuned and mixed as
+    rows, the pooled output and the size conditioning following their rows."""
     from test_webui_baret import INFOTEXT, TARGET, edit_request
 
-    if sdxl_webui.version in FOLLOWS:
-        pytest.skip(f"webui {sdxl_webui.version}: BARET edit needs the webui's own sgm UNet")
     generation = sdxl_webui.generate("img2img", edit_request(sdxl_webui, reference_image))
     assert len(generation.images) == 3, generation.info  # the edit, the reconstruction and the transition
     assert generation.images[0] != generation.images[1]
@@ -139,17 +136,15 @@ def test_baret_edits_on_sdxl(sdxl_webui, reference_image):
 def test_an_identity_applies_on_sdxl(sdxl_webui):
     """Identity mode on the webui's sgm model: an identity file for this model's encoders (random stage tokens for
     CLIP-L and CLIP-G at their widths, written as training writes it) dropped into the identities folder; a prompt
-    naming it splits keys and values in its cond row of every UNet call; AUTOMATIC1111 only. Training one here is
+    naming it splits keys and values in its cond row of every UNet call. Training one here is
     left to the stand-in: with an fp32 SDXL loaded, the save of a trained SDXL identity (its block of 210 M
     parameters, the optimiser state and their read-back) went past this 23 GB machine's memory."""
     import torch
-    from test_webui_identity import da, seen
+    from test_webui_identity import assert_layout, da, seen
 
     from dreamartist import identityfiles
     from dreamartist.identity import IdentityTokens
 
-    if sdxl_webui.version in FOLLOWS:
-        pytest.skip(f"webui {sdxl_webui.version}: identity mode trains and applies in A1111 1.6-1.10 for now")
     name = f"{NAME}_face"
     g = torch.Generator().manual_seed(0)
     tokens = IdentityTokens({key: torch.randn(5, 2, width, generator=g) * 0.02
@@ -157,7 +152,7 @@ def test_an_identity_applies_on_sdxl(sdxl_webui):
     identityfiles.save_identity(sdxl_webui.folder / "models" / "dreamartist-identities", name, tokens, {},
                                 {"kv_split": True, "step": 1})
     calls, generation = seen(sdxl_webui, "txt2img", {**sdxl_webui.payload(f"a photo of {name}", steps=2), **da()})
-    assert calls and all(call["split"] == [True, False] for call in calls), calls
+    assert_layout(sdxl_webui, calls, [[True, False]])
     assert parse_infotext(generation.infotext).params.get("DreamArtist identity") == name, generation.infotext
 
 
