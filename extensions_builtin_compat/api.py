@@ -2,15 +2,16 @@
 GET /dreamartist/v1/identities.
 
 The train call blocks until training ends, like /sdapi/v1/train/embedding, waiting its turn in the webui's GPU
-queue. It trains a pair, or with "mode": "identity" an identity (a face image and its face mask). The body is read
-as plain JSON and validated by TrainConfig.from_dict (IdentityConfig.from_dict), so the module works with the
-pydantic 1 / fastapi 0.94 of A1111 and the pydantic 2 / fastapi 0.10x of Forge alike. Everything that can be
-checked is checked before the request waits: the JSON, every option, the images' sizes from their headers (the
-pixels are decoded only once it is this request's turn). Every problem is an HTTP error whose JSON "detail" is
-one sentence per problem (the webui's API error handlers, which serve every route of the app, add "error",
-"body" and "errors" beside it): 409 when the name is taken or another run holds it, other 4xx for a bad request,
-501 when this webui cannot train that mode, 503 when the loaded model cannot, other 5xx for a failure; never a 200
-carrying an error. Responses name files, never server paths.
+queue. It trains a pair, or with "mode": "identity" an identity (a face image, and its face mask or else the face
+found in it). The body is read as plain JSON and validated by TrainConfig.from_dict (IdentityConfig.from_dict), so
+the module works with the pydantic 1 / fastapi 0.94 of A1111 and the pydantic 2 / fastapi 0.10x of Forge alike.
+Everything that can be checked is checked before the request waits: the JSON, every option, the images' sizes from
+their headers (the pixels are decoded only once it is this request's turn). Every problem is an HTTP error whose
+JSON "detail" is one sentence per problem (the webui's API error handlers, which serve every route of the app, add
+"error", "body" and "errors" beside it): 409 when the name is taken or another run holds it, other 4xx for a bad
+request (422 for an identity photo without a mask in which no face is found), 501 when this webui cannot train, 503
+when the loaded model cannot, other 5xx for a failure; never a 200 carrying an error. Responses name files, never
+server paths.
 """
 from __future__ import annotations
 
@@ -32,6 +33,7 @@ from dreamartist.images import MAX_IMAGE_BYTES, check_image_bytes, face_referenc
 from dreamartist.names import negative_name
 
 from . import embeddings, host, identities, jobs
+from .face_detection import face_region
 
 PREFIX = "/dreamartist/v1"
 MAX_BODY_BYTES = 3 * MAX_IMAGE_BYTES  # an image and a mask in base64, with room to spare
@@ -78,8 +80,6 @@ async def train(request: Request) -> dict:
             raise InputError(f"'mode' must be {' or '.join(MODES)}; got {mode!r}.")
         image = image_bytes(fields.pop("image", None), "image")
         mask_data = fields.pop("mask", None)
-        if mask_data is None and mode == "identity":
-            raise InputError("Identity mode needs 'mask': the face region painted white on black, as a base64 image.")
         mask = image_bytes(mask_data, "mask") if mask_data is not None else None
         config = MODES[mode].from_dict(fields)
     except InputError as e:
@@ -93,7 +93,7 @@ async def train(request: Request) -> dict:
 def _references(config: TrainConfig | IdentityConfig, image: bytes, mask: bytes | None) -> list:
     size = jobs.training_size(config)
     if isinstance(config, IdentityConfig):
-        return [face_reference(image, mask, *size)]
+        return [face_reference(image, face_region(image, mask), *size)]
     return [prepare_reference(load_image(image), *size, mask=load_image(mask, mask=True) if mask is not None else None)]
 
 

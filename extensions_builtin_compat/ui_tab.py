@@ -23,6 +23,7 @@ from dreamartist.images import face_reference, load_references, prepare_referenc
 from dreamartist.names import negative_name
 
 from . import embeddings, host, identities, jobs, settings, ui_compat, ui_render
+from .face_detection import face_region
 
 TAB_TITLE = "DreamArtist"
 TAB_ID = "dreamartist"
@@ -99,12 +100,11 @@ def collect_references(config: train_config.TrainConfig, image, folder: str, mas
 
 
 def face_references(config: train_config.IdentityConfig, image, mask) -> list:
-    """Identity mode's one reference: the uploaded face photo framed around the face region its mask paints white."""
+    """Identity mode's one reference: the uploaded face photo framed around the face region its mask paints white, or
+    around the face found in it when no mask is given."""
     if image is None:
         raise InputError("Upload a photo of the face to train the identity on.")
-    if mask is None:
-        raise InputError("Identity mode needs the face region: paint the face white in the mask.")
-    return [face_reference(image, mask, *jobs.training_size(config))]
+    return [face_reference(image, face_region(image, mask), *jobs.training_size(config))]
 
 
 def pair_result(config: train_config.TrainConfig, result) -> str:
@@ -168,7 +168,8 @@ def _identity_inputs() -> list:
     gr.Markdown(CONSENT, elem_id=elem_id(IDENTITY_PREFIX + "consent"))
     with gr.Row():
         image = gr.Image(label="Face photo", type="pil", elem_id=elem_id(IDENTITY_PREFIX + "reference"))
-        mask = gr.Image(label="Face region (required): paint the face white, the rest black", type="pil",
+        mask = gr.Image(label="Face region: paint the face white, the rest black (left empty: the face found in "
+                        "the photo)", type="pil",
                         image_mode="RGBA", elem_id=elem_id(IDENTITY_PREFIX + "mask"))
     return [image, mask]
 

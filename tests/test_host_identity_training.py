@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,6 +18,7 @@ from test_ui_tab import click_args, descendants
 from dreamartist.config import IdentityConfig
 
 TINY = {"steps": 2, "width": 64, "height": 64}
+FACE_PHOTO = Path(__file__).parent / "data" / "face.png"  # a real face (NASA portrait, public domain), 128 px
 ID = "dreamartist_identity_"
 
 
@@ -107,7 +109,7 @@ def test_the_tab_trains_an_identity_into_its_folder_and_leaves_the_model_as_it_w
 
 
 @pytest.mark.parametrize("values, message", [
-    ({ID + "mask": None}, "Identity mode needs the face region: paint the face white in the mask."),
+    ({ID + "mask": None}, "No face was found in the picture; paint the face white in the face region mask."),
     ({ID + "reference": None}, "Upload a photo of the face"),
     ({ID + "mask": Image.new("L", (64, 64), 0)}, "The face mask has no white area"),
     ({ID + "class_word": "two words"}, "The class word must be one word"),
@@ -166,7 +168,7 @@ def test_a_pair_cannot_take_an_identitys_name_and_the_export_goes_where_the_webu
 
 
 @pytest.mark.parametrize("body, words", [
-    ({"name": "zqv"}, "Identity mode needs 'mask'"),
+    ({"name": "zqv"}, "No face was found in the picture; paint the face white"),
     ({"name": "zqv", "mask": "@@"}, "'mask' is not valid base64"),
     ({"name": "zqv", "mask": "FACE", "gamma": "3"}, "Unknown option(s): gamma;"),
     ({"name": "zqv", "mask": "FACE", "stepz": 3}, "Unknown option(s): stepz;"),
@@ -183,6 +185,38 @@ def test_bad_identity_requests_are_422_with_one_sentence(host_v1101, body, words
     assert response.status_code == 422, response.text
     detail = response.json()["detail"]
     assert words in detail and one_sentence(detail), detail
+    assert not identities_dir().exists()
+
+
+def test_without_a_mask_the_face_found_in_the_photo_frames_the_identity(host_v1101):
+    """The webui's OpenCV finds the face of a real photo (tests/data/face.png, 128 px) when no mask is painted: the
+    reference is framed around it exactly as around a mask painting that face's box; the tab does the same."""
+    from dreamartist.images import face_reference
+    from extensions_builtin_compat import api, face_detection, ui_tab
+
+    photo = Image.open(FACE_PHOTO).convert("RGB")
+    found = face_detection.face_mask(photo)
+    left, top, right, bottom = found.getbbox()
+    assert 25 <= left <= 45 and 20 <= top <= 40 and 40 <= right - left <= 64  # the face, not the suit or the flag
+    expected = face_reference(photo, found, 64, 64)
+    for references in (api._references(IdentityConfig(name="zqv", **TINY), png_bytes(photo), None),
+                       ui_tab.face_references(IdentityConfig(name="zqv", **TINY), photo, None)):
+        assert torch.equal(references[0].pixels, expected.pixels)
+    response = api_client(host_v1101).post("/dreamartist/v1/train", json={
+        "mode": "identity", "image": b64(photo), "name": "zqv", **TINY})
+    assert response.status_code == 200, response.text
+    assert (identities_dir() / "zqv.identity.safetensors").is_file()
+
+
+def test_without_opencv_a_missing_mask_is_one_sentence(host_v1101, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "cv2", None)  # an import of it fails
+    response = api_client(host_v1101).post("/dreamartist/v1/train", json={
+        "mode": "identity", "image": b64(Image.open(FACE_PHOTO)), "name": "zqv", **TINY})
+    assert response.status_code == 422, response.text
+    detail = response.json()["detail"]
+    assert "no face detector" in detail and one_sentence(detail), detail
     assert not identities_dir().exists()
 
 

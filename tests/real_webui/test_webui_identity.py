@@ -9,8 +9,11 @@ runs on its own:  DREAMARTIST_WEBUI_HARNESS=... .venv/bin/python -m pytest tests
 """
 from __future__ import annotations
 
+import base64
+from pathlib import Path
+
 import pytest
-from webui_harness import BASELINE, FOLLOWS, parse_infotext, png_base64, skip_without_harness
+from webui_harness import BASELINE, FOLLOWS, one_sentence, parse_infotext, png_base64, skip_without_harness
 
 skip_without_harness()
 
@@ -177,3 +180,17 @@ def test_the_tab_trains_an_identity_in_chromium(browser, webui, reference_png, o
     assert saw_bar, "the webui's progress bar (.progressDiv) never showed"
     assert (webui.folder / "models" / "dreamartist-identities" / "da_tab_face.identity.safetensors").is_file()
     assert errors == []
+
+
+def test_an_identity_trains_from_a_photo_without_a_mask(webui):
+    """The webui's own OpenCV finds the face of a real photo (tests/data/face.png) when no mask is sent; a picture
+    without a face is answered with one sentence."""
+    photo = Path(__file__).resolve().parents[1] / "data" / "face.png"
+    request = {"mode": "identity", "image": base64.b64encode(photo.read_bytes()).decode(), "steps": 1, "width": 64,
+               "height": 64}
+    reply = webui.post("/dreamartist/v1/train", {**request, "name": f"{NAME}_found"})
+    assert reply.status == 200, reply
+    assert (webui.folder / "models" / "dreamartist-identities" / f"{NAME}_found.identity.safetensors").is_file()
+    blank = webui.post("/dreamartist/v1/train", {**request, "image": png_base64(face_mask()), "name": f"{NAME}_none"})
+    assert blank.status == 422 and "No face was found" in blank.detail and one_sentence(blank.detail), blank
+
