@@ -48,6 +48,14 @@ def carriers_registered(model, carriers: Mapping[str, object]) -> Iterator[None]
         yield
 
 
+def _engine_notes() -> dict:
+    """What Forge's text engines note for the next generation's infotext (backend.args.dynamic_args)."""
+    try:
+        return importlib.import_module("backend.args").dynamic_args.last_extra_generation_params
+    except (ImportError, AttributeError):
+        return {}
+
+
 @contextlib.contextmanager
 def encodes_watched(model, on_encoded: OnEncoded) -> Iterator[None]:
     """``on_encoded`` after every prompt encode of ``model`` in the with-block: a forward hook on the webui's prompt
@@ -62,10 +70,14 @@ def encodes_watched(model, on_encoded: OnEncoded) -> Iterator[None]:
         return
     encode = model.get_learned_conditioning
     saved = model.__dict__.get("get_learned_conditioning", _MISSING)
+    notes = _engine_notes()
 
     def watched(batch):
         output = encode(batch)
+        noted = dict(notes)  # what the generation's own encode noted for its infotext ("TI", "Emphasis")
         on_encoded(batch, output, encode)
+        notes.clear()  # not the encodes of its stage variants, each of which notes the carrier again
+        notes.update(noted)
         return output
 
     model.get_learned_conditioning = watched

@@ -313,3 +313,19 @@ def test_a_row_the_forge_family_repeats_gets_the_stage_variants_in_every_copy(re
             torch.testing.assert_close(call["k"][0][row], torch.cat([k, k]))
     finally:
         identity_hook.end()
+
+
+def test_neos_infotext_notes_the_identity_once(host_neo):
+    """Neo's engines note each embedding an encode splices in for the next infotext ("TI"), appending: the encodes of
+    the stage variants are not noted (the real Neo's infotext would name the identity's carrier eleven times)."""
+    host_neo.load_model("sd1")
+    host = with_identity(host_neo)
+    from backend.args import dynamic_args
+
+    from extensions_builtin_compat import identity_hook
+
+    try:
+        generate(host, prompt=f"a photo of {NAME}")
+        assert dynamic_args.last_extra_generation_params.get("TI") == NAME
+    finally:
+        identity_hook.end()

@@ -122,7 +122,7 @@ class ClassicTextProcessingEngine:
 
     def __call__(self, texts):
         """Neo's engine call: every chunk of every prompt encoded, the embeddings used printed and noted as "TI" for
-        the next generation's parameters."""
+        the next generation's parameters (appended to what an earlier encode noted)."""
         batch_chunks, _ = self.process_texts(texts)
         used, zs = {}, []
         for i in range(max(len(chunks) for chunks in batch_chunks)):
@@ -133,5 +133,6 @@ class ClassicTextProcessingEngine:
         if used:
             for name in used:
                 print(f"[Textual Inversion] Used Embedding [{name}] in CLIP of [{self.embedding_key}]")
-            dynamic_args.last_extra_generation_params["TI"] = ", ".join(used)
+            notes = dynamic_args.last_extra_generation_params
+            notes["TI"] = ", ".join([notes["TI"], *used] if "TI" in notes else used)
         return (torch.hstack(zs), zs[0].pooled) if self.return_pooled else torch.hstack(zs)
