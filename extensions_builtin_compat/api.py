@@ -93,7 +93,8 @@ async def train(request: Request) -> dict:
 def _references(config: TrainConfig | IdentityConfig, image: bytes, mask: bytes | None) -> list:
     size = jobs.training_size(config)
     if isinstance(config, IdentityConfig):
-        return [face_reference(image, face_region(image, mask), *size)]
+        photo = load_image(image)
+        return [face_reference(photo, face_region(photo, mask), *size)]
     return [prepare_reference(load_image(image), *size, mask=load_image(mask, mask=True) if mask is not None else None)]
 
 

@@ -125,6 +125,23 @@ def registered_in(db, embeddings: Mapping[str, object], first_id, register) -> I
                 db.ids_lookup[key] = entries
 
 
+@contextlib.contextmanager
+def embeddings_registered(sd_model, embeddings: Mapping[str, object]) -> Iterator[None]:
+    """``embeddings`` (name -> the host's Embedding) known to the host's prompt parsing for the with-block, as any
+    embedding is: in the webui's database, or, on a model Forge's own backend loaded, in each text engine's."""
+    with contextlib.ExitStack() as stack:
+        if host.runs_forge_engine(sd_model):
+            for engine in host.text_engines(sd_model):
+                first_id = lambda name, engine=engine: engine.tokenize([name])[0][0]  # noqa: E731
+                stack.enter_context(registered_in(engine.embeddings, embeddings, first_id,
+                                                  engine.embeddings.register_embedding))
+        else:
+            db, encoder = host.embedding_db(), sd_model.cond_stage_model
+            stack.enter_context(registered_in(db, embeddings, lambda name: encoder.tokenize([name])[0][0],
+                                              functools.partial(db.register_embedding, model=sd_model)))
+        yield
+
+
 def trainable_model(sd_model=None):
     """``sd_model`` (default: the loaded one) when it can be trained on here; else ModelError with the reason."""
     model = shared.sd_model if sd_model is None else sd_model
@@ -184,9 +201,7 @@ class HostBackend(PatchSlot):
             raise ValueError(f"{len(branches)} branches for {len(prompts)} prompts")
         embeddings = {name: self._embedding(name, vector)
                       for name, vector in checked_words(words or {}, self.embedding_dims).items()}
-        first_id = lambda name: self.clip.tokenize([name])[0][0]  # noqa: E731
-        register = functools.partial(self.db.register_embedding, model=self.sd_model)
-        with registered_in(self.db, embeddings, first_id, register), devices.autocast(), \
+        with embeddings_registered(self.sd_model, embeddings), devices.autocast(), \
                 adapters.row_labels(branches or None):
             cond = self._text_conditioning(list(prompts))
         cond.branches = tuple(branches)

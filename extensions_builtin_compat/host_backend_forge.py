@@ -36,13 +36,13 @@ from .host_backend import (
     attention_with_backward,
     checkpoint_names,
     checkpointed_blocks,
+    embeddings_registered,
     float32_weights,
     forge_parts_loaded,
     layers_of,
     ldm_checkpointing_off,
     normal_weights,
     norms_read_copies,
-    registered_in,
     trainable_model,
 )
 
@@ -109,10 +109,7 @@ class ForgeBackend(PatchSlot):
         contexts, pooled = [], None
         with contextlib.ExitStack() as stack:
             stack.enter_context(adapters.row_labels(branches or None))
-            for engine in self.engines.values():
-                db = engine.embeddings
-                first_id = lambda name, engine=engine: engine.tokenize([name])[0][0]  # noqa: E731
-                stack.enter_context(registered_in(db, embeddings, first_id, db.register_embedding))
+            stack.enter_context(embeddings_registered(self.sd_model, embeddings))
             for engine in self.engines.values():
                 context, first_pooled = self._encoded(engine, list(prompts))
                 contexts.append(context)

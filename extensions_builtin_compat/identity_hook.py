@@ -4,8 +4,8 @@ the V variant as the values of every cross-attention; other rows and other promp
 
 How, for one generation (``begin`` in the script's ``process``, ``end`` in ``postprocess``):
 - Each identity the prompts name is registered as a one-vector embedding (a carrier, its stage-0 K token), so the
-  host's prompt parser gives it one token, weights, prompt editing and AND as for any embedding (identity_text:
-  the webui's database, or each of Forge Neo's text engines').
+  host's prompt parser gives it one token, weights, prompt editing and AND as for any embedding (in the webui's
+  database, or in each of Forge Neo's text engines').
 - The prompt encode's output for a batch of texts that name identities is followed by the same texts encoded with
   the carrier swapped to each stage's K and V token (2 encodes per stage pattern), kept beside the carrier rows.
   SDXL's conditioner takes a dict (the texts under "txt", the size conditioning beside them) and gives one
@@ -39,7 +39,7 @@ from dreamartist.identity_control import IdentityControl
 
 from . import embeddings, host_pairing, identities, identity_text, jobs
 from .host_attention import ldm_control
-from .host_backend import text_encoders, timestep_count, token_widths, unet_of
+from .host_backend import embeddings_registered, text_encoders, timestep_count, token_widths, unet_of
 
 INFOTEXT_KEY = "DreamArtist identity"
 UNET_ARGUMENTS = ("x", "timesteps", "context", "y")  # ldm's, sgm's and the Forge family's UNet forward
@@ -69,7 +69,7 @@ class GenerationIdentities:
         self.stack = contextlib.ExitStack()
         self.carriers = {name: identity_text.carrier(model, name, self._vec(tokens.vectors(0, K)))
                          for name, tokens in found.items()}
-        self.stack.enter_context(identity_text.carriers_registered(model, self.carriers))
+        self.stack.enter_context(embeddings_registered(model, self.carriers))
         unet = unet_of(model)
         self.stack.enter_context(ldm_control(unet, self.control, Calls()))
         self.stack.enter_context(identity_text.encodes_watched(model, self._encoded))

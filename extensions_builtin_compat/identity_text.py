@@ -1,20 +1,18 @@
 """Where identity mode meets the host's prompt encoding, for one generation: the carriers (one-vector embeddings an
-identity's name stands for) registered where the host finds embeddings, and a call after each prompt encode with
-the encode itself, to encode rows again with other carrier values.
+identity's name stands for) in the host's own Embedding class, and a call after each prompt encode with the encode
+itself, to encode rows again with other carrier values.
 
 Two hosts' shapes: the webui's prompt encoder module (AUTOMATIC1111, reForge, Forge Classic: ``cond_stage_model``,
-SDXL's conditioner; one embedding database), and Forge's own backend (Neo, original Forge: the model's
-``get_learned_conditioning`` runs a text engine per encoder, each with its own database).
+SDXL's conditioner), and Forge's own backend (Neo, original Forge: the model's ``get_learned_conditioning`` runs a
+text engine per encoder).
 """
 from __future__ import annotations
 
 import contextlib
-import functools
 import importlib
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 
 from . import host
-from .host_backend import registered_in
 
 # (batch the host encoded, its output, the encode to call again with one row)
 OnEncoded = Callable[[object, object, Callable], None]
@@ -29,23 +27,6 @@ def carrier(model, name: str, vec):
     widths = [int(v.shape[-1]) for v in (vec.values() if isinstance(vec, dict) else [vec])]
     embedding.vectors, embedding.shape = 1, sum(widths)
     return embedding
-
-
-@contextlib.contextmanager
-def carriers_registered(model, carriers: Mapping[str, object]) -> Iterator[None]:
-    """``carriers`` known to the host's prompt parsing for the with-block (each engine's database on Forge's
-    backend), as any embedding is: one token each, weights, prompt editing and AND."""
-    with contextlib.ExitStack() as stack:
-        if host.runs_forge_engine(model):
-            for engine in host.text_engines(model):
-                first_id = functools.partial(lambda engine, name: engine.tokenize([name])[0][0], engine)
-                stack.enter_context(registered_in(engine.embeddings, carriers, first_id,
-                                                  engine.embeddings.register_embedding))
-        else:
-            db, encoder = host.embedding_db(), model.cond_stage_model
-            stack.enter_context(registered_in(db, carriers, lambda name: encoder.tokenize([name])[0][0],
-                                              functools.partial(db.register_embedding, model=model)))
-        yield
 
 
 def _engine_notes() -> dict:
