@@ -17,6 +17,7 @@ import secrets
 import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 from filelock import FileLock, Timeout
 
@@ -26,6 +27,8 @@ WORK_DIR = ".dreamartist"
 _TEMP = re.compile(r"^(?P<key>.+)\.[0-9a-f]{16}\.tmp$")
 _LEGACY_TEMP = re.compile(r"^\.dreamartist-[0-9a-f]{16}\.tmp$")  # written by earlier versions, never journaled
 SPACE_MARGIN = 16 << 20  # bytes kept free beyond what a save needs
+# What a file is made of: its bytes, or a function that writes them into the open file (a large file, streamed)
+Payload = bytes | Callable[[BinaryIO], None]
 
 
 def _key(name: str) -> str:
@@ -87,12 +90,14 @@ def check_writable(folder: Path, needed_bytes: int) -> None:
     except OSError as e:
         raise InputError(f"Cannot write into {folder} ({e.strerror or e}); choose a folder you can write to.") from None
     free = shutil.disk_usage(folder).free
-    if free < 2 * needed_bytes + SPACE_MARGIN:  # a save keeps the previous files until the new ones are in place
-        raise InputError(f"{folder} has only {free >> 20} MB free; a save needs about "
-                         f"{(2 * needed_bytes + SPACE_MARGIN) >> 20} MB. Free some space or choose another folder.")
+    # a save keeps the previous files until the new ones are in place, and a streamed torch file has a scratch copy
+    needed = 3 * needed_bytes + SPACE_MARGIN
+    if free < needed:
+        raise InputError(f"{folder} has only {free >> 20} MB free; a save needs about {needed >> 20} MB. Free some "
+                         "space or choose another folder.")
 
 
-def write_temp(folder: Path, name: str, payload: bytes) -> Path:
+def write_temp(folder: Path, name: str, payload: Payload) -> Path:
     """Write ``payload`` to a new temporary file of pair ``name`` in the work folder of ``folder``, on disk."""
     make_folder(work_dir(folder))
     tmp = work_dir(folder) / f"{_key(name)}.{secrets.token_hex(8)}.tmp"
@@ -138,11 +143,11 @@ def commit(folder: Path, name: str, moves: list[tuple[Path, Path]], removals: li
     _sync_folder(folder)
 
 
-def write_together(folder: Path, name: str, payloads: list[tuple[Path, bytes]],
-                   check: Callable[[Path, Path, bytes], None] | None = None,
+def write_together(folder: Path, name: str, payloads: list[tuple[Path, Payload]],
+                   check: Callable[[Path, Path], None] | None = None,
                    stale: Callable[[list[Path]], list[Path]] | None = None) -> None:
     """Write every (target, payload) into ``folder`` as one ``commit`` of run ``name``: all appear, or nothing changes.
-    ``check(temporary file, target, payload)`` may read each written file back and raise before anything is moved;
+    ``check(temporary file, target)`` may read each written file back and raise before anything is moved;
     ``stale(targets)`` lists files to remove in the same commit. The caller holds ``pair_lock``."""
     make_folder(folder)
     temps: list[Path] = []
@@ -150,7 +155,7 @@ def write_together(folder: Path, name: str, payloads: list[tuple[Path, bytes]],
         for target, payload in payloads:
             temps.append(write_temp(folder, name, payload))
             if check is not None:
-                check(temps[-1], target, payload)
+                check(temps[-1], target)
         targets = [target for target, _ in payloads]
         commit(folder, name, list(zip(temps, targets)), stale(targets) if stale is not None else [])
     finally:
@@ -263,11 +268,14 @@ def write_file(path: Path, payload: bytes) -> None:
         raise
 
 
-def _write_new(path: Path, payload: bytes) -> None:
+def _write_new(path: Path, payload: Payload) -> None:
     """Create ``path`` holding ``payload``, on disk; nothing of it is left if that fails."""
     try:
         with open(path, "xb") as f:
-            f.write(payload)
+            if callable(payload):
+                payload(f)
+            else:
+                f.write(payload)
             f.flush()
             os.fsync(f.fileno())
     except BaseException:

@@ -26,7 +26,7 @@ from .names import negative_name
 from .objective import GroupSettings, Params
 from .sampling import grid, sample
 from .templates import fill
-from .trainer import PREVIEW_STEPS, STATE_VERSION, Trainer, _cpu_copy, _NonFinite
+from .trainer import PREVIEW_STEPS, STATE_VERSION, Trainer, _detached, _NonFinite
 
 GROUP = "identity"
 
@@ -45,8 +45,9 @@ class IdentityObjective:
                              "identity mode needs a word of one token (e.g. person), so that the reference prompt "
                              "lines up with the prompt token by token.")
         outputs = config.stages * (2 if config.kv_split else 1)
-        self.module = IdentityModule(init, outputs).to(backend.device)
-        self.module.requires_grad_(False)  # its parameters are the trainer's leaves, passed in by functional_call
+        with torch.device("meta"):  # parameters as shapes only: the trainer's leaves fill them (functional_call)
+            self.module = IdentityModule({k: v.to(backend.device) for k, v in init.items()}, outputs)
+        self.module.requires_grad_(False)
         self.control = IdentityControl(config.attention_levels, config.attention_reduction)
         self._references: dict[str, torch.Tensor] = {}
         self.last_terms: tuple[float, float] = (0.0, 0.0)  # (L_LDM, lambda * L_attn) of the last micro-batch
@@ -161,13 +162,12 @@ class IdentityTrainer(Trainer):
         if pairfiles.find_clashes(self.out_dir, sorted(names)):
             raise NameTaken(f"A pair named {self.name!r} is in {self.out_dir}; choose another name for the identity.")
 
-    def saved_values(self) -> tuple[Params, int]:
+    def saved_values(self, state: dict) -> tuple[Params, int]:
         """The trained block: from the resume state (where it is saved), or from an identity file written when the
         block was kept in it."""
         saved = self._saved()
         if saved.module:
             return {GROUP: saved.module}, saved.step
-        state = pairfiles.load_state(self.out_dir, self.name) or {}
         if state.get("step") != saved.step or GROUP not in state.get("groups", {}):
             raise InputError(f"{saved.path.name} is resumed from its trained block in {self.name}"
                              f"{pairfiles.STATE_SUFFIX} (step {saved.step}), which is missing or of another step; "
@@ -204,7 +204,7 @@ class IdentityTrainer(Trainer):
 
     def save(self) -> list[Path]:
         config, backend = self.config, self.backend
-        live = _cpu_copy(self.params)
+        live = _detached(self.params)
         state = {"version": STATE_VERSION, "step": self.step, "seed": self.seed, "losses": list(self.losses),
                  "generator": self.generator.get_state(), "optimizer": self.optimizer.state_dict(),
                  "scaler": self.scaler.state_dict(), "config": config.to_dict(),
@@ -216,7 +216,7 @@ class IdentityTrainer(Trainer):
                     attention_reduction=config.attention_reduction, lr=config.lr, augment=config.augment,
                     base_model_hash=backend.model_hash, base_model_name=backend.model_name)
         # the block goes in the resume state only: the identity file holds what generation needs (an SDXL block is
-        # 0.8 GB; written twice and read back, it took an fp32 SDXL webui on 23 GB past its memory)
+        # 0.8 GB, 2.5 GB with Adam's moments)
         files = identityfiles.save_identity(self.out_dir, self.name, tokens, {}, meta, state)
         self.saved_files = [f for f in files if not f.name.endswith(pairfiles.STATE_SUFFIX)]
         if config.export_embedding:  # a file of its own, written whole or not at all

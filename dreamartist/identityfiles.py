@@ -71,7 +71,7 @@ def save_identity(folder: str | Path, name: str, tokens: IdentityTokens, module:
     tensors |= {f"{_MODULE}{key}": t.detach().float().cpu().contiguous() for key, t in module.items()}
     payloads = [(path_of(folder, name), safetensors_bytes(tensors, metadata=record))]
     if state is not None:
-        payloads.append((folder / f"{name}{pairfiles.STATE_SUFFIX}", pairfiles._state_bytes(state)))
+        payloads.append((folder / f"{name}{pairfiles.STATE_SUFFIX}", pairfiles.state_writer(state)))
     write_together(folder, name, payloads, check=pairfiles.read_back)
     return [target for target, _ in payloads]
 

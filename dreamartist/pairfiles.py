@@ -12,6 +12,8 @@ import io
 import os
 import pickle
 import re
+import shutil
+import tempfile
 import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -24,7 +26,7 @@ from safetensors.torch import save as safetensors_bytes
 
 from .errors import InputError, NameTaken
 from .families import SINGLE_ENCODER_BY_WIDTH, describe, family_of
-from .fileops import walk_files, write_together
+from .fileops import Payload, walk_files, write_together
 from .names import negative_name, validate_name
 
 FORMAT_VERSION = 1
@@ -165,7 +167,7 @@ def save_pair(folder: str | Path, name: str, pos: Mapping[str, torch.Tensor], ne
                  _serialize(fmt, neg_name, neg, PairMeta(role="negative", partner=name, **common),
                             checkpoint_hash, checkpoint_name))]
     if state is not None:
-        payloads.append((folder / f"{name}{STATE_SUFFIX}", _state_bytes(state)))
+        payloads.append((folder / f"{name}{STATE_SUFFIX}", state_writer(state)))
     if adapters:
         tensors = {f"{group}/{key}": _plain_tensor(t) for group, named in adapters.items() for key, t in named.items()}
         metadata = {f"{_RECORD_KEY}.{k}": str(v) for k, v in common.items()} | {f"{_RECORD_KEY}.name": name}
@@ -288,11 +290,12 @@ def _serialize(fmt: str, name: str, vectors: dict[str, torch.Tensor], meta: Pair
     return embedding_bytes(name, vectors, checkpoint_hash, checkpoint_name, meta.step, meta.to_record())
 
 
-def read_back(written: Path, target: Path, payload: bytes) -> None:
+def read_back(written: Path, target: Path) -> None:
     """A torch file (a zip) read back the way it will be read (the webui's safe loader; resuming): a file they would
-    refuse is never committed."""
-    if payload.startswith(b"PK"):
-        _torch_load(written, target.name)
+    refuse is never committed. Its tensors land on the meta device, so no more than one is in memory at a time."""
+    with open(written, "rb") as f:
+        if f.read(2) == b"PK":
+            _torch_load(written, target.name, map_location="meta")
 
 
 def embedding_bytes(name: str, vectors: Mapping[str, torch.Tensor], checkpoint_hash: str = "",
@@ -309,12 +312,17 @@ def embedding_bytes(name: str, vectors: Mapping[str, torch.Tensor], checkpoint_h
     return _torch_bytes(data)
 
 
-def _state_bytes(state: Mapping[str, Any]) -> bytes:
-    """The resume state as a torch file; TypeError naming the problem when it holds more than plain data."""
+def state_writer(state: Mapping[str, Any]) -> Payload:
+    """The resume state as a torch file, written straight into the file (an SDXL identity's is 2.5 GB, never whole
+    in memory); TypeError naming the problem when it holds more than plain data."""
     bad = _non_plain(state)
     if bad:
         raise TypeError(f"The resume state holds a {bad}, not only tensors, numbers, strings, lists and dicts.")
-    return _torch_bytes(dict(state))
+
+    def write(out: BinaryIO) -> None:
+        with tempfile.TemporaryFile(dir=os.path.dirname(out.name)) as scratch:  # beside the file, not in memory
+            _save_for_webui(dict(state), scratch, out)
+    return write
 
 
 def _non_plain(value: Any) -> str:
@@ -329,28 +337,31 @@ def _non_plain(value: Any) -> str:
 
 
 def _torch_bytes(data: Any) -> bytes:
-    buffer = io.BytesIO()
-    torch.save(data, buffer)
-    return _webui_zip(buffer)  # read where it was written: an SDXL identity's resume state is 2.5 GB
-
-
-def _webui_zip(source: BinaryIO) -> bytes:
-    """Repack a torch.save zip (a file object) with only the records every webui version accepts (little-endian
-    data)."""
     out = io.BytesIO()
-    with zipfile.ZipFile(source) as src, zipfile.ZipFile(out, "w", zipfile.ZIP_STORED) as dst:
-        for info in src.infolist():
-            if _WEBUI_ZIP_RECORDS.match(info.filename):
-                dst.writestr(info.filename, src.read(info))
+    _save_for_webui(data, io.BytesIO(), out)
     return out.getvalue()
 
 
-def _torch_load(path: Path, label: str = "") -> Any:
+def _save_for_webui(data: Any, scratch: BinaryIO, out: BinaryIO) -> None:
+    """``torch.save`` into ``scratch``, repacked into ``out`` with only the records every webui version accepts
+    (little-endian data), a record at a time."""
+    torch.save(data, scratch)
+    scratch.seek(0)
+    with zipfile.ZipFile(scratch) as src, zipfile.ZipFile(out, "w", zipfile.ZIP_STORED) as dst:
+        for info in src.infolist():
+            if _WEBUI_ZIP_RECORDS.match(info.filename):
+                record = zipfile.ZipInfo(info.filename, date_time=info.date_time)
+                record.file_size = info.file_size  # zip64 where a record needs it
+                with src.open(info) as data_in, dst.open(record, "w") as data_out:
+                    shutil.copyfileobj(data_in, data_out, 1 << 20)
+
+
+def _torch_load(path: Path, label: str = "", map_location: str = "cpu") -> Any:
     """``torch.load`` with weights only: inside the webui its safe loader runs first (it may refuse, and then
     returns None), so this reads a file exactly as the webui reads an embedding."""
     label = label or path.name
     try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
+        data = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # a damaged file can fail with almost any exception type inside the unpickler
         if isinstance(e, pickle.UnpicklingError) and "weights only" in str(e).lower():
             raise InputError(f"{label} is not a plain tensor file (refused for safety): it asks to run "

@@ -69,6 +69,11 @@ def _cpu_copy(params: Params) -> Params:
     return {g: {k: v.detach().float().cpu().clone() for k, v in group.items()} for g, group in params.items()}
 
 
+def _detached(params: Params) -> Params:
+    """The values themselves, for a resume state written before the next step (torch.save copies them out)."""
+    return {g: {k: v.detach() for k, v in group.items()} for g, group in params.items()}
+
+
 def _leaves(params: Params, device: torch.device) -> Params:
     """Leaf float32 copies on ``device`` that the optimiser owns."""
     return {g: {k: v.detach().to(device, torch.float32).clone().contiguous().requires_grad_(True)
@@ -154,12 +159,12 @@ class Trainer:
     def _resume(self, fresh: Params) -> tuple[Params, Params | None, dict | None]:
         """The saved pair (and its adapters) as the run's starting point. A group this run adds starts fresh, a
         group it drops is left out; a group whose shapes changed (vector count, adapter rank) is refused."""
-        saved, self.step = self.saved_values()
+        state = pairfiles.load_state(self.out_dir, self.name)  # read once: an SDXL identity's is 2.5 GB
+        saved, self.step = self.saved_values(state or {})
         self.saved_step = self.step
         if self.step >= self.config.steps:
             raise InputError(f"{self.name} has already been trained for {self.step} steps; ask for more than "
                              f"{self.step} steps to continue it.")
-        state = pairfiles.load_state(self.out_dir, self.name)
         ema = None
         if not state or state.get("version") != STATE_VERSION or state.get("step") != self.step:
             self.notes.append(f"No optimiser state matches step {self.step} of {self.name}: resuming from the "
@@ -185,8 +190,8 @@ class Trainer:
             live[group] = saved[group]
         return live, ema, state
 
-    def saved_values(self) -> tuple[Params, int]:
-        """The groups the saved files hold, and their step."""
+    def saved_values(self, state: dict) -> tuple[Params, int]:
+        """The groups the saved files hold, and their step (``state``: the resume state, {} when there is none)."""
         pos_file, neg_file = resumable_pair(self.out_dir, self.name)
         for file in (pos_file, neg_file):
             pairfiles.check_compatible(file.vectors, self.backend.embedding_dims, file.path)
@@ -267,7 +272,7 @@ class Trainer:
 
     def save(self) -> list[Path]:
         """Write the pair and its resume state as one commit; the files always hold a finished step."""
-        live, ema = _cpu_copy(self.params), _cpu_copy(self.ema)
+        live, ema = _detached(self.params), _detached(self.ema)
         state = {"version": STATE_VERSION, "step": self.step, "seed": self.seed, "losses": list(self.losses),
                  "generator": self.generator.get_state(), "optimizer": self.optimizer.state_dict(),
                  "scaler": self.scaler.state_dict(), "config": self.config.to_dict(),

@@ -13,7 +13,7 @@ import functools
 import importlib
 import inspect
 import sys
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 
 import torch
 from modules import devices, extra_networks, processing, sd_models, shared
@@ -165,7 +165,7 @@ class HostBackend(PatchSlot):
         if set(self.encoders) != set(FAMILIES[self.family].widths) or None in fixes.values():
             raise ModelError("The text encoder is not hijacked by the webui; reload the checkpoint and try again.")
         self.token_tables = {key: fix.wrapped for key, fix in fixes.items()}
-        self.embedding_dims = {key: table.weight.shape[1] for key, table in self.token_tables.items()}
+        self.embedding_dims = token_widths(model)
         self.eos_id = next(iter(self.encoders.values())).id_end  # CLIP's and OpenCLIP's vocabularies agree
         self.device = devices.device
         self.prediction_type = V_PREDICTION if getattr(model, "parameterization", "eps") == "v" else EPSILON
@@ -280,7 +280,8 @@ class HostBackend(PatchSlot):
         unet = self.sd_model.model.diffusion_model
         with forge_parts_loaded(self.sd_model), normal_weights(self.sd_model), frozen(self.sd_model), \
                 ldm_checkpointing_off(unet), checkpointed_blocks(unet, gradient_checkpointing), \
-                norms_read_copies(unet), attention_with_backward(), float32_weights(self.sd_model.first_stage_model):
+                norms_read_copies(unet), attention_with_backward(), float32_weights(self.sd_model.first_stage_model), \
+                pooled_on_views(self.encoders.values()):
             if undo_attention:
                 sd_hijack.undo_optimizations()
             try:
@@ -288,6 +289,40 @@ class HostBackend(PatchSlot):
             finally:
                 if undo_attention:
                     sd_hijack.apply_optimizations()
+
+
+@contextlib.contextmanager
+def pooled_on_views(encoders: Iterable[object]) -> Iterator[None]:
+    """The Forge family's SDXL CLIP-G (reForge's and Classic's modules_forge.forge_clip, Neo's text engine) hangs its
+    pooled output on the hidden state it returns, which the encoder's next layer saved for backward: with a gradient,
+    an encode whose pooled output the loss does not reach (an identity's V variants) then holds its own graph, and the
+    trained values with it, out of reach of Python's collector (in a real Forge Classic a two-step SDXL identity left
+    its 1 GB block behind, and the resume after it was killed for memory). For the run, each encoder hands on a view of
+    its state that carries the pooled output, and the state itself keeps none; their own method is put back after."""
+    name = "encode_with_transformers"
+    patched = [(encoder, encoder.__dict__.get(name)) for encoder in encoders if callable(getattr(encoder, name, None))]
+    try:
+        for encoder, _ in patched:
+            setattr(encoder, name, _pooled_on_a_view(getattr(encoder, name)))
+        yield
+    finally:
+        for encoder, own in patched:
+            if own is None:
+                encoder.__dict__.pop(name, None)
+            else:
+                setattr(encoder, name, own)
+
+
+def _pooled_on_a_view(encode: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
+    def encode_with_transformers(tokens: torch.Tensor) -> torch.Tensor:
+        z = encode(tokens)
+        pooled = z.__dict__.pop("pooled", None)
+        if pooled is None:
+            return z
+        view = z.view_as(z)  # a tensor of its own, which no node of the graph saved
+        view.pooled = pooled
+        return view
+    return encode_with_transformers
 
 
 @contextlib.contextmanager

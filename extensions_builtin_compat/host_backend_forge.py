@@ -43,8 +43,26 @@ from .host_backend import (
     ldm_checkpointing_off,
     normal_weights,
     norms_read_copies,
+    pooled_on_views,
+    token_widths,
     trainable_model,
 )
+
+
+@contextlib.contextmanager
+def _own_emphasis(engine) -> Iterator[None]:
+    """A fresh emphasis object of the engine's kind for one encode, as the engine's own call makes one; the engine's
+    is put back after. The object keeps the encode's output (``emphasis.z``): left on the engine, a training encode's
+    would hold its graph, and the trained values with it, until the next generation."""
+    own = engine.__dict__.get("emphasis")
+    if own is None:
+        yield
+        return
+    engine.emphasis = type(own)()
+    try:
+        yield
+    finally:
+        engine.emphasis = own
 
 
 def token_table(engine) -> torch.nn.Module:
@@ -66,7 +84,7 @@ class ForgeBackend(PatchSlot):
         # key -> engine in the order their states are concatenated (SDXL: CLIP-L's, then CLIP-G's)
         self.engines = {engine.embedding_key: engine for engine in host.text_engines(model)}
         self.tables = {key: token_table(engine) for key, engine in self.engines.items()}
-        self.embedding_dims = {key: table.weight.shape[1] for key, table in self.tables.items()}
+        self.embedding_dims = token_widths(model)
         objects = model.forge_objects_original or model.forge_objects
         self.kmodel = objects.unet.model
         self.first_stage = objects.vae.first_stage_model
@@ -128,10 +146,11 @@ class ForgeBackend(PatchSlot):
         process_tokens, side by side; and the first chunk's pooled output where the engine makes one."""
         batch_chunks, _ = engine.process_texts(prompts)
         states = []
-        for i in range(max(len(chunks) for chunks in batch_chunks)):
-            chunk = [chunks[i] if i < len(chunks) else engine.empty_chunk() for chunks in batch_chunks]
-            engine.embeddings.fixes = [c.fixes for c in chunk]
-            states.append(engine.process_tokens([c.tokens for c in chunk], [c.multipliers for c in chunk]))
+        with _own_emphasis(engine):
+            for i in range(max(len(chunks) for chunks in batch_chunks)):
+                chunk = [chunks[i] if i < len(chunks) else engine.empty_chunk() for chunks in batch_chunks]
+                engine.embeddings.fixes = [c.fixes for c in chunk]
+                states.append(engine.process_tokens([c.tokens for c in chunk], [c.multipliers for c in chunk]))
         return torch.hstack(states), getattr(states[0], "pooled", None)
 
     # -- UNet and VAE --------------------------------------------------------------------------------
@@ -185,5 +204,6 @@ class ForgeBackend(PatchSlot):
         unet = self.kmodel.diffusion_model
         with forge_parts_loaded(self.sd_model, inference=True), normal_weights(*parts), frozen(*parts), \
                 ldm_checkpointing_off(unet), checkpointed_blocks(unet, gradient_checkpointing), \
-                norms_read_copies(unet), attention_with_backward(), float32_weights(self.first_stage):
+                norms_read_copies(unet), attention_with_backward(), float32_weights(self.first_stage), \
+                pooled_on_views(self.engines.values()):
             yield

@@ -199,6 +199,20 @@ def test_a_run_writes_an_identity_file_that_resume_continues_to_the_same_tokens(
     assert a.meta["step"] == "4" and a.tokens.tokens["clip_l"].shape == (5, 2, random_backend.embedding_dims["clip_l"])
 
 
+def test_a_resumed_run_holds_one_copy_of_the_block(random_backend, face, tmp_path, monkeypatch):
+    """An SDXL block with Adam's moments is 2.5 GB: a resumed run reads its state once, and the objective keeps
+    only the block's shapes (its values are the trainer's leaves)."""
+    from dreamartist import pairfiles
+
+    IdentityTrainer(random_backend, _config(steps=2), [face], tmp_path).run()
+    reads, read = [], pairfiles.load_state
+    monkeypatch.setattr(pairfiles, "load_state", lambda *a: reads.append(a) or read(*a))
+    trainer = IdentityTrainer(random_backend, _config(steps=3, resume=True), [face], tmp_path)
+    assert trainer.run().step == 3 and len(reads) == 1
+    assert {p.device.type for p in trainer.objective.module.parameters()} == {"meta"}
+    assert trainer.objective.module.initial.device.type == "cpu"
+
+
 def test_the_block_is_kept_in_the_resume_state_only_and_resume_needs_it(random_backend, face, tmp_path):
     """The identity file holds the stage tokens (what generation needs), not the trained block; resume reads the
     block from the state beside it, or from an identity file that still holds one, and says so without either."""

@@ -6,6 +6,7 @@ import pickletools
 import re
 import subprocess
 import sys
+import tracemalloc
 import zipfile
 from pathlib import Path
 
@@ -445,6 +446,23 @@ def test_resume_state_round_trip(tmp_path):
     assert torch.equal(restored.state_dict()["state"][0]["exp_avg"], optimizer.state_dict()["state"][0]["exp_avg"])
     assert load_state(tmp_path, "other") is None
     assert _listing(tmp_path) == ["walle-neg.pt", "walle.dreamartist-state", "walle.pt"]
+
+
+def test_a_large_resume_state_goes_into_its_file_a_record_at_a_time(tmp_path):
+    """An SDXL identity's resume state is 2.5 GB: it is streamed into its file, never whole in a Python buffer
+    (what tracemalloc sees; the tensors' own storage it does not), and read back as the webui reads it."""
+    moments = [torch.randn(4 << 20), torch.randn(4 << 20)]  # 16 MB each
+    tracemalloc.start()
+    try:
+        save_pair(tmp_path, "walle", _vectors(1), _vectors(1), state={"step": 2, "moments": moments})
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 4 << 20, f"{peak >> 20} MB held at once"
+    webui_safe_check(tmp_path / "walle.dreamartist-state")
+    loaded = load_state(tmp_path, "walle")
+    assert all(torch.equal(a, b) for a, b in zip(loaded["moments"], moments, strict=True))
+    assert _listing(tmp_path) == ["walle-neg.pt", "walle.dreamartist-state", "walle.pt"]  # no scratch file left
 
 
 @pytest.mark.parametrize("bad", [lambda tmp: _Payload(tmp / "m"), lambda tmp: torch.zeros(2, dtype=torch.bool)])

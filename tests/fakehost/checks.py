@@ -29,6 +29,16 @@ def assert_same_state(before: dict, after: dict) -> None:
         assert before[key] == after[key], key
 
 
+def graphs_left() -> list[str]:
+    """The live tensors that still hold an autograd graph after a collection (a run should leave none: a graph that
+    holds itself through a tensor attribute is out of reach of Python's collector, and keeps its activations)."""
+    import gc
+
+    gc.collect()
+    return [f"{tuple(t.shape)} {type(t.grad_fn).__name__}" for t in gc.get_objects()
+            if isinstance(t, torch.Tensor) and t.grad_fn is not None]
+
+
 def class_forwards() -> dict:
     """The forward each patchable class defines itself (None when inherited): attention, checkpointing, Lora."""
     from ldm.models import BasicTransformerBlock, CrossAttention, ResBlock

@@ -32,6 +32,9 @@ class Flags:
     inplace_residuals: bool = False  # ldm_patched's blocks add residuals in place, x += n (Forge Classic)
     # ldm_patched's VAE regularizer samples the posterior at each encode (Forge Classic; reForge's takes its mode)
     vae_samples_posterior: bool = False
+    # SDXL's CLIP-G is modules_forge.forge_clip's: it hangs its pooled output on the hidden state it returns, which
+    # the encoder's next layer saved for backward (reForge, Forge Classic)
+    pooled_on_saved_state: bool = False
     # a run interrupted before its first image still gets an infotext, and Processed's infotexts default to one per
     # image (1.10; 1.6's process_images fails on infotexts[0] there, and Processed defaults to [info])
     empty_run_infotext: bool = False
@@ -50,13 +53,14 @@ VARIANTS = {
                      before_every_sampling=True, cfg_params_denoiser=True, embeddings_cast_to_input=True,
                      extra_params_callables=True, stopping_generation=True, apply_model_always_cast=True,
                      option_categories=True, webui_model_on_forge_backend=True, hijack_optimizations=False,
-                     empty_run_infotext=True),
+                     empty_run_infotext=True, pooled_on_saved_state=True),
     "forge-classic": Flags("forge-classic", "f2.0.1v1.10.1-previous-classic", callback_name_kw=True,
                            infotext_utils=True, before_every_sampling=True, cfg_params_denoiser=True,
                            embeddings_cast_to_input=True, extra_params_callables=True, stopping_generation=True,
                            apply_model_always_cast=True, option_categories=True, webui_model_on_forge_backend=True,
                            hijack_optimizations=False, models_embeddings_dir=True, train_tab=False,
-                           inplace_residuals=True, vae_samples_posterior=True, empty_run_infotext=True),
+                           inplace_residuals=True, vae_samples_posterior=True, empty_run_infotext=True,
+                           pooled_on_saved_state=True),
     "forge-neo": Flags("forge-neo", "neo", forge=True, callback_name_kw=True, infotext_utils=True,
                        before_every_sampling=True, cfg_params_denoiser=True, extra_params_callables=True,
                        stopping_generation=True, option_categories=True, train_tab=False, hijack_modules=False,

@@ -1,10 +1,10 @@
 """SDXL in a real webui: with an SDXL checkpoint loaded (``DREAMARTIST_WEBUI_SDXL``, e.g. the random-weight base
 that the harness's make_checkpoint_sdxl.py writes), a pair (and a pair with adapters) trains through the API on
 the webui's own sgm model, the webui loads the files as SDXL embeddings, txt2img with the pair adds NAME-neg, and
-the same seed gives the same image before and after training, a BARET edit and an identity applied.
+the same seed gives the same image before and after training, a BARET edit and an identity trained and applied.
 
 The webui of each version restarts with that checkpoint for these tests (Neo, which has no ``--ckpt``, selects it
-in its settings) after the others of its version (an fp32 SDXL webui reached 18 GB of RAM while training, so never
+in its settings) after the others of its version (an fp32 SDXL webui reached 22.8 GB of RAM while training, so never
 two at once) and then again with its own.
 
     DREAMARTIST_WEBUI_HARNESS=... DREAMARTIST_WEBUI_SDXL=.../sdxl-random.safetensors \\
@@ -133,24 +133,29 @@ def test_baret_edits_on_sdxl(sdxl_webui, reference_image):
     assert info.prompt == TARGET and {key: info.params.get(key) for key in INFOTEXT} == INFOTEXT, generation.infotext
 
 
-def test_an_identity_applies_on_sdxl(sdxl_webui):
-    """Identity mode on the webui's sgm model: an identity file for this model's encoders (random stage tokens for
-    CLIP-L and CLIP-G at their widths, written as training writes it) dropped into the identities folder; a prompt
-    naming it splits keys and values in its cond row of every UNet call. Training one here is
-    left to the stand-in: with an fp32 SDXL loaded, the save of a trained SDXL identity (its block of 210 M
-    parameters, the optimiser state and their read-back) went past this 23 GB machine's memory."""
-    import torch
-    from test_webui_identity import assert_layout, da, seen
+def test_an_identity_trains_and_applies_on_sdxl(sdxl_webui, reference_image):
+    """Identity mode on the webui's sgm model: an identity trained through the API and resumed (its block of 210 M
+    parameters at SDXL's widths; the save streams its 2.5 GB resume state to disk, where it once went past this 23 GB
+    machine's memory with an fp32 SDXL loaded, and resuming reads it once) has stage tokens for CLIP-L and CLIP-G, and
+    a prompt naming it splits keys and values in its cond row of every UNet call."""
+    from test_webui_identity import assert_layout, da, face_mask, seen
 
     from dreamartist import identityfiles
-    from dreamartist.identity import IdentityTokens
 
     name = f"{NAME}_face"
-    g = torch.Generator().manual_seed(0)
-    tokens = IdentityTokens({key: torch.randn(5, 2, width, generator=g) * 0.02
-                             for key, width in (("clip_l", 768), ("clip_g", 1280))})
-    identityfiles.save_identity(sdxl_webui.folder / "models" / "dreamartist-identities", name, tokens, {},
-                                {"kv_split": True, "step": 1})
+    body = {"mode": "identity", "image": png_base64(reference_image), "mask": png_base64(face_mask()), "name": name,
+            "width": 64, "height": 64}
+    before = sdxl_webui.get("/dreamartist-probe/v1/tensors").json()
+    for request in ({"steps": 2}, {"steps": 3, "resume": True}):
+        reply = sdxl_webui.post("/dreamartist/v1/train", {**body, **request})
+        assert reply.status == 200, reply
+        after = sdxl_webui.get("/dreamartist-probe/v1/tensors").json()
+        # nothing of the run left behind: no graph, and no more than the webui's own caches hold (a few MB)
+        assert after["with_grad_fn"] == 0 and after["bytes"] - before["bytes"] < 64 << 20, (before, after)
+    folder = sdxl_webui.folder / "models" / "dreamartist-identities"
+    trained = identityfiles.load_identity(folder / f"{name}{identityfiles.SUFFIX}")
+    assert trained.step == 3
+    assert {key: t.shape for key, t in trained.tokens.tokens.items()} == {"clip_l": (5, 2, 768), "clip_g": (5, 2, 1280)}
     calls, generation = seen(sdxl_webui, "txt2img", {**sdxl_webui.payload(f"a photo of {name}", steps=2), **da()})
     assert_layout(sdxl_webui, calls, [[True, False]])
     assert parse_infotext(generation.infotext).params.get("DreamArtist identity") == name, generation.infotext

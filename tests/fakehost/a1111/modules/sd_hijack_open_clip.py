@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 from modules import sd_hijack_clip
+from modules._variant import FLAGS
 
 from dreamartist.standalone.tokenizer import clip_tokenizer
 
@@ -38,9 +39,24 @@ class FrozenOpenCLIPEmbedder2WithCustomWords(FrozenOpenCLIPEmbedderWithCustomWor
     output as ``z.pooled``."""
 
     def encode_with_transformers(self, tokens: torch.Tensor) -> torch.Tensor:
+        if FLAGS.pooled_on_saved_state:
+            return self._forge_clip_encode(tokens)
         d = self.wrapped.encode_with_transformer(tokens)
         z = d[self.wrapped.layer]
         pooled = d.get("pooled")
         if pooled is not None:
             z.pooled = pooled
+        return z
+
+    def _forge_clip_encode(self, tokens: torch.Tensor) -> torch.Tensor:
+        """modules_forge.forge_clip's CLIP-G: the penultimate hidden state, a tensor the last layer reads and saves
+        for backward, carrying the pooled output."""
+        model = self.wrapped.model
+        x = (model.token_embedding(tokens) + model.positional_embedding).permute(1, 0, 2)
+        *blocks, last = model.transformer.resblocks
+        for block in blocks:
+            x = block(x, attn_mask=model.attn_mask)
+        z = x.permute(1, 0, 2).clone()  # (B, 77, width), a tensor of its own as transformers' hidden_states[-2]
+        o = model.ln_final(last(z.permute(1, 0, 2), attn_mask=model.attn_mask).permute(1, 0, 2))
+        z.pooled = o[torch.arange(o.shape[0]), tokens.argmax(dim=-1)] @ model.text_projection
         return z

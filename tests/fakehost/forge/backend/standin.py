@@ -73,8 +73,10 @@ def _sdxl_parts(engine: ForgeDiffusionEngine, tokenizer) -> None:
         unet = KModel(IntegratedUNet2DConditionModel(WIDTH + XL_G_WIDTH, XL_G_WIDTH + 6 * 256), Prediction())
         vae = IntegratedAutoencoderKL()
     width = WIDTH + XL_G_WIDTH
-    engine.text_processing_engine_l = _text_engine(tokenizer, "clip_l", width, encoders["clip_l"])
-    engine.text_processing_engine_g = _text_engine(tokenizer, "clip_g", width, encoders["clip_g"], return_pooled=True)
+    penultimate = dict(clip_skip=2, minimal_clip_skip=2, final_layer_norm=False)  # Neo's SDXL engines
+    engine.text_processing_engine_l = _text_engine(tokenizer, "clip_l", width, encoders["clip_l"], **penultimate)
+    engine.text_processing_engine_g = _text_engine(tokenizer, "clip_g", width, encoders["clip_g"], return_pooled=True,
+                                                   **penultimate)
     engine.embedder = Timestep(256)
     engine.forge_objects = ForgeObjects(
         UnetPatcher(unet), types.SimpleNamespace(cond_stage_model=clip_model, patcher=ModelPatcher(clip_model)),

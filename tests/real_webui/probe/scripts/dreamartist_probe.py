@@ -15,6 +15,9 @@ layer, the row labels DreamArtist's adapters saw (which adapter acted on which r
                                        values with its dtype, strides and requires_grad; per module its hooks, an
                                        instance forward and its plain attributes; the attention forwards the
                                        webui's optimisations set on ldm's and sgm's classes
+    GET  /dreamartist-probe/v1/tensors {"bytes": ..., "largest": [[bytes, tensor] ...], "with_grad_fn": n}: after a
+                                       collection, the tensors Python reaches that are not the loaded model's
+                                       parameters or buffers (storages counted once), and how many hold a graph
 """
 import hashlib
 
@@ -113,12 +116,40 @@ def model():
     return found
 
 
+def tensors():
+    import gc
+
+    import torch
+
+    gc.collect()
+    sd_model = shared.sd_model
+    if isinstance(sd_model, torch.nn.Module):
+        parts = [sd_model]
+    else:  # Forge Neo's model object holds its parts in its patchers
+        objects = sd_model.forge_objects
+        parts = [objects.unet.model, objects.clip.cond_stage_model, objects.vae.first_stage_model]
+    owned = {t.untyped_storage().data_ptr() for part in parts for t in [*part.parameters(), *part.buffers()]}
+    seen, largest, graphs = set(), [], 0
+    for obj in gc.get_objects():
+        if not isinstance(obj, torch.Tensor) or obj.device.type == "meta":
+            continue
+        graphs += obj.grad_fn is not None
+        storage = obj.untyped_storage()
+        if storage.data_ptr() in owned or storage.data_ptr() in seen:
+            continue
+        seen.add(storage.data_ptr())
+        largest.append([storage.nbytes(), f"{tuple(obj.shape)} {obj.dtype} requires_grad={obj.requires_grad}"])
+    largest.sort(reverse=True)
+    return {"bytes": sum(n for n, _ in largest), "largest": largest[:4], "with_grad_fn": graphs}
+
+
 def on_app_started(demo, app):
     app.add_api_route("/dreamartist-probe/v1/model", model, methods=["GET"])
     app.add_api_route("/dreamartist-probe/v1/watch", watch, methods=["POST"])
     app.add_api_route("/dreamartist-probe/v1/unwatch", unwatch, methods=["POST"])
     app.add_api_route("/dreamartist-probe/v1/rows", rows, methods=["GET"])
     app.add_api_route("/dreamartist-probe/v1/identity", identity, methods=["GET"])
+    app.add_api_route("/dreamartist-probe/v1/tensors", tensors, methods=["GET"])
 
 
 script_callbacks.on_app_started(on_app_started)

@@ -39,9 +39,21 @@ class CLIPEmbeddingForTextualInversion(torch.nn.Module):
         return torch.stack(vecs)
 
 
+class OriginalEmphasis:
+    """backend.text_processing.emphasis's "Original": each token's state times its weight, the mean kept."""
+
+    name = "Original"
+
+    def after_transformers(self):
+        original_mean = self.z.mean()
+        self.z = self.z * self.multipliers.unsqueeze(-1)
+        self.z = self.z * (original_mean / self.z.mean())
+
+
 class ClassicTextProcessingEngine:
     def __init__(self, text_encoder, tokenizer, chunk_length=75, embedding_dir=None, embedding_key="clip_l",
-                 embedding_expected_shape=768, return_pooled=False, **kwargs):
+                 embedding_expected_shape=768, return_pooled=False, clip_skip=1, minimal_clip_skip=1,
+                 final_layer_norm=True, **kwargs):
         self.embeddings = EmbeddingDatabase(tokenizer, embedding_expected_shape)
         self.id_start, self.id_end = tokenizer.bos_token_id, tokenizer.eos_token_id
         if text_encoder is not None:  # Forge swaps its token table for the splicing wrapper
@@ -51,7 +63,9 @@ class ClassicTextProcessingEngine:
         if isinstance(embedding_dir, str):  # Forge reads the folder once, here, when the model is built
             self.embeddings.add_embedding_dir(embedding_dir)
             self.embeddings.load_textual_inversion_embeddings()
+        self.emphasis = OriginalEmphasis()
         self.embedding_key, self.return_pooled = embedding_key, return_pooled
+        self.clip_skip, self.final_layer_norm = max(clip_skip, minimal_clip_skip), final_layer_norm
         self.text_encoder = text_encoder
         self.tokenizer = tokenizer
         self.chunk_length = chunk_length
@@ -106,23 +120,35 @@ class ClassicTextProcessingEngine:
         chunk.multipliers = [1.0] * (self.chunk_length + 2)
         return chunk
 
-    def process_tokens(self, tokens, multipliers):
-        """The last hidden state through the final norm, weighted as the webui's "Original" emphasis does."""
+    def encode_with_transformers(self, tokens):
+        """The hidden state clip skip picks (through the final norm where the engine has one); SDXL's CLIP-G hangs
+        its projected pooled output on it, a state the next layer saved for backward."""
         transformer = self.text_encoder.transformer
-        out = transformer(torch.asarray(tokens), output_hidden_states=True)
-        z = next(m for name, m in transformer.named_modules() if name.endswith("final_layer_norm"))(
-            out.hidden_states[-1])
-        weights = torch.asarray(multipliers).to(z)
-        original_mean = z.mean()
-        z = z * weights.unsqueeze(-1)
-        z = z * (original_mean / z.mean())
-        if self.return_pooled:  # SDXL's CLIP-G: the projected EOS state rides on the states
+        out = transformer(tokens, output_hidden_states=True)
+        z = out.hidden_states[-self.clip_skip]
+        if self.final_layer_norm:
+            z = next(m for name, m in transformer.named_modules() if name.endswith("final_layer_norm"))(z)
+        if self.return_pooled:
             z.pooled = out.text_embeds
+        return z
+
+    def process_tokens(self, tokens, multipliers):
+        """The encoded states weighted by the engine's emphasis object, which keeps them (``emphasis.z``) until the
+        next call makes another; the pooled output carried over."""
+        z = self.encode_with_transformers(torch.asarray(tokens))
+        pooled = getattr(z, "pooled", None)
+        self.emphasis.multipliers = torch.asarray(multipliers).to(z)
+        self.emphasis.z = z
+        self.emphasis.after_transformers()
+        z = self.emphasis.z
+        if pooled is not None:
+            z.pooled = pooled
         return z
 
     def __call__(self, texts):
         """Neo's engine call: every chunk of every prompt encoded, the embeddings used printed and noted as "TI" for
         the next generation's parameters (appended to what an earlier encode noted)."""
+        self.emphasis = OriginalEmphasis()
         batch_chunks, _ = self.process_texts(texts)
         used, zs = {}, []
         for i in range(max(len(chunks) for chunks in batch_chunks)):
