@@ -4,6 +4,7 @@
     python benchmarks/editing.py --hours 1.5    # stop after the case that passes 1.5 hours; continue later
     python benchmarks/editing.py --quick        # a one-minute version (CI); writes into a temporary folder
     python benchmarks/editing.py --report       # only the tables, plots and example strip from the ledger so far
+    python benchmarks/editing.py --cost         # the cost measured again (after a change to the edit's cost)
 
 Cases: renders of scene combinations held out from pretraining (dreamartist.toyworld.world.held_out_scenes; the
 classifier is the judge and has seen every scene), one fixed render seed each, each render edited in one attribute at
@@ -26,6 +27,9 @@ toy model at its own CFG (4) with the toy model's DDIM step count (20) unless --
   BARET                    dreamartist.baret with the paper's defaults (TTIS lr 1e-3) and, as a separate row, at
                            TTIS lr 1e-2 (what reconstructs on the toy model); each also without BAM
                            (tau_SA = tau_CA = 0) and rigid (alpha = 1), reusing the same inversion
+  BARET readings           at the paper's lr, readings of what the paper leaves open or gives as a range
+                           (READINGS: each injection alone, MasaCtrl's decoder layers, the ends of the tau and
+                           alpha ranges); tabled, not plotted
 
 Scores per edited image, read by the shipped attribute classifier and measured against the renderer's pixels:
 
@@ -92,6 +96,19 @@ FIGURES = SHARES + ERRORS
 FIGURE_LABELS = {"success": "success", "preserved": "preserved", "joint": "success & kept",
                  "region_error": "kept-region error", "ideal_error": "ideal error"}
 REFERENCE, BASELINE, BARET = "reference", "baseline", "baret"
+READING = "reading"  # BARET under another reading of what the paper leaves open: tabled, left out of the plots
+READING_BASE = "ddim"  # what a reading is compared with: BARET's edit branch without any injection
+# What each BARET row changes in the paper's defaults; READINGS only at the paper's TTIS lr, with their labels
+VARIANTS = {"baret": {}, "baret-nobam": {"tau_sa": 0.0, "tau_ca": 0.0}, "baret-rigid": {"rigid": True}}
+READINGS = {
+    "baret-nomap": ("no map injection (tau_CA 0)", {"tau_ca": 0.0}),
+    "baret-nokv": ("no K/V injection (tau_SA 0)", {"tau_sa": 0.0}),
+    "baret-decoder": ("K/V in the decoder only (MasaCtrl's layers)", {"sa_layers": "decoder"}),
+    "baret-tausa0.1": ("tau_SA 0.1", {"tau_sa": 0.1}),
+    "baret-tauca0.4": ("tau_CA 0.4", {"tau_ca": 0.4}),
+    "baret-alpha0.6": ("alpha 0.6 -> 0.1", {"alpha_start": 0.6}),
+}
+VARIANTS |= {name: changes for name, (_, changes) in READINGS.items()}
 MIN_UNITS = 10  # no difference is claimed over fewer paired cases, whatever its interval (--quick has two)
 
 
@@ -108,17 +125,19 @@ class Plan:
     nti_iterations: int = null_text.ITERATIONS
     cost_steps: int = 50
     cost_repeats: int = 3
+    readings: bool = True  # the READINGS rows
 
 
 FULL = Plan()
-QUICK = Plan(renders=1, attributes=("colour", "shape"), steps=4, nti_iterations=2, cost_steps=4, cost_repeats=1)
+QUICK = Plan(renders=1, attributes=("colour", "shape"), steps=4, nti_iterations=2, cost_steps=4, cost_repeats=1,
+             readings=False)
 
 
 @dataclass(frozen=True)
 class Row:
     key: str
     label: str
-    kind: str  # REFERENCE, BASELINE or BARET (a full BARET edit: its paired differences are tabled)
+    kind: str  # REFERENCE, BASELINE, BARET (a full BARET edit: its paired differences are tabled) or READING
     short: str  # for plots
 
 
@@ -135,6 +154,10 @@ def rows(plan: Plan) -> dict[str, Row]:
         out += [Row(f"baret@{lr:g}", f"BARET, TTIS lr {lr:g}", BARET, f"BARET {lr:g}"),
                 Row(f"baret-nobam@{lr:g}", f"BARET lr {lr:g} without BAM", BASELINE, f"BARET {lr:g} no BAM"),
                 Row(f"baret-rigid@{lr:g}", f"BARET lr {lr:g}, alpha = 1", BASELINE, f"BARET {lr:g} alpha 1")]
+    if plan.readings:
+        lr = plan.ttis_lrs[0]
+        out += [Row(f"{name}@{lr:g}", f"BARET lr {lr:g}, {label}", READING, label)
+                for name, (label, _) in READINGS.items()]
     return {row.key: row for row in out}
 
 
@@ -323,11 +346,7 @@ class Benchmark:
                     inversions[float(lr)] = (invert(backend, latents, config), time.monotonic() - inverted)
                 started = time.monotonic()  # the shared inversion is counted in every edit's record apart
                 inversion, inversion_seconds = inversions[float(lr)]
-                if variant == "baret-nobam":
-                    config = config.replace(tau_sa=0.0, tau_ca=0.0)
-                elif variant == "baret-rigid":
-                    config = config.replace(rigid=True)
-                out = edit_latents(backend, inversion, config)[0]
+                out = edit_latents(backend, inversion, config.replace(**VARIANTS[variant]))[0]
             if out is not None:
                 image = self.decode(out)
             seconds = time.monotonic() - started
@@ -478,9 +497,9 @@ def summarize(records: dict, plan: Plan) -> dict:
                  if k.endswith(f"@{key}@{plan.steps}")]
         summary["seconds"][key] = statistics.median(spent) if spent else None
     for key, row in table.items():
-        if row.kind != BARET:
+        if row.kind not in (BARET, READING):
             continue
-        for other in table:
+        for other in table if row.kind == BARET else (READING_BASE,):  # a reading: against what BAM adds to
             if other == key:
                 continue
             summary["differences"][f"{key}|{other}"] = {
@@ -518,7 +537,7 @@ def goal(summary: dict, baret: str, group: str = "all") -> list[str]:
     (neither the preserved share below nor the kept-region error above, beyond their intervals)."""
     out = []
     for key, row in summary["rows"].items():
-        if row["kind"] == REFERENCE or key == baret:
+        if row["kind"] in (REFERENCE, READING) or key == baret:
             continue
         d = {f: Interval(**summary["differences"][f"{baret}|{key}"][group][f]) for f in FIGURES}
         if not d["success"].units:
@@ -586,6 +605,17 @@ def tables(summary: dict, plan: Plan) -> str:
         if "shape" in plan.attributes:
             out += ["", "Shape edits only:", ""]
             out += [f"- {line}" for line in goal(summary, key, "shape")] or ["- no paired cases yet"]
+    readings = [key for key, row in summary["rows"].items() if row["kind"] == READING]
+    if readings:
+        base = labels[READING_BASE]
+        out += ["", f"### BARET readings - {base} (paired, all cases; * where the interval excludes zero)", "",
+                "| reading | success | preserved | kept-region error | success: shape edits |", "|---|---|---|---|---|"]
+        for key in readings:
+            groups = summary["differences"][f"{key}|{READING_BASE}"]
+            shape = groups.get("shape")
+            out.append(f"| {labels[key]} | " + " | ".join(cell(f, groups["all"][f], True) for f in
+                                                         ("success", "preserved", "region_error"))
+                       + f" | {cell('success', shape['success'], True) if shape else '-'} |")
     cost = summary.get("cost")
     if cost:
         out += ["", f"### Cost ({cost['device']}, {cost['threads']} thread(s); {cost['steps']} DDIM steps, 64x64; "
@@ -619,7 +649,7 @@ def plot(summary: dict, plan: Plan, path: Path) -> None:
     ax = axes[0]
     for key, row in summary["rows"].items():
         s, e = row["all"]["success"], row["all"]["region_error"]
-        if not s["units"]:
+        if not s["units"] or row["kind"] == READING:
             continue
         marker = {REFERENCE: "s", BASELINE: "o", BARET: "*"}[row["kind"]]
         ax.errorbar(s["mean"], e["mean"], xerr=[[s["mean"] - s["low"]], [s["high"] - s["mean"]]],
@@ -628,7 +658,7 @@ def plot(summary: dict, plan: Plan, path: Path) -> None:
     ax.set(xlabel="edit success", ylabel="kept-region error (8-bit levels; lower keeps more)", xlim=(-0.03, 1.03),
            title=f"success vs preservation, {summary['done']} of {summary['cases']} cases (95 % intervals)")
     ax.legend(fontsize=7, loc="best")
-    shown = [k for k in summary["rows"] if k not in ("input", "ideal")]
+    shown = [k for k, row in summary["rows"].items() if k not in ("input", "ideal") and row["kind"] != READING]
     width = 0.85 / len(shown)
     for ax, name in zip(axes[1:], ("success", "preserved")):
         for i, key in enumerate(shown):
@@ -657,7 +687,7 @@ def example_strip(work: Path, plan: Plan, path: Path, render: int = 0) -> bool:
 
     table = rows(plan)
     lines = [c for c in cases(plan) if c.render == render]
-    shown = [k for k in table if k not in ("input", "ideal")]
+    shown = [k for k, row in table.items() if k not in ("input", "ideal") and row.kind != READING]
     folder = work / "images" / f"steps{plan.steps}"
     if not lines or not all((folder / c.key / f"{k}.png").exists() for c in lines for k in shown):
         return False
@@ -711,10 +741,12 @@ def reading(summary: dict, plan: Plan) -> str:
         "z*_T with the same texts, and the tuned text (TTIS) reaches it only through the attention injections. The "
         "two rows agreeing is a check of the implementation; what BARET adds over DDIM inversion is BAM, and BAM is "
         "only as good as the reconstruction branch TTIS gives it (compare the TTIS lr rows).",
-        "- The cost ratios count everything a user waits for (prompt encoding, VAE, inversion, TTIS, the three "
-        "branches, decoding). TTIS takes up to 5 Adam steps per DDIM step, each a UNet forward and backward; where "
-        "its early stop never triggers it takes all of them, and the ratio is above the paper's ~6.5, which assumes "
-        "about 100 of the 250.",
+        "- The BARET readings (at the paper's lr) change one thing each that the paper leaves open or gives as a "
+        "range; they are compared with DDIM inversion + target text, which is what every injection starts from.",
+        "- The cost ratios count everything a user waits for (prompt encoding, VAE, inversion, TTIS, the branches' "
+        "rows where something reads them, decoding). TTIS takes up to 5 Adam steps per DDIM step, each a UNet "
+        "forward and backward; where its early stop never triggers it takes all of them, and the ratio is above the "
+        "paper's ~6.5, which assumes about 100 of the 250.",
         f"- The toy model, not SD 1.5: {plan.steps} DDIM steps and CFG {plan.cfg:g} (the toy model's own), 64x64 "
         "images. The paper's BARET defaults otherwise (TTIS at most 5 Adam steps per step, alpha 0.8 -> 0.1, "
         "tau_SA 0.3, tau_CA 0.6, all layers).",
@@ -743,6 +775,8 @@ def main(argv: list[str] | None = None) -> int:
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--quick", action="store_true", help="one render, two edits, 4 steps (CI)")
     mode.add_argument("--report", action="store_true", help="only write the tables and plots from the ledger so far")
+    mode.add_argument("--cost", action="store_true", help="measure the cost again (the newest record is tabled), "
+                                                          "then write the tables from the ledger")
     parser.add_argument("--out", type=Path, default=None,
                         help="folder for editing.json/.md/.png (default benchmarks/results; --quick: a temporary "
                              "folder)")
@@ -768,8 +802,14 @@ def main(argv: list[str] | None = None) -> int:
     plan = replace(plan, **{k: v for k, v in changes.items() if v is not None})
     out = args.out or default_out(args.quick)
     work = args.work or (out / "editing-work")
-    if args.report:
-        summary = summarize(Ledger(work / "ledger.jsonl").records, plan)
+    if args.report or args.cost:
+        ledger = Ledger(work / "ledger.jsonl")
+        if args.cost:
+            from dreamartist.toyworld import load_backend
+
+            bench = Benchmark(plan, work, backend=load_backend(device=args.device))
+            ledger.add(bench.cost_key(), {"cost": bench.cost()})
+        summary = summarize(ledger.records, plan)
         finished = summary["done"] == summary["cases"]
     else:
         from dreamartist.toyworld import load_backend

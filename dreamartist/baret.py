@@ -12,6 +12,9 @@ driven by Target-text Inversion), over any Backend whose attention can be contro
    reconstruction rows' self-attention K and V (cond and uncond rows); for the first tau_CA the editing cond row
    uses the transition cond row's cross-attention map, with its own values. With alpha 1 at every step (rigid
    edits) the transition is the reconstruction: its rows are left out and the map comes from the reconstruction.
+   A branch's rows run only in the steps that read them: the reconstruction walks TTIS's path (the same e*_i from
+   the same z*_T), so it is taken from there and run only inside its injection windows; the transition runs until
+   its map window ends, or to the last step when its image is wanted.
 
 Inversion and TTIS depend on the image, the texts, the model, the steps and the guidance only, so ``InversionCache``
 keeps them for a re-edit with other alpha or tau values. The Conditioning is handled as rows: only its
@@ -45,6 +48,7 @@ from .losses import guide
 from .sampling import ddim_step, to_images
 
 RECONSTRUCTION, TRANSITION, EDITING = "reconstruction", "transition", "editing"
+Latents = tuple[torch.Tensor, torch.Tensor, "torch.Tensor | None"]  # edited, reconstruction, transition
 UNCOND, COND = "uncond", "cond"
 
 
@@ -52,7 +56,8 @@ UNCOND, COND = "uncond", "cond"
 class EditResult:
     edited: torch.Tensor  # (1, C, h, w) latents
     reconstruction: torch.Tensor  # (1, C, h, w)
-    transition: torch.Tensor  # (1, C, h, w); the reconstruction when the transition branch was left out
+    transition: torch.Tensor | None  # (1, C, h, w); the reconstruction when the transition branch was left out;
+    # None when it stopped after its map window (no branch images asked)
     inversion: Inversion
     reused: bool  # the inversion came from the cache
 
@@ -93,10 +98,16 @@ def balanced_attention(config: EditConfig, steps: int, with_transition: bool = T
 
 
 def edit_latents(backend: Backend, inversion: Inversion, config: EditConfig, *, transition: bool | None = None,
-                 on_progress: Report | None = None,
-                 should_stop: Callable[[], bool] | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                 branch_images: bool = False, on_progress: Report | None = None,
+                 should_stop: Callable[[], bool] | None = None) -> Latents:
     """(edited, reconstruction, transition) latents. ``transition`` None runs the transition branch unless alpha is 1
-    at every step (then the reconstruction stands for it); True or False forces it in or out."""
+    at every step (then the reconstruction stands for it); True or False forces it in or out.
+
+    A branch's rows join a step's UNet call only where something reads them. The reconstruction's DDIM process is
+    TTIS's own path (its e*_i from z*_T, eq. 2), so its rows run at that path's latents, only in the steps whose
+    injections read them, and its result is the path's end. The transition's rows run from the start to the end of
+    its map window, or to the last step with ``branch_images``; without, its result is None (unless the
+    reconstruction stands for it)."""
     report, stop = on_progress or (lambda progress: None), stopper(should_stop)
     timesteps, n = inversion.timesteps, len(inversion.timesteps)
     asked = (config.steps, (config.target, config.negative), config.cfg)
@@ -106,30 +117,44 @@ def edit_latents(backend: Backend, inversion: Inversion, config: EditConfig, *, 
     alphas = alpha_schedule(config, n)
     if transition is None:
         transition = any(alpha != 1 for alpha in alphas)
-    branches = (RECONSTRUCTION, TRANSITION, EDITING) if transition else (RECONSTRUCTION, EDITING)
-    labels = tuple((branch, UNCOND) for branch in branches) + tuple((branch, COND) for branch in branches)
-    count, prompts = len(branches), inversion.prompts
+    injection = balanced_attention(config, n, transition)
+    self_window, map_window = (part.steps for part in injection.injections)
+    path = inversion.reconstruction  # (N+1, C, h, w): the reconstruction's latent before each step, then its end
+
+    def runs(branch: str, i: int) -> bool:
+        if branch == RECONSTRUCTION:
+            return i in self_window or (not transition and i in map_window)
+        if branch == TRANSITION:
+            return transition and (branch_images or i < map_window.stop)
+        return True
+
+    prompts = inversion.prompts
     target = prompts.context[TARGET_ROW:TARGET_ROW + 1]
-    negative = prompts.context[NEGATIVE_ROW:NEGATIVE_ROW + 1].expand(count, -1, -1)
-    picks = [NEGATIVE_ROW] * count + [TARGET_ROW] * count
+    negative = prompts.context[NEGATIVE_ROW:NEGATIVE_ROW + 1]
     abar_all = backend.alphas_cumprod.to(backend.device, torch.float32)
-    gamma = torch.full((count,), config.cfg, device=backend.device)
-    x = inversion.trajectory[n:n + 1].expand(count, -1, -1, -1).clone()
-    with controlled(backend, balanced_attention(config, n, transition)) as calls, torch.no_grad():
+    carried = {TRANSITION: path[0:1], EDITING: path[0:1]}  # both start from z*_T
+    with controlled(backend, injection) as calls, torch.no_grad():
         for i, t in enumerate(timesteps):
             stop()
+            branches = [branch for branch in (RECONSTRUCTION, TRANSITION, EDITING) if runs(branch, i)]
+            count = len(branches)
             tuned = inversion.tuned[i:i + 1]
             conds = {RECONSTRUCTION: tuned, TRANSITION: alphas[i] * tuned + (1 - alphas[i]) * target, EDITING: target}
-            contexts = torch.cat([negative, *(conds[branch] for branch in branches)])
+            x = torch.cat([path[i:i + 1] if branch == RECONSTRUCTION else carried[branch] for branch in branches])
+            contexts = torch.cat([negative.expand(count, -1, -1), *(conds[branch] for branch in branches)])
+            labels = tuple((branch, UNCOND) for branch in branches) + tuple((branch, COND) for branch in branches)
             with calls.at(i, labels):
                 out = backend.unet(torch.cat([x, x]), torch.full((2 * count,), t, device=backend.device),
-                                   rows(prompts, picks, contexts))
+                                   rows(prompts, [NEGATIVE_ROW] * count + [TARGET_ROW] * count, contexts))
             out_uncond, out_cond = out.chunk(2)
             abar, abar_next = abar_all[t], abar_all[timesteps[i + 1] if i + 1 < n else 0]
+            gamma = torch.full((count,), config.cfg, device=backend.device)
             x = ddim_step(backend.prediction_type, guide(out_uncond, out_cond, gamma), x, abar, abar_next)
+            carried.update((branch, latent) for branch, latent in zip(branches, x.split(1)) if branch in carried)
             report(EditProgress("editing", i + 1, n))
-    final = dict(zip(branches, x.split(1)))
-    return final[EDITING], final[RECONSTRUCTION], final.get(TRANSITION, final[RECONSTRUCTION])
+    if not transition:
+        return carried[EDITING], path[n:n + 1], path[n:n + 1]
+    return carried[EDITING], path[n:n + 1], carried[TRANSITION] if runs(TRANSITION, n - 1) else None
 
 
 # -- the whole edit, with the cache -------------------------------------------------------------------------
@@ -167,9 +192,11 @@ class InversionCache:
 
 
 def edit(backend: Backend, latents: torch.Tensor, config: EditConfig, *, cache: InversionCache | None = None,
-         on_progress: Report | None = None, should_stop: Callable[[], bool] | None = None) -> EditResult:
+         branch_images: bool = False, on_progress: Report | None = None,
+         should_stop: Callable[[], bool] | None = None) -> EditResult:
     """Edit one image's latents (1, C, h, w) toward ``config.target``; with ``cache``, an image already inverted
-    under the same texts, model, steps and guidance skips inversion and TTIS."""
+    under the same texts, model, steps and guidance skips inversion and TTIS; ``branch_images`` carries the transition
+    to the end for ``decode(..., branches=True)``."""
     key = InversionCache.key(backend, latents, config) if cache is not None else None
     inversion = cache.get(key) if cache is not None else None
     reused = inversion is not None
@@ -177,13 +204,15 @@ def edit(backend: Backend, latents: torch.Tensor, config: EditConfig, *, cache: 
         inversion = invert(backend, latents, config, on_progress, should_stop)
         if cache is not None:
             cache.put(key, inversion)
-    edited, reconstruction, transition = edit_latents(backend, inversion, config, on_progress=on_progress,
-                                                      should_stop=should_stop)
+    edited, reconstruction, transition = edit_latents(backend, inversion, config, branch_images=branch_images,
+                                                      on_progress=on_progress, should_stop=should_stop)
     return EditResult(edited, reconstruction, transition, inversion, reused)
 
 
 def decode(backend: Backend, result: EditResult, branches: bool = False) -> dict:
     """The edited image as a PIL image under "edited", with ``branches`` also "reconstruction" and "transition"."""
+    if branches and result.transition is None:
+        raise ValueError("the transition was not carried to the end: edit with branch_images=True")
     names = ("edited", RECONSTRUCTION, TRANSITION) if branches else ("edited",)
     latents = torch.cat([result.edited, result.reconstruction, result.transition][:len(names)])
     with torch.no_grad():

@@ -449,7 +449,8 @@ def cmd_edit(args: argparse.Namespace) -> int:
                 bar.set_postfix(loss=f"{p.loss:.2e}")
 
         try:
-            result = edit(backend, latents, config, on_progress=progress, should_stop=lambda: stop[0])
+            result = edit(backend, latents, config, branch_images=args.save_branches, on_progress=progress,
+                          should_stop=lambda: stop[0])
         except EditStopped:
             print("Stopped before the edit finished; nothing was written.")
             return EXIT_INTERRUPTED

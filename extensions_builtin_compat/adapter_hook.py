@@ -27,6 +27,7 @@ import torch
 from modules import prompt_parser
 
 from dreamartist import adapters, pairfiles
+from dreamartist.attributes import attributes_restored
 
 from . import embeddings, host, host_pairing
 from .host_backend import layers_of, text_encoders, unet_of
@@ -106,8 +107,8 @@ class GenerationAdapters:
             finally:
                 self.texts = None
 
+        self.stack.enter_context(attributes_restored([(model, "get_learned_conditioning")]))
         model.get_learned_conditioning = get_learned_conditioning  # shadows the method on this instance only
-        self.stack.callback(vars(model).pop, "get_learned_conditioning", None)
 
     def id(self, pair: str, branch: str) -> str:
         return f"{pair}:{branch}@{self.tag}"

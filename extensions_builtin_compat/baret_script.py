@@ -236,7 +236,7 @@ def _progress(config: EditConfig, cached: bool):
     return report
 
 
-def _sampler(p, config: EditConfig, pixels: torch.Tensor, outcome: dict):
+def _sampler(p, config: EditConfig, branches: bool, pixels: torch.Tensor, outcome: dict):
     """A replacement for ``p.sample``: BARET on the loaded model; returns the edited latents."""
     from modules import shared
 
@@ -259,7 +259,8 @@ def _sampler(p, config: EditConfig, pixels: torch.Tensor, outcome: dict):
             backend = _EditBackend(backend, _model_key(p, backend, edit_with))
             latents = backend.vae_encode(pixels)
             cached = CACHE.get(InversionCache.key(backend, latents, edit_with)) is not None
-            result = edit(backend, latents, edit_with, cache=CACHE, on_progress=_progress(edit_with, cached),
+            result = edit(backend, latents, edit_with, cache=CACHE, branch_images=branches,
+                          on_progress=_progress(edit_with, cached),
                           should_stop=_should_stop)
         outcome.update(result=result, backend=backend, config=edit_with)
         return result.edited
@@ -299,7 +300,7 @@ def run(p, *args):
     p.sampler_name = "DDIM"  # what runs, whatever the sampler chosen; the infotext says so
     p.extra_generation_params.update(infotext_params(config, branches))
     outcome: dict = {}
-    p.sample = _sampler(p, config, pixels, outcome)
+    p.sample = _sampler(p, config, branches, pixels, outcome)
     try:
         processed = processing.process_images(p)
     except EditStopped:

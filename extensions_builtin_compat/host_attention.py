@@ -19,10 +19,10 @@ from collections.abc import Iterator
 import torch
 
 from dreamartist.attention_control import CROSS, SELF, Calls, Controller, attend
+from dreamartist.attributes import attributes_restored
 from dreamartist.errors import ModelError
 from dreamartist.layer_names import named_layers, unet_name
 
-_MISSING = object()
 ATTENTION_PARTS = ("to_q", "to_k", "to_v", "to_out", "heads")
 
 
@@ -102,16 +102,11 @@ def ldm_control(unet: torch.nn.Module, controller: Controller, calls: Calls) -> 
         sample = args[0] if args else kwargs["x"]
         calls.latent_tokens = sample.shape[-2] * sample.shape[-1]
 
-    saved = [(module, module.__dict__.get("forward", _MISSING)) for module in layers.values()]
-    handle = unet.register_forward_pre_hook(record_latent_size, with_kwargs=True)
-    try:
-        for layer, module in layers.items():
-            module.forward = controlled_forward(module, layer, controller, calls)
-        yield
-    finally:
-        handle.remove()
-        for module, forward in saved:
-            if forward is _MISSING:
-                module.__dict__.pop("forward", None)
-            else:
-                module.forward = forward
+    with attributes_restored((module, "forward") for module in layers.values()):
+        handle = unet.register_forward_pre_hook(record_latent_size, with_kwargs=True)
+        try:
+            for layer, module in layers.items():
+                module.forward = controlled_forward(module, layer, controller, calls)
+            yield
+        finally:
+            handle.remove()

@@ -20,6 +20,7 @@ from modules import devices, extra_networks, processing, sd_models, shared
 from modules.textual_inversion.textual_inversion import Embedding
 
 from dreamartist import adapters
+from dreamartist.attributes import attributes_restored
 from dreamartist.backend import EPSILON, V_PREDICTION, Conditioning, PatchSlot, WordVectors, checked_words, frozen
 from dreamartist.errors import ModelError
 from dreamartist.families import FAMILIES
@@ -300,17 +301,11 @@ def pooled_on_views(encoders: Iterable[object]) -> Iterator[None]:
     its 1 GB block behind, and the resume after it was killed for memory). For the run, each encoder hands on a view of
     its state that carries the pooled output, and the state itself keeps none; their own method is put back after."""
     name = "encode_with_transformers"
-    patched = [(encoder, encoder.__dict__.get(name)) for encoder in encoders if callable(getattr(encoder, name, None))]
-    try:
-        for encoder, _ in patched:
+    encoders = [encoder for encoder in encoders if callable(getattr(encoder, name, None))]
+    with attributes_restored((encoder, name) for encoder in encoders):
+        for encoder in encoders:
             setattr(encoder, name, _pooled_on_a_view(getattr(encoder, name)))
         yield
-    finally:
-        for encoder, own in patched:
-            if own is None:
-                encoder.__dict__.pop(name, None)
-            else:
-                setattr(encoder, name, own)
 
 
 def _pooled_on_a_view(encode: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -331,14 +326,11 @@ def posterior_mode(first_stage: torch.nn.Module) -> Iterator[None]:
     samples it when its ``sample`` is on (Forge Classic's; reForge's is off): off for the with-block, so an encode
     gives the posterior's mode, as elsewhere."""
     regularizer = getattr(first_stage, "regularization", None)
-    sampling = getattr(regularizer, "sample", False) is True
-    try:
-        if sampling:
-            regularizer.sample = False
+    sampling = [(regularizer, "sample")] if getattr(regularizer, "sample", False) is True else []
+    with attributes_restored(sampling):
+        for owner, name in sampling:
+            setattr(owner, name, False)
         yield
-    finally:
-        if sampling:
-            regularizer.sample = True
 
 
 def _memory_manager():
@@ -374,13 +366,11 @@ def forge_parts_loaded(sd_model, inference: bool = False, networks: bool = False
                                   getattr(getattr(use, "vae", None), "patcher", None)) if part is not None]
     full = {"force_full_load": True} if "force_full_load" in inspect.signature(manager.load_models_gpu).parameters \
         else {}
-    try:
+    with attributes_restored([(sd_model, "forge_objects")]):
         sd_model.forge_objects = use
         with torch.inference_mode(inference):
             manager.load_models_gpu(patchers, **full)
         yield
-    finally:
-        sd_model.forge_objects = current
 
 
 @contextlib.contextmanager
@@ -450,20 +440,16 @@ NO_BACKWARD = ("sage", "flash")  # kernels without a backward pass, by function 
 def attention_with_backward() -> Iterator[None]:
     """For the run, the UNet's attention through PyTorch's scaled-dot-product attention wherever the host picked a
     kernel without a backward pass (Sage, flash); the host's choice again after."""
-    swapped = []
-    try:
-        for module_name, names, source, replacement in ATTENTION_SLOTS:
-            module, origin = sys.modules.get(module_name), sys.modules.get(source)
-            function = getattr(origin, replacement, None)
-            for name in names:
-                current = getattr(module, name, None)
-                if function is not None and any(k in getattr(current, "__name__", "") for k in NO_BACKWARD):
-                    swapped.append((module, name, current))
-                    setattr(module, name, function)
+    swaps = []
+    for module_name, names, source, replacement in ATTENTION_SLOTS:
+        module, origin = sys.modules.get(module_name), sys.modules.get(source)
+        function = getattr(origin, replacement, None)
+        swaps += [(module, name, function) for name in names if function is not None
+                  and any(k in getattr(getattr(module, name, None), "__name__", "") for k in NO_BACKWARD)]
+    with attributes_restored((module, name) for module, name, _ in swaps):
+        for module, name, function in swaps:
+            setattr(module, name, function)
         yield
-    finally:
-        for module, name, current in reversed(swapped):
-            setattr(module, name, current)
 
 
 def layers_of(sd_model) -> dict[str, dict[str, torch.nn.Module]]:
@@ -503,14 +489,11 @@ def _checkpointable(module: torch.nn.Module) -> str | None:
 @contextlib.contextmanager
 def ldm_checkpointing_off(unet: torch.nn.Module) -> Iterator[None]:
     """Set every block's checkpointing flag to False for the run and restore each afterwards."""
-    saved = [(m, flag, m.__dict__[flag]) for m in unet.modules() if (flag := _checkpointable(m))]
-    try:
-        for module, flag, _ in saved:
+    flags = [(m, flag) for m in unet.modules() if (flag := _checkpointable(m))]
+    with attributes_restored(flags):
+        for module, flag in flags:
             setattr(module, flag, False)
         yield
-    finally:
-        for module, flag, value in saved:
-            setattr(module, flag, value)
 
 
 def _on_a_copy(function, x: torch.Tensor, *args, **kwargs):
@@ -522,14 +505,11 @@ def checkpointed_blocks(unet: torch.nn.Module, enabled: bool) -> Iterator[None]:
     """Gradient checkpointing without touching any class: each block gets an instance ``forward`` that runs its
     ``_forward`` through torch's non-reentrant checkpoint (fine with frozen weights; the recomputation runs
     with the adapters and row labels of the first pass); removed on exit."""
-    blocks = [m for m in unet.modules() if _checkpointable(m) and "forward" not in m.__dict__] if enabled else []
-    try:
+    blocks = [m for m in unet.modules() if _checkpointable(m) and "forward" not in vars(m)] if enabled else []
+    with attributes_restored((block, "forward") for block in blocks):
         for block in blocks:
             run = block._forward
             if host.adds_residuals_in_place(block):  # onto its own input, which the recomputation starts from
                 run = functools.partial(_on_a_copy, run)
             block.forward = functools.partial(adapters.checkpoint, run)
         yield
-    finally:
-        for block in blocks:
-            block.__dict__.pop("forward", None)

@@ -16,6 +16,7 @@ import torch
 from modules import devices
 
 from dreamartist import adapters, size_conditioning
+from dreamartist.attributes import attributes_restored
 from dreamartist.backend import (
     EPSILON,
     POOLED,
@@ -54,15 +55,13 @@ def _own_emphasis(engine) -> Iterator[None]:
     """A fresh emphasis object of the engine's kind for one encode, as the engine's own call makes one; the engine's
     is put back after. The object keeps the encode's output (``emphasis.z``): left on the engine, a training encode's
     would hold its graph, and the trained values with it, until the next generation."""
-    own = engine.__dict__.get("emphasis")
+    own = vars(engine).get("emphasis")
     if own is None:
         yield
         return
-    engine.emphasis = type(own)()
-    try:
+    with attributes_restored([(engine, "emphasis")]):
+        engine.emphasis = type(own)()
         yield
-    finally:
-        engine.emphasis = own
 
 
 def token_table(engine) -> torch.nn.Module:

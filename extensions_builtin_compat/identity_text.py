@@ -12,11 +12,12 @@ import contextlib
 import importlib
 from collections.abc import Callable, Iterator
 
+from dreamartist.attributes import attributes_restored
+
 from . import host
 
 # (batch the host encoded, its output, the encode to call again with one row)
 OnEncoded = Callable[[object, object, Callable], None]
-_MISSING = object()
 
 
 def carrier(model, name: str, vec):
@@ -50,7 +51,6 @@ def encodes_watched(model, on_encoded: OnEncoded) -> Iterator[None]:
             handle.remove()
         return
     encode = model.get_learned_conditioning
-    saved = model.__dict__.get("get_learned_conditioning", _MISSING)
     notes = _engine_notes()
 
     def watched(batch):
@@ -61,11 +61,6 @@ def encodes_watched(model, on_encoded: OnEncoded) -> Iterator[None]:
         notes.update(noted)
         return output
 
-    model.get_learned_conditioning = watched
-    try:
+    with attributes_restored([(model, "get_learned_conditioning")]):
+        model.get_learned_conditioning = watched
         yield
-    finally:
-        if saved is _MISSING:
-            del model.get_learned_conditioning
-        else:
-            model.get_learned_conditioning = saved

@@ -18,6 +18,8 @@ from dreamartist.baret import InversionCache, balanced_attention, edit, edit_lat
 from dreamartist.cli import main
 from dreamartist.edit_config import EditConfig, validate
 from dreamartist.inversion import EditStopped
+from dreamartist.losses import guide
+from dreamartist.sampling import ddim_step
 
 TARGET = "a red square on a blue background, striped"
 SOURCE = ("circle", "red", "blue", "striped")
@@ -74,9 +76,6 @@ def test_ttis_brings_the_path_back_to_the_image_where_plain_ddim_with_cfg_drifts
     assert all(t < p for t, p in zip(tuned.losses, plain.losses))
     assert tuned.losses[-1] < plain.losses[-1] / 3
     assert _mse(tuned.reconstruction[-1], latents[0]) == pytest.approx(tuned.losses[-1])  # the path ends at z*_0
-    # the edit's reconstruction branch walks TTIS's path (same e*_i, same start, its rows never replaced)
-    _, reconstruction, _ = edit_latents(toy, tuned, config)
-    torch.testing.assert_close(reconstruction[0], tuned.reconstruction[-1], atol=1e-4, rtol=1e-4)
 
 
 def test_the_early_stop_threshold_grows_with_the_step_and_a_met_threshold_costs_no_extra_call(toy, latents,
@@ -98,10 +97,12 @@ def test_the_early_stop_threshold_grows_with_the_step_and_a_met_threshold_costs_
 def test_alpha_one_gives_the_same_edit_as_leaving_the_transition_branch_out(toy, inversion, monkeypatch):
     rigid = EditConfig(target=TARGET, steps=6, rigid=True)
     calls = _count_unet_calls(toy, monkeypatch)
-    with_branch = edit_latents(toy, inversion, rigid, transition=True)
+    with_branch = edit_latents(toy, inversion, rigid, transition=True, branch_images=True)
     without = edit_latents(toy, inversion, rigid)
     by_alpha = edit_latents(toy, inversion, rigid.replace(rigid=False, alpha_start=1.0, alpha_end=1.0))
-    assert calls == [6] * 6 + [4] * 6 + [4] * 6  # 3 branches x CFG, then 2 x CFG
+    # rows x CFG per step (tau_SA 0.3: steps 0-1, tau_CA 0.6: steps 0-3): the reconstruction where the edit reads it
+    # (its K/V; its map too when the transition is left out), the transition to the end for its image
+    assert calls == [6, 6, 4, 4, 4, 4] + [4, 4, 4, 4, 2, 2] * 2
     torch.testing.assert_close(with_branch[0], without[0], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(by_alpha[0], without[0])
     torch.testing.assert_close(with_branch[2], with_branch[1], atol=1e-5, rtol=1e-5)  # transition == reconstruction
@@ -110,10 +111,40 @@ def test_alpha_one_gives_the_same_edit_as_leaving_the_transition_branch_out(toy,
         edit_latents(toy, inversion, rigid.replace(cfg=5.0))
 
 
+def test_a_branch_runs_only_in_the_steps_that_read_it_and_the_reconstruction_walks_ttis_path(toy, inversion,
+                                                                                             monkeypatch):
+    config = EditConfig(target=TARGET, steps=6)  # tau_SA 0.3: steps 0-1; tau_CA 0.6: steps 0-3
+    seen, original = [], toy.unet
+
+    def spy(latents, timesteps, cond):
+        out = original(latents, timesteps, cond)
+        seen.append((latents, int(timesteps[0]), out))
+        return out
+
+    monkeypatch.setattr(toy, "unet", spy)
+    edited, reconstruction, transition = edit_latents(toy, inversion, config)
+    assert [len(x) // 2 for x, _, _ in seen] == [3, 3, 2, 2, 1, 1]  # rows per CFG half
+    torch.testing.assert_close(reconstruction, inversion.reconstruction[-1:])
+    assert transition is None  # it stopped with its map window
+    # where the reconstruction's rows ran (first of each half), their guided DDIM step lands on TTIS's next latent
+    abar, gamma = toy.alphas_cumprod.float(), torch.full((1,), config.cfg)
+    for i, (x, t, out) in enumerate(seen[:2]):
+        guided = guide(out[0:1], out[3:4], gamma)
+        after = ddim_step(toy.prediction_type, guided, x[0:1], abar[t], abar[inversion.timesteps[i + 1]])
+        torch.testing.assert_close(after, inversion.reconstruction[i + 1:i + 2], atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="branch_images=True"):
+        baret.decode(toy, baret.EditResult(edited, reconstruction, transition, inversion, False), branches=True)
+    seen.clear()
+    kept = edit_latents(toy, inversion, config, branch_images=True)
+    assert [len(x) // 2 for x, _, _ in seen] == [3, 3, 2, 2, 2, 2]
+    torch.testing.assert_close(kept[0], edited, atol=1e-5, rtol=1e-5)  # the same edit
+    assert not torch.allclose(kept[2], edited, atol=1e-3)
+
+
 def test_the_transition_is_the_plain_target_edit_at_alpha_zero_and_bam_changes_the_edit(toy, inversion):
     config = EditConfig(target=TARGET, steps=6)
     free = config.replace(alpha_start=0.0, alpha_end=0.0, tau_sa=0.0, tau_ca=0.0)
-    edited, reconstruction, transition = edit_latents(toy, inversion, free)
+    edited, reconstruction, transition = edit_latents(toy, inversion, free, branch_images=True)
     torch.testing.assert_close(transition, edited, atol=1e-5, rtol=1e-5)  # same conditioning, no injection
     assert not torch.allclose(transition, reconstruction, atol=1e-3)
     balanced, _, _ = edit_latents(toy, inversion, config)
@@ -187,7 +218,7 @@ def test_a_re_edit_with_other_alpha_and_tau_skips_inversion_and_ttis_and_gives_t
     assert not first.reused and inverting > 4 * 2
     calls.clear()
     again = edit(toy, latents, other, cache=cache)
-    assert again.reused and calls == [6] * 4  # the editing pass alone
+    assert again.reused and calls == [6, 6, 4, 4]  # the editing pass alone (tau_SA 0.5: the reconstruction in 2)
     torch.testing.assert_close(again.edited, uncached.edited)
     torch.testing.assert_close(again.transition, uncached.transition)
     calls.clear()

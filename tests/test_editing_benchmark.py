@@ -104,3 +104,24 @@ def test_quick_writes_into_a_temporary_folder_unless_told_otherwise(editing):
         assert editing.default_out(quick=False) == ROOT / "benchmarks" / "results"
     finally:
         out.rmdir()
+
+
+def test_the_readings_are_baret_at_the_papers_lr_each_with_its_own_change_and_are_not_competitors(editing):
+    from dataclasses import replace
+
+    from dreamartist.edit_config import EditConfig
+
+    assert not any(row.kind == editing.READING for row in editing.rows(editing.QUICK).values())
+    plan = replace(editing.QUICK, readings=True)
+    readings = [key for key, row in editing.rows(plan).items() if row.kind == editing.READING]
+    assert readings == [f"{name}@{plan.ttis_lrs[0]:g}" for name in editing.READINGS]  # the paper's lr only
+    paper = EditConfig(target="a red square")
+    changed = [paper.replace(**editing.VARIANTS[key.split("@")[0]]) for key in readings]
+    assert paper not in changed and len(set(changed)) == len(changed)
+    # the goal compares BARET with other methods only, never with a reading of itself
+    interval = {"mean": 0.1, "low": 0.05, "high": 0.15, "units": 20}
+    summary = {"rows": {key: {"label": key, "kind": row.kind} for key, row in editing.rows(plan).items()},
+               "differences": {f"baret@0.001|{key}": {"all": {f: interval for f in editing.FIGURES}}
+                               for key in editing.rows(plan)}}
+    compared = [line.split(":")[0] for line in editing.goal(summary, "baret@0.001")]
+    assert "baret-nobam@0.001" in compared and not set(readings) & set(compared)

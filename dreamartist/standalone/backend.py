@@ -9,12 +9,12 @@ from collections.abc import Iterator
 import torch
 
 from dreamartist import adapters
+from dreamartist.attributes import attributes_restored
 from dreamartist.backend import EPSILON, Conditioning, PatchSlot, WordVectors, checked_words, frozen
 from dreamartist.families import FAMILIES
 from dreamartist.layer_names import named_layers, text_layers, unet_name
 from dreamartist.prompts import WordFinder, chunk_prompt, empty_chunk
 
-_MISSING = object()
 PAD_WITH_ZERO = ("clip_h", "clip_g")  # OpenCLIP's encoders pad after the first EOS with token 0; CLIP-L with EOS
 
 
@@ -202,23 +202,15 @@ class StandaloneBackend(PatchSlot):
         differentiates at full resolution: at SDXL's 1024 px its activations outweigh the UNet's); restore flags,
         modes and settings on exit."""
         models = (self.unet_model, self.vae_model)
-        switches = [(m, m.gradient_checkpointing, m.__dict__.get("_gradient_checkpointing_func", _MISSING))
-                    for model in models for m in model.modules() if hasattr(m, "gradient_checkpointing")]
-        try:
-            with frozen(*self.modules):
-                for model in models:
-                    if gradient_checkpointing:
-                        model.enable_gradient_checkpointing(**_adapter_aware_checkpointing(model))
-                    else:
-                        model.disable_gradient_checkpointing()
-                yield
-        finally:
-            for module, enabled, function in switches:
-                module.gradient_checkpointing = enabled
-                if function is _MISSING:
-                    module.__dict__.pop("_gradient_checkpointing_func", None)
+        switches = [(m, name) for model in models for m in model.modules() if hasattr(m, "gradient_checkpointing")
+                    for name in ("gradient_checkpointing", "_gradient_checkpointing_func")]
+        with attributes_restored(switches), frozen(*self.modules):
+            for model in models:
+                if gradient_checkpointing:
+                    model.enable_gradient_checkpointing(**_adapter_aware_checkpointing(model))
                 else:
-                    module._gradient_checkpointing_func = function
+                    model.disable_gradient_checkpointing()
+            yield
 
 
 def _adapter_aware_checkpointing(model: torch.nn.Module) -> dict:
