@@ -282,7 +282,7 @@ class HostBackend(PatchSlot):
         with forge_parts_loaded(self.sd_model), normal_weights(self.sd_model), frozen(self.sd_model), \
                 ldm_checkpointing_off(unet), checkpointed_blocks(unet, gradient_checkpointing), \
                 norms_read_copies(unet), attention_with_backward(), float32_weights(self.sd_model.first_stage_model), \
-                pooled_on_views(self.encoders.values()):
+                float32_where_cast(*self.encoders.values()), pooled_on_views(self.encoders.values()):
             if undo_attention:
                 sd_hijack.undo_optimizations()
             try:
@@ -462,10 +462,11 @@ def layers_of(sd_model) -> dict[str, dict[str, torch.nn.Module]]:
 
 
 @contextlib.contextmanager
-def float32_weights(module: torch.nn.Module) -> Iterator[None]:
-    """The module in float32 for the run (the same Parameter objects, converted in place), back in its own
+def float32_weights(*modules: torch.nn.Module) -> Iterator[None]:
+    """The modules in float32 for the run (the same Parameter objects, converted in place), back in their own
     dtype afterwards: fp16 and bf16 values survive the round trip bit for bit."""
-    tensors = [t for t in (*module.parameters(), *module.buffers()) if t.is_floating_point()]
+    tensors = list({id(t): t for module in modules for t in (*module.parameters(), *module.buffers())
+                    if t.is_floating_point()}.values())
     dtypes = [t.dtype for t in tensors]
     try:
         for tensor in tensors:
@@ -474,6 +475,20 @@ def float32_weights(module: torch.nn.Module) -> Iterator[None]:
     finally:
         for tensor, dtype in zip(tensors, dtypes, strict=True):
             tensor.data = tensor.data.to(dtype)
+
+
+# ldm_patched's (reForge, Forge Classic) and Forge's backend's (Neo) layers that cast their weights at each forward
+CAST_FLAGS = ("ldm_patched_cast_weights", "parameters_manual_cast")
+
+
+def float32_where_cast(*modules: torch.nn.Module):
+    """The Forge family keeps its text encoders in fp16, also on a CPU, and each layer casts its weights to the
+    float32 stream at every forward. With a gradient, autograd keeps every cast copy until the backward pass: an
+    SDXL encode held 3.2 GB of them, and an identity's step makes two. For the run, those layers hold float32 weights
+    themselves (the same values: the cast is exact), so the cast is a no-op; ``float32_weights`` puts their dtype
+    back after."""
+    return float32_weights(*(layer for module in modules for layer in module.modules()
+                             if any(getattr(layer, flag, False) is True for flag in CAST_FLAGS)))
 
 
 CHECKPOINT_FLAGS = ("use_checkpoint", "checkpoint")  # ldm's and sgm's names for a block's checkpointing switch

@@ -39,6 +39,7 @@ from .host_backend import (
     checkpointed_blocks,
     embeddings_registered,
     float32_weights,
+    float32_where_cast,
     forge_parts_loaded,
     layers_of,
     ldm_checkpointing_off,
@@ -204,5 +205,6 @@ class ForgeBackend(PatchSlot):
         with forge_parts_loaded(self.sd_model, inference=True), normal_weights(*parts), frozen(*parts), \
                 ldm_checkpointing_off(unet), checkpointed_blocks(unet, gradient_checkpointing), \
                 norms_read_copies(unet), attention_with_backward(), float32_weights(self.first_stage), \
+                float32_where_cast(self.text_encoder), \
                 pooled_on_views(self.engines.values()):
             yield

@@ -182,6 +182,51 @@ def test_sage_attention_gives_way_to_pytorch_attention_for_the_run(host_classic,
     assert module.optimized_attention is module.optimized_attention_masked is attention_sage
 
 
+class CastingLinear(torch.nn.Linear):
+    """ldm_patched's manual_cast Linear (reForge's and Classic's text encoders): its weights cast to the input's dtype
+    at every forward."""
+
+    ldm_patched_cast_weights = True
+
+    def forward(self, x):
+        return torch.nn.functional.linear(x, self.weight.to(x.dtype), self.bias.to(x.dtype))
+
+
+def test_a_text_encoder_that_casts_its_fp16_weights_keeps_no_cast_copy_for_backward(host_classic):
+    """The real Classic keeps its text encoders in fp16 on a CPU too and casts each layer to the float32 stream: with
+    a gradient every cast copy lived until backward, and an SDXL identity's step (two encodes) held 6 GB of them."""
+    from extensions_builtin_compat.host_backend import float32_where_cast
+
+    encoder = torch.nn.Sequential(CastingLinear(64, 64), torch.nn.LayerNorm(64), CastingLinear(64, 64)).half()
+    encoder[1].float()  # a layer that does not cast is left as it is
+    encoder.requires_grad_(False)
+    before = [(p, p.detach().clone()) for p in encoder.parameters()]
+    x = torch.randn(2, 64, requires_grad=True)
+
+    def cast_copies() -> int:
+        own = {p.untyped_storage().data_ptr() for p in encoder.parameters()}
+        copies = []
+
+        def pack(tensor):
+            if tensor.shape == (64, 64) and tensor.untyped_storage().data_ptr() not in own:
+                copies.append(tensor.dtype)
+            return tensor
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            encoder(x).sum().backward()
+        return len(copies)
+
+    assert cast_copies() == 2  # as the host's layers run
+    reference = encoder(x)
+    with float32_where_cast(torch.nn.ModuleDict({"clip_l": encoder})):
+        assert [p.dtype for p in encoder.parameters()] == [torch.float32] * 6
+        assert cast_copies() == 0
+        torch.testing.assert_close(encoder(x), reference, rtol=0, atol=0)  # the same values: the cast was exact
+    for p, values in before:
+        assert p.dtype == values.dtype and torch.equal(p, values)
+    assert encoder[1].weight.dtype == torch.float32 and encoder[0].weight.dtype == torch.float16
+
+
 @pytest.mark.parametrize("webui", ["host_reforge", "host_classic"])
 def test_the_vae_encode_is_the_posterior_mode_though_classics_vae_samples_it(request, webui):
     """ldm_patched's VAE regularizer samples the posterior in Forge Classic (a real Classic gave a BARET re-edit no
