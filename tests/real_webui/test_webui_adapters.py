@@ -81,8 +81,8 @@ def assert_rows_follow_the_chunks(seen: dict, images: int = 1, cond_chunks: int 
 def test_each_row_gets_its_branchs_adapter(webui, adapter_pair, layout):
     changes, per_step = LAYOUTS[layout]
     if webui.version in FOLLOWS and "batch_cond_uncond" in str(changes):
-        pytest.skip(f"webui {webui.version}: its backend's sampler batches the branches by free memory, not by this "
-                    "setting (Neo has none)")
+        pytest.skip(f"webui {webui.version}: its backend's sampler batches the branches by free memory, whatever "
+                    "this setting says (Neo has no such setting)")
     payload = {**webui.payload(f"a photo of {NAME}", steps=2), **da(), **changes}
     seen, generation = rows_seen(webui, "txt2img", payload)
     unet = [call for call in seen["unet"] if call is not None]
