@@ -41,7 +41,15 @@ def _fixes(encoder: torch.nn.Module):
 
 
 def model_family(sd_model) -> str:
-    return "sdxl" if getattr(sd_model, "is_sdxl", False) else "sd2" if getattr(sd_model, "is_sd2", False) else "sd1"
+    """"sdxl", "sd2" or "sd1". SD 2.x also by its prompt encoder, ldm's FrozenOpenCLIPEmbedder: reForge and Forge
+    Classic set ``is_sd2`` after wrapping that encoder in a class without the ``model`` they look for, so their SD 2.x
+    models say ``is_sd1``."""
+    if getattr(sd_model, "is_sdxl", False):
+        return "sdxl"
+    encoder = getattr(getattr(sd_model, "cond_stage_model", None), "wrapped", None)
+    if getattr(sd_model, "is_sd2", False) or type(encoder).__name__ == "FrozenOpenCLIPEmbedder":
+        return "sd2"
+    return "sd1"
 
 
 def unet_of(sd_model) -> torch.nn.Module:

@@ -281,11 +281,16 @@ def test_an_sdxl_identity_run_leaves_no_graph_behind(request, webui):
     assert graphs_left() == []
 
 
-def test_an_sd2_model_trains_an_identity_for_its_openclip_encoder(host_v1101):
+@pytest.mark.parametrize("webui", ["host_v1101", "host_reforge", "host_classic"])
+def test_an_sd2_model_trains_an_identity_for_its_openclip_encoder(request, webui):
+    """Also where the host calls an SD 2.x model SD1: reForge and Forge Classic set ``is_sd2`` after wrapping its
+    prompt encoder in a class without the ``model`` they look for, so their SD 2.x models say ``is_sd1``."""
     from dreamartist import identityfiles
 
-    host_v1101.load_model("sd2")
-    client = api_client(host_v1101)
+    host = request.getfixturevalue(webui)
+    model = host.load_model("sd2")
+    assert model.is_sd2 != (webui != "host_v1101")  # as the real hosts set it
+    client = api_client(host)
     response = client.post("/dreamartist/v1/train", json={"mode": "identity", "image": b64(reference_image()),
                                                            "mask": b64(face_mask()), "name": "zqv", **TINY})
     assert response.status_code == 200, response.text

@@ -30,7 +30,8 @@ ENV_INSTALL = "DREAMARTIST_WEBUI_INSTALL"  # "clone" (default: git clone, as a u
 ENV_SOURCE = "DREAMARTIST_WEBUI_SOURCE"  # what "clone" clones: a path or URL (default: this repository)
 ENV_REF = "DREAMARTIST_WEBUI_REF"  # the commit, branch or tag "clone" checks out (default: the source's HEAD)
 ENV_OUTPUT = "DREAMARTIST_WEBUI_OUTPUT"  # screenshots, webui logs and timings (default: a new temporary folder)
-ENV_SDXL = "DREAMARTIST_WEBUI_SDXL"  # an SDXL checkpoint for test_webui_sdxl.py (default: those tests are skipped)
+ENV_SDXL = "DREAMARTIST_WEBUI_SDXL"  # an SDXL checkpoint for test_webui_models.py (default: its SDXL tests are skipped)
+ENV_SD2 = "DREAMARTIST_WEBUI_SD2"  # an SD 2.x checkpoint for test_webui_models.py (default: its SD 2.x tests skipped)
 
 # version -> the webui's folder in the harness (its start.sh names its venv and port)
 VERSIONS = {"1.10.1": "a1111", "1.6.0": "a1111-v160", "neo": "forge-neo", "reforge": "reforge", "classic": "forge"}
@@ -39,8 +40,7 @@ VERSIONS = {"1.10.1": "a1111", "1.6.0": "a1111-v160", "neo": "forge-neo", "refor
 FORGE_ENGINE = {"neo"}
 # where a host reads embeddings, relative to its folder
 EMBEDDINGS_DIR = {"neo": "models/embeddings", "classic": "models/embeddings"}
-# Forge-family hosts, where DreamArtist trains SD1 (SD2 where the host loads it) and refuses SDXL, and the A1111
-# version each follows: the SDXL tests skip them.
+# Forge-family hosts and the A1111 version each follows.
 FORGE_FAMILY = {"reforge": "1.10.1", "classic": "1.10.1", "neo": "1.10.1"}
 # Hosts without a textual-inversion training of their own to compare with, and why
 NO_WEBUI_TI = {

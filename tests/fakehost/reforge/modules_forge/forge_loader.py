@@ -50,6 +50,10 @@ def attach(sd_model) -> None:
         clip=types.SimpleNamespace(patcher=ModelPatcher(sd_model.cond_stage_model.wrapped)),
         vae=types.SimpleNamespace(patcher=ModelPatcher(sd_model.first_stage_model)))
     sd_model.forge_objects = objects
+    # set as load_model_for_a1111 sets them, after the prompt encoder is wrapped: the SD 2.x wrapper has no ``model``,
+    # so an SD 2.x model says is_sd1
+    sd_model.is_sd2 = not sd_model.is_sdxl and hasattr(sd_model.cond_stage_model, "model")
+    sd_model.is_sd1 = not sd_model.is_sdxl and not sd_model.is_sd2
     sd_model.forge_objects_original = objects.shallow_copy()
     sd_model.forge_objects_after_applying_lora = objects.shallow_copy()
     encode, encoding = sd_model.encode_first_stage, sd_model.get_first_stage_encoding
