@@ -29,7 +29,7 @@ toy model at its own CFG (4) with the toy model's DDIM step count (20) unless --
                            (tau_SA = tau_CA = 0) and rigid (alpha = 1), reusing the same inversion
   BARET readings           at the paper's lr, readings of what the paper leaves open or gives as a range
                            (READINGS: each injection alone, MasaCtrl's decoder layers, the ends of the tau and
-                           alpha ranges); tabled, not plotted
+                           alpha ranges, the DDIM inversion on the target text); tabled, not plotted
 
 Scores per edited image, read by the shipped attribute classifier and measured against the renderer's pixels:
 
@@ -107,8 +107,14 @@ READINGS = {
     "baret-tausa0.1": ("tau_SA 0.1", {"tau_sa": 0.1}),
     "baret-tauca0.4": ("tau_CA 0.4", {"tau_ca": 0.4}),
     "baret-alpha0.6": ("alpha 0.6 -> 0.1", {"alpha_start": 0.6}),
+    "baret-targetinv": ("DDIM inversion on the target text", {"inversion_prompt": "target"}),
 }
 VARIANTS |= {name: changes for name, (_, changes) in READINGS.items()}
+# what an inversion depends on beyond the case: rows that agree on it share one
+def inversion_key(config: EditConfig) -> tuple:
+    return config.ttis_lr, config.inversion_prompt
+
+
 MIN_UNITS = 10  # no difference is claimed over fewer paired cases, whatever its interval (--quick has two)
 
 
@@ -301,6 +307,10 @@ class Benchmark:
     def config(self, case: Case, lr: float) -> EditConfig:
         return EditConfig(target=caption(case.target), steps=self.plan.steps, cfg=self.plan.cfg, ttis_lr=lr)
 
+    def baret_config(self, case: Case, row: str) -> EditConfig:
+        variant, lr = row.split("@")
+        return self.config(case, float(lr)).replace(**VARIANTS[variant])
+
     def decode(self, latents: torch.Tensor) -> Image.Image:
         with torch.no_grad():
             return to_images(self.backend.vae_decode(latents))[0]
@@ -311,7 +321,7 @@ class Benchmark:
         with torch.no_grad():
             latents = backend.vae_encode(to_pixels(source_array(case)).to(backend.device))
         text = caption(case.target)
-        inversions: dict[float, tuple] = {}  # lr -> (inversion, seconds): shared by a BARET row and its ablations
+        inversions: dict[tuple, tuple] = {}  # (lr, inversion text) -> (inversion, seconds): shared by BARET rows
         for row in wanted:
             started = time.monotonic()
             if row == "input":
@@ -339,14 +349,13 @@ class Benchmark:
                 started = time.monotonic()  # the shared inversion is counted in every edit's record apart
                 out = null_text.sample(backend, self._null[1], text)
             else:
-                variant, lr = row.split("@")
-                config = self.config(case, float(lr))
-                if float(lr) not in inversions:
+                config = self.baret_config(case, row)
+                if inversion_key(config) not in inversions:
                     inverted = time.monotonic()
-                    inversions[float(lr)] = (invert(backend, latents, config), time.monotonic() - inverted)
+                    inversions[inversion_key(config)] = (invert(backend, latents, config), time.monotonic() - inverted)
                 started = time.monotonic()  # the shared inversion is counted in every edit's record apart
-                inversion, inversion_seconds = inversions[float(lr)]
-                out = edit_latents(backend, inversion, config.replace(**VARIANTS[variant]))[0]
+                inversion, inversion_seconds = inversions[inversion_key(config)]
+                out = edit_latents(backend, inversion, config)[0]
             if out is not None:
                 image = self.decode(out)
             seconds = time.monotonic() - started
@@ -358,7 +367,7 @@ class Benchmark:
                       "row": row, "steps": plan.steps, "seconds": round(seconds, 2),
                       **score(self.classifier, case, image)}
             if row.startswith("baret"):
-                inversion, inversion_seconds = inversions[float(row.split("@")[1])]
+                inversion, inversion_seconds = inversions[inversion_key(self.baret_config(case, row))]
                 record |= {"ttis_iterations": sum(inversion.iterations), "ttis_loss": inversion.losses[-1],
                            "inversion_seconds": round(inversion_seconds, 2)}
             elif row == "nti":
@@ -736,7 +745,7 @@ def reading(summary: dict, plan: Plan) -> str:
         "- The toy VAE blurs fine pattern detail (grid lines, dots): the input's own round trip is the floor of the "
         "kept-region error, and the ideal edit's round trip the floor of the ideal error.",
         "- Null-text inversion is given the source render's exact caption; every other row gets only the target "
-        "text. DDIM inversion inverts with the target text, as BARET's first step does.",
+        "text. DDIM inversion inverts on the empty text, as BARET's first step does by default.",
         "- BARET without BAM is DDIM inversion + target text by construction: the editing branch starts from the same "
         "z*_T with the same texts, and the tuned text (TTIS) reaches it only through the attention injections. The "
         "two rows agreeing is a check of the implementation; what BARET adds over DDIM inversion is BAM, and BAM is "

@@ -52,8 +52,8 @@ class EditConfig:
                                                             "resolution and below).", choices=LAYER_CHOICES)
     ca_layers: str = option("all", "Cross-attention layers", "Where the map is injected (as for self-attention).",
                             choices=LAYER_CHOICES)
-    inversion_prompt: str = option("target", "Inversion prompt", "The text the DDIM inversion is conditioned on: "
-                                                                 "the target text or the empty text.",
+    inversion_prompt: str = option("empty", "Inversion prompt", "The text the DDIM inversion is conditioned on: "
+                                                                "the empty text or the target text.",
                                    choices=INVERSION_PROMPTS)
     ttis_iterations: int = option(5, "Inversion iterations per step", "Adam steps on the tuned text per DDIM step; "
                                                                       "0 is plain DDIM inversion.",

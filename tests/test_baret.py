@@ -68,13 +68,17 @@ def _mse(a, b) -> float:
 
 
 # -- TTIS ---------------------------------------------------------------------------------------------------------
-def test_ttis_brings_the_path_back_to_the_image_where_plain_ddim_with_cfg_drifts(toy, latents):
-    config = EditConfig(target=TARGET, steps=8, ttis_lr=3e-2)
+@pytest.mark.parametrize("inversion_prompt, closer", [("target", 3), ("empty", 2)])
+def test_ttis_brings_the_path_back_to_the_image_where_plain_ddim_with_cfg_drifts(toy, latents, inversion_prompt,
+                                                                                 closer):
+    """From an inversion on the target text or on the empty text (the default; the tuned target text then starts
+    further from the path it must follow)."""
+    config = EditConfig(target=TARGET, steps=8, ttis_lr=3e-2, inversion_prompt=inversion_prompt)
     plain = invert(toy, latents, config.replace(ttis_iterations=0))
     tuned = invert(toy, latents, config)
     assert plain.iterations == (0,) * 8 and max(tuned.iterations) == 5
     assert all(t < p for t, p in zip(tuned.losses, plain.losses))
-    assert tuned.losses[-1] < plain.losses[-1] / 3
+    assert tuned.losses[-1] < plain.losses[-1] / closer
     assert _mse(tuned.reconstruction[-1], latents[0]) == pytest.approx(tuned.losses[-1])  # the path ends at z*_0
 
 
@@ -105,7 +109,8 @@ def test_alpha_one_gives_the_same_edit_as_leaving_the_transition_branch_out(toy,
     assert calls == [6, 6, 4, 4, 4, 4] + [4, 4, 4, 4, 2, 2] * 2
     torch.testing.assert_close(with_branch[0], without[0], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(by_alpha[0], without[0])
-    torch.testing.assert_close(with_branch[2], with_branch[1], atol=1e-5, rtol=1e-5)  # transition == reconstruction
+    # transition == reconstruction: the same DDIM process, batched with other rows against TTIS's one-row path
+    torch.testing.assert_close(with_branch[2], with_branch[1], atol=5e-5, rtol=1e-4)
     torch.testing.assert_close(without[2], without[1])
     with pytest.raises(ValueError, match="the inversion was made for"):
         edit_latents(toy, inversion, rigid.replace(cfg=5.0))

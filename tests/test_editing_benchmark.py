@@ -125,3 +125,19 @@ def test_the_readings_are_baret_at_the_papers_lr_each_with_its_own_change_and_ar
                                for key in editing.rows(plan)}}
     compared = [line.split(":")[0] for line in editing.goal(summary, "baret@0.001")]
     assert "baret-nobam@0.001" in compared and not set(readings) & set(compared)
+
+
+def test_rows_share_an_inversion_only_where_it_is_the_same(editing):
+    """A case inverts once per TTIS lr for BARET and the readings that change only the editing pass; a reading that
+    changes the inversion itself (its text) gets its own."""
+    from dataclasses import replace
+
+    plan = replace(editing.FULL, renders=1, attributes=("colour",))
+    bench = editing.Benchmark(plan, Path(tempfile.mkdtemp()), backend=object(), classifier=object())
+    (case,) = bench.cases
+    keys = {row: editing.inversion_key(bench.baret_config(case, row)) for row in editing.rows(plan)
+            if row.startswith("baret")}
+    assert len(set(keys.values())) == len(plan.ttis_lrs) + 1
+    assert keys["baret@0.001"] == keys["baret-nobam@0.001"] == keys["baret-tausa0.1@0.001"]
+    assert keys["baret-targetinv@0.001"] != keys["baret@0.001"]
+    assert keys["baret@0.01"] != keys["baret@0.001"]

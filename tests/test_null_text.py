@@ -37,7 +37,8 @@ def test_tuning_the_null_text_brings_the_path_back_to_the_image(toy, latents):
     assert plain.iterations == (0,) * 6 and 6 < sum(tuned.iterations) <= 30
     assert tuned.losses[-1] < plain.losses[-1] / 2
     # the inversion is BARET's own (the caption in the target's place), untouched by the tuning
-    ddim = invert(toy, latents, EditConfig(target=CAPTION, steps=6, cfg=4.0, ttis_iterations=0))
+    ddim = invert(toy, latents, EditConfig(target=CAPTION, steps=6, cfg=4.0, ttis_iterations=0,
+                                           inversion_prompt="target"))
     torch.testing.assert_close(tuned.trajectory, ddim.trajectory)
     torch.testing.assert_close(plain.reconstruction[-1], ddim.reconstruction[-1], atol=1e-5, rtol=1e-5)
     # sampling with the caption and the tuned null texts is the tuned path; another text goes elsewhere

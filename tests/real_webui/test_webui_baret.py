@@ -25,11 +25,11 @@ STEPS = 4
 TARGET = "a green disc on a blue ground"
 # the script's arguments in order (extensions_builtin_compat.baret_script: KNOBS, then the branches checkbox)
 KNOBS = dict(alpha_start=0.7, alpha_end=0.1, rigid=False, tau_sa=0.5, sa_start=0.0, tau_ca=0.75, ca_start=0.0,
-             sa_layers="all", ca_layers="decoder", inversion_prompt="target", ttis_iterations=1, ttis_lr=0.001,
+             sa_layers="all", ca_layers="decoder", inversion_prompt="empty", ttis_iterations=1, ttis_lr=0.001,
              threshold_start=1e-05, threshold_step=2e-05, branches=True)
 INFOTEXT = {"BARET alpha start": "0.7", "BARET alpha end": "0.1", "BARET rigid": "False", "BARET tau_SA": "0.5",
             "BARET SA start": "0.0", "BARET tau_CA": "0.75", "BARET CA start": "0.0", "BARET SA layers": "all",
-            "BARET CA layers": "decoder", "BARET inversion prompt": "target", "BARET TTIS iterations": "1",
+            "BARET CA layers": "decoder", "BARET inversion prompt": "empty", "BARET TTIS iterations": "1",
             "BARET TTIS lr": "0.001", "BARET threshold start": "1e-05", "BARET threshold step": "2e-05",
             "BARET branches": "True", "Script": TITLE, "Sampler": "DDIM", "Steps": str(STEPS)}
 
@@ -115,7 +115,7 @@ def test_baret_edits_from_the_img2img_tab_in_a_browser(webui, browser, reference
         page.screenshot(path=str(output_dir / f"{webui.tag}-baret-after.png"), full_page=True)
         text = info.inner_text()
         assert TARGET in text and "Script: BARET edit" in text and "BARET TTIS iterations: 1" in text, text
-        assert "BARET branches: True" in text, text
+        assert "BARET branches: True" in text and "BARET inversion prompt: empty" in text, text  # the default
         assert page.locator("#img2img_gallery img").count() >= 3, "the edit and its two branch images"
     finally:
         page.close()
