@@ -73,7 +73,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dreamartist import null_text  # noqa: E402
-from dreamartist.baret import InversionCache, decode, edit, edit_latents, invert  # noqa: E402
+from dreamartist.baret import InversionCache, decode, edit, edit_latents, inversion_options, invert  # noqa: E402
 from dreamartist.edit_config import EditConfig  # noqa: E402
 from dreamartist.gamma import parse_gamma  # noqa: E402
 from dreamartist.inversion import Inversion  # noqa: E402
@@ -110,11 +110,6 @@ READINGS = {
     "baret-targetinv": ("DDIM inversion on the target text", {"inversion_prompt": "target"}),
 }
 VARIANTS |= {name: changes for name, (_, changes) in READINGS.items()}
-# what an inversion depends on beyond the case: rows that agree on it share one
-def inversion_key(config: EditConfig) -> tuple:
-    return config.ttis_lr, config.inversion_prompt
-
-
 MIN_UNITS = 10  # no difference is claimed over fewer paired cases, whatever its interval (--quick has two)
 
 
@@ -321,7 +316,7 @@ class Benchmark:
         with torch.no_grad():
             latents = backend.vae_encode(to_pixels(source_array(case)).to(backend.device))
         text = caption(case.target)
-        inversions: dict[tuple, tuple] = {}  # (lr, inversion text) -> (inversion, seconds): shared by BARET rows
+        inversions: dict[tuple, tuple] = {}  # inversion_options -> (inversion, seconds): shared by BARET rows
         for row in wanted:
             started = time.monotonic()
             if row == "input":
@@ -350,11 +345,12 @@ class Benchmark:
                 out = null_text.sample(backend, self._null[1], text)
             else:
                 config = self.baret_config(case, row)
-                if inversion_key(config) not in inversions:
+                shared = inversion_options(config)
+                if shared not in inversions:
                     inverted = time.monotonic()
-                    inversions[inversion_key(config)] = (invert(backend, latents, config), time.monotonic() - inverted)
+                    inversions[shared] = (invert(backend, latents, config), time.monotonic() - inverted)
                 started = time.monotonic()  # the shared inversion is counted in every edit's record apart
-                inversion, inversion_seconds = inversions[inversion_key(config)]
+                inversion, inversion_seconds = inversions[shared]
                 out = edit_latents(backend, inversion, config)[0]
             if out is not None:
                 image = self.decode(out)
@@ -367,7 +363,7 @@ class Benchmark:
                       "row": row, "steps": plan.steps, "seconds": round(seconds, 2),
                       **score(self.classifier, case, image)}
             if row.startswith("baret"):
-                inversion, inversion_seconds = inversions[inversion_key(self.baret_config(case, row))]
+                inversion, inversion_seconds = inversions[inversion_options(self.baret_config(case, row))]
                 record |= {"ttis_iterations": sum(inversion.iterations), "ttis_loss": inversion.losses[-1],
                            "inversion_seconds": round(inversion_seconds, 2)}
             elif row == "nti":

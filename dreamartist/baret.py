@@ -158,6 +158,12 @@ def edit_latents(backend: Backend, inversion: Inversion, config: EditConfig, *, 
 
 
 # -- the whole edit, with the cache -------------------------------------------------------------------------
+def inversion_options(config: EditConfig) -> tuple:
+    """What the inversion and TTIS read of ``config``: two configs that agree on it share one inversion of an image."""
+    return (config.target, config.steps, config.cfg, config.negative, config.inversion_prompt, config.ttis_iterations,
+            config.ttis_lr, config.threshold_start, config.threshold_step)
+
+
 class InversionCache:
     """The last ``capacity`` inversions (with their TTIS), keyed by what they depend on."""
 
@@ -167,11 +173,10 @@ class InversionCache:
 
     @staticmethod
     def key(backend: Backend, latents: torch.Tensor, config: EditConfig) -> tuple:
-        """(image latents hash, target text, model, steps, cfg) and the other options inversion and TTIS read."""
+        """(image latents hash, model) and the options the inversion and TTIS read (``inversion_options``)."""
         digest = hashlib.sha256(latents.detach().to("cpu", torch.float32).contiguous().numpy().tobytes()).hexdigest()
         model = (backend.model_name, backend.model_hash or f"instance {id(backend)}")  # no hash: this object only
-        return (digest, config.target, model, config.steps, config.cfg, config.negative, config.inversion_prompt,
-                config.ttis_iterations, config.ttis_lr, config.threshold_start, config.threshold_step)
+        return (digest, model, *inversion_options(config))
 
     def get(self, key: tuple) -> Inversion | None:
         if key in self._entries:

@@ -132,10 +132,12 @@ def test_rows_share_an_inversion_only_where_it_is_the_same(editing):
     changes the inversion itself (its text) gets its own."""
     from dataclasses import replace
 
+    from dreamartist.baret import inversion_options
+
     plan = replace(editing.FULL, renders=1, attributes=("colour",))
     bench = editing.Benchmark(plan, Path(tempfile.mkdtemp()), backend=object(), classifier=object())
     (case,) = bench.cases
-    keys = {row: editing.inversion_key(bench.baret_config(case, row)) for row in editing.rows(plan)
+    keys = {row: inversion_options(bench.baret_config(case, row)) for row in editing.rows(plan)
             if row.startswith("baret")}
     assert len(set(keys.values())) == len(plan.ttis_lrs) + 1
     assert keys["baret@0.001"] == keys["baret-nobam@0.001"] == keys["baret-tausa0.1@0.001"]
