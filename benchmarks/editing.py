@@ -128,6 +128,12 @@ class Plan:
     cost_repeats: int = 3
     readings: bool = True  # the READINGS rows
 
+    @property
+    def tag(self) -> str:
+        """What a ledger key ends with: the step count, and the guidance where it is not the toy model's own (so
+        that runs at another CFG never mix with these in one ledger)."""
+        return f"{self.steps}" if self.cfg == GUIDANCE else f"{self.steps}@cfg{self.cfg:g}"
+
 
 FULL = Plan()
 QUICK = Plan(renders=1, attributes=("colour", "shape"), steps=4, nti_iterations=2, cost_steps=4, cost_repeats=1,
@@ -291,10 +297,10 @@ class Benchmark:
         self._null_seconds = 0.0
 
     def key(self, case: Case, row: str) -> str:
-        return f"{case.key}@{row}@{self.plan.steps}"
+        return f"{case.key}@{row}@{self.plan.tag}"
 
     def image_path(self, case: Case, row: str) -> Path:
-        return self.work / "images" / f"steps{self.plan.steps}" / case.key / f"{row}.png"
+        return self.work / "images" / f"steps{self.plan.tag}" / case.key / f"{row}.png"
 
     def todo(self, case: Case) -> list[str]:
         return [row for row in self.rows if self.key(case, row) not in self.ledger]
@@ -372,7 +378,7 @@ class Benchmark:
             self.ledger.add(self.key(case, row), record)
 
     def cost_key(self) -> str:
-        return f"cost@{self.plan.cost_steps}@" + ",".join(f"{lr:g}" for lr in self.plan.ttis_lrs)
+        return cost_prefix(self.plan) + ",".join(f"{lr:g}" for lr in self.plan.ttis_lrs)
 
     def cost(self) -> dict:
         """A BARET edit and a cached re-edit against one plain DDIM generation of the same size and steps, measured
@@ -482,8 +488,13 @@ class Benchmark:
 
 
 # -- the summary ------------------------------------------------------------------------------------------------
-def per_unit(records: dict, row: str, figure: str, units: list[Case], steps: int) -> list[float]:
-    return [float(records[f"{u.key}@{row}@{steps}"][figure]) if f"{u.key}@{row}@{steps}" in records else math.nan
+def cost_prefix(plan: Plan) -> str:
+    """How the plan's cost records are keyed: their step count, and the guidance where it is not the toy model's."""
+    return f"cost@{plan.cost_steps}@" if plan.cfg == GUIDANCE else f"cost@cfg{plan.cfg:g}@{plan.cost_steps}@"
+
+
+def per_unit(records: dict, row: str, figure: str, units: list[Case], tag: str) -> list[float]:
+    return [float(records[f"{u.key}@{row}@{tag}"][figure]) if f"{u.key}@{row}@{tag}" in records else math.nan
             for u in units]
 
 
@@ -491,15 +502,15 @@ def summarize(records: dict, plan: Plan) -> dict:
     """Means with intervals per row, figure and edited attribute; paired differences of each BARET row against every
     other row; the cases done; the seconds per row; the cost."""
     all_cases, table = cases(plan), rows(plan)
-    done = [c for c in all_cases if all(f"{c.key}@{r}@{plan.steps}" in records for r in table)]
+    done = [c for c in all_cases if all(f"{c.key}@{r}@{plan.tag}" in records for r in table)]
     groups = {"all": all_cases, **{a: [c for c in all_cases if c.attribute == a] for a in plan.attributes}}
     summary: dict = {"cases": len(all_cases), "done": len(done), "rows": {}, "differences": {}, "seconds": {}}
     for key, row in table.items():
         summary["rows"][key] = {"label": row.label, "kind": row.kind, **{
-            group: {f: asdict(bootstrap(per_unit(records, key, f, units, plan.steps))) for f in FIGURES}
+            group: {f: asdict(bootstrap(per_unit(records, key, f, units, plan.tag))) for f in FIGURES}
             for group, units in groups.items()}}
         spent = [r["seconds"] + r.get("inversion_seconds", 0.0) for k, r in records.items()
-                 if k.endswith(f"@{key}@{plan.steps}")]
+                 if k.endswith(f"@{key}@{plan.tag}")]
         summary["seconds"][key] = statistics.median(spent) if spent else None
     for key, row in table.items():
         if row.kind not in (BARET, READING):
@@ -508,10 +519,10 @@ def summarize(records: dict, plan: Plan) -> dict:
             if other == key:
                 continue
             summary["differences"][f"{key}|{other}"] = {
-                group: {f: asdict(paired(per_unit(records, key, f, units, plan.steps),
-                                         per_unit(records, other, f, units, plan.steps))) for f in FIGURES}
+                group: {f: asdict(paired(per_unit(records, key, f, units, plan.tag),
+                                         per_unit(records, other, f, units, plan.tag))) for f in FIGURES}
                 for group, units in groups.items()}
-    costs = [r["cost"] for k, r in records.items() if k.startswith("cost@")]
+    costs = [r["cost"] for k, r in records.items() if k.startswith(cost_prefix(plan))]
     summary["cost"] = costs[-1] if costs else None
     return summary
 
@@ -693,7 +704,7 @@ def example_strip(work: Path, plan: Plan, path: Path, render: int = 0) -> bool:
     table = rows(plan)
     lines = [c for c in cases(plan) if c.render == render]
     shown = [k for k, row in table.items() if k not in ("input", "ideal") and row.kind != READING]
-    folder = work / "images" / f"steps{plan.steps}"
+    folder = work / "images" / f"steps{plan.tag}"
     if not lines or not all((folder / c.key / f"{k}.png").exists() for c in lines for k in shown):
         return False
     columns = ["input (render)", "ideal edit (render)", *(table[k].short for k in shown)]
@@ -752,10 +763,14 @@ def reading(summary: dict, plan: Plan) -> str:
         "rows where something reads them, decoding). TTIS takes up to 5 Adam steps per DDIM step, each a UNet "
         "forward and backward; where its early stop never triggers it takes all of them, and the ratio is above the "
         "paper's ~6.5, which assumes about 100 of the 250.",
-        f"- The toy model, not SD 1.5: {plan.steps} DDIM steps and CFG {plan.cfg:g} (the toy model's own), 64x64 "
+        f"- The toy model, not SD 1.5: {plan.steps} DDIM steps and CFG {plan.cfg:g}{whose_cfg(plan)}, 64x64 "
         "images. The paper's BARET defaults otherwise (TTIS at most 5 Adam steps per step, alpha 0.8 -> 0.1, "
         "tau_SA 0.3, tau_CA 0.6, all layers).",
     ]) + "\n"
+
+
+def whose_cfg(plan: Plan) -> str:
+    return {GUIDANCE: " (the toy model's own)", 7.5: " (the paper's)"}.get(plan.cfg, "")
 
 
 def default_out(quick: bool) -> Path:
@@ -797,13 +812,16 @@ def main(argv: list[str] | None = None) -> int:
                         help="TTIS learning rates, one set of BARET rows each (default "
                              f"{' '.join(map(str, FULL.ttis_lrs))}; the paper's is 1e-3)")
     parser.add_argument("--renders", type=int, default=None, help=f"held-out renders (default {FULL.renders})")
+    parser.add_argument("--cfg", type=float, default=None,
+                        help=f"guidance of every row (default: the toy model's {FULL.cfg:g}; the paper's is 7.5); "
+                             "its cases are kept apart from the default's in the ledger")
     parser.add_argument("--cost-steps", type=int, default=None,
                         help=f"DDIM steps of the cost measurement (default {FULL.cost_steps})")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     plan = QUICK if args.quick else FULL
     changes = {"steps": args.steps, "ttis_lrs": tuple(args.ttis_lr) if args.ttis_lr else None,
-               "renders": args.renders, "cost_steps": args.cost_steps}
+               "renders": args.renders, "cost_steps": args.cost_steps, "cfg": args.cfg}
     plan = replace(plan, **{k: v for k, v in changes.items() if v is not None})
     out = args.out or default_out(args.quick)
     work = args.work or (out / "editing-work")

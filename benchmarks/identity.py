@@ -3,6 +3,7 @@
     python benchmarks/identity.py              # the full benchmark, resumable: run it again to continue
     python benchmarks/identity.py --quick      # a one-minute version (CI): every figure comes out and lies in range
     python benchmarks/identity.py --report     # only the tables and plot from the ledger so far
+    python benchmarks/identity.py --readings   # what the control prompts' samples show, attribute by attribute
 
 The purple star, the green heart and the orange moon (dreamartist.toyworld.world.CONCEPT_REFERENCES) are the
 identities: one render each, its object mask as the face region. Every row trains the same steps from the same render:
@@ -35,7 +36,7 @@ import statistics
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -54,7 +55,7 @@ from dreamartist.sampling import StagedConditioning, sample_rows, to_images  # n
 from dreamartist.toyworld.evaluate import GUIDANCE, unit_noise  # noqa: E402
 from dreamartist.toyworld.intervals import Interval, bootstrap, paired  # noqa: E402
 from dreamartist.toyworld.ledger import Ledger  # noqa: E402
-from dreamartist.toyworld.metrics import identity_scores, share  # noqa: E402
+from dreamartist.toyworld.metrics import identity_scores, share, shows  # noqa: E402
 from dreamartist.toyworld.render import coverage, layout, render  # noqa: E402
 from dreamartist.toyworld.reporting import Bench, Run, check_interval, check_methods, curve  # noqa: E402
 from dreamartist.toyworld.world import CONCEPT_REFERENCES, REFERENCE_SEED, Scene  # noqa: E402
@@ -312,6 +313,61 @@ class Benchmark(Bench):
         self.cost()
 
 
+# -- what the control prompts' samples show -------------------------------------------------------------------
+READINGS_PLAN = replace(FULL, seeds=(0,), checkpoints=(1000,), samples=16)
+READING_METHODS = ("ti", "da", "id")
+
+
+def tally(read: torch.Tensor, attribute: str, value: str) -> float:
+    return share(shows(read, attribute, value).tolist())
+
+
+def readings(bench: Benchmark) -> str:
+    """For each control prompt, the share of samples whose object takes the asked colour, whose background takes it,
+    and which show the asked pattern: identity mode, TI and DreamArtist trained to READINGS_PLAN's checkpoint (one
+    seed per concept), and the base model given the concept's shape with and without its colour word."""
+    plan, backend, shape = bench.plan, bench.backend, (bench.backend.latent_channels, 16, 16)
+    bench.train_to(plan.checkpoints[-1])
+    rows = []
+    for c, reference in enumerate(plan.concepts):
+        own = {"base, shape word": reference.shape, "base, colour and shape": f"{reference.colour} {reference.shape}"}
+        sources = [(bench.methods[r.method].label, r) for r in bench.runs if r.concept == c] + list(own.items())
+        for label, source in sources:
+            run = source if isinstance(source, Run) else None
+            words, identities, negative = bench.conditioning(run) if run else ({}, {}, "")
+            name = bench.names[run] if run else source
+            cfg = bench.methods[run.method].cfg if run else GUIDANCE
+            for p, prompt in enumerate(prompts(reference, name, plan.values_per_attribute)):
+                if prompt["attribute"] not in ("background", "pattern"):
+                    continue
+                noise = unit_noise((c, 0), p, plan.samples, shape)
+                pixels = sample_rows(backend, [prompt["text"]] * plan.samples, [negative] * plan.samples, words,
+                                     [parse_gamma(str(cfg))] * plan.samples, noise, plan.sample_steps,
+                                     identities=identities or None)
+                read = bench.classifier.predict(to_images(pixels))
+                asked = prompt["value"]
+                figures = ((tally(read, "colour", asked), tally(read, "background", asked))
+                           if prompt["attribute"] == "background" else (float("nan"), float("nan")))
+                rows.append((reference.shape, label, prompt["attribute"], asked, *figures,
+                             tally(read, "pattern", asked) if prompt["attribute"] == "pattern" else float("nan"),
+                             tally(read, "shape", reference.shape)))
+    lines = [f"### What the control prompts' samples show ({plan.samples} samples per prompt, "
+             f"{plan.checkpoints[-1]} steps, seed 0)", "",
+             "| concept | source | asked | object in the asked colour | background in it | asked pattern shown | "
+             "the concept's shape |", "|---|---|---|---|---|---|---|"]
+    for concept, label, attribute, asked, on_object, on_background, pattern, kept in rows:
+        cells = [f"{x:.2f}" if x == x else "" for x in (on_object, on_background, pattern, kept)]
+        lines.append(f"| {concept} | {label} | {attribute} {asked} | " + " | ".join(cells) + " |")
+    lines += ["", "Means over the concepts and asked values (one seed each: no difference is claimed from these)", "",
+              "| source | object in the asked colour | background in it | asked pattern shown | the concept's shape |",
+              "|---|---|---|---|---|"]
+    for label in dict.fromkeys(row[1] for row in rows):
+        mine = [row[4:] for row in rows if row[1] == label]
+        means = [statistics.fmean(x[i] for x in mine if x[i] == x[i]) for i in range(4)]
+        lines.append(f"| {label} | " + " | ".join(f"{x:.2f}" for x in means) + " |")
+    return "\n".join(lines) + "\n"
+
+
 # -- the summary ---------------------------------------------------------------------------------------------
 def per_unit(records: dict, method: str, step: int, figure: str, units: list, prefix: str = "") -> list[float]:
     return [float(records.get(f"{prefix}{method}-c{c}-s{s}@{step}", {}).get(figure, float("nan"))) for c, s in units]
@@ -417,6 +473,9 @@ def main(argv: list[str] | None = None) -> int:
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--quick", action="store_true", help="one concept, one seed, a few steps (CI)")
     mode.add_argument("--report", action="store_true", help="only write the tables and plot from the ledger so far")
+    mode.add_argument("--readings", action="store_true",
+                      help="TI, DreamArtist and identity mode trained on one seed per concept: what each control "
+                           "prompt's samples show (identity-readings.md)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="folder for identity.json/.md/.png")
     parser.add_argument("--work", type=Path, default=None, help="folder of the runs and the ledger (default "
                                                                 "OUT/identity-work)")
@@ -426,6 +485,16 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     plan = QUICK if args.quick else FULL
     work = args.work or args.out / "identity-work"
+    if args.readings:
+        from dreamartist.toyworld import load_backend
+
+        with tempfile.TemporaryDirectory(prefix="dreamartist-identity-readings-") as scratch:
+            bench = Benchmark(READINGS_PLAN, Path(scratch), {m: METHODS[m] for m in READING_METHODS},
+                              backend=load_backend(device=args.device))
+            text = readings(bench)
+        print(text)
+        (args.out / "identity-readings.md").write_text(text)
+        return 0
     if args.report:
         records = Ledger(work / "ledger.jsonl").records
     else:

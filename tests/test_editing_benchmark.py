@@ -143,3 +143,24 @@ def test_rows_share_an_inversion_only_where_it_is_the_same(editing):
     assert keys["baret@0.001"] == keys["baret-nobam@0.001"] == keys["baret-tausa0.1@0.001"]
     assert keys["baret-targetinv@0.001"] != keys["baret@0.001"]
     assert keys["baret@0.01"] != keys["baret@0.001"]
+
+
+def test_a_run_at_another_guidance_keeps_its_records_apart(editing):
+    """The ledger keys of the default CFG stay as they were; another CFG's cases and cost are keyed apart and a
+    summary of one never counts the other's."""
+    from dataclasses import replace
+
+    default = replace(editing.FULL, renders=1, attributes=("colour",))
+    paper = replace(default, cfg=7.5)
+    work = Path(tempfile.mkdtemp())
+    bench = {plan.cfg: editing.Benchmark(plan, work, backend=object(), classifier=object())
+             for plan in (default, paper)}
+    (case,) = bench[default.cfg].cases
+    assert bench[default.cfg].key(case, "ddim") == f"{case.key}@ddim@{default.steps}"
+    assert bench[7.5].key(case, "ddim") == f"{case.key}@ddim@{default.steps}@cfg7.5"
+    assert bench[7.5].cost_key() != bench[default.cfg].cost_key()
+    figures = {f: 1.0 for f in editing.FIGURES} | {"seconds": 1.0}
+    records = {bench[7.5].key(case, row): figures for row in editing.rows(paper)}
+    records[bench[7.5].cost_key()] = {"cost": {"steps": paper.cost_steps}}
+    assert editing.summarize(records, paper)["done"] == 1 and editing.summarize(records, paper)["cost"]
+    assert editing.summarize(records, default)["done"] == 0 and editing.summarize(records, default)["cost"] is None
