@@ -25,7 +25,7 @@ def test_the_quick_plan_scores_every_row_and_resumes_from_its_ledger(identity_be
     assert summary["cost"]["ratio"] > 0
     assert "| identity mode, one K/V pair |" in identity_bench.tables(summary, identity_bench.QUICK)
     again = identity_bench.Benchmark(identity_bench.QUICK, tmp_path, backend=backend, classifier=classifier)
-    monkeypatch.setattr(again, "train_to", lambda checkpoint: pytest.fail("trained again"))
+    monkeypatch.setattr(again, "train_to", lambda checkpoint, runs: pytest.fail("trained again"))
     monkeypatch.setattr(again, "score", lambda jobs: pytest.fail("scored again"))
     again.run()
 
