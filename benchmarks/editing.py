@@ -522,6 +522,12 @@ def summarize(records: dict, plan: Plan) -> dict:
                 group: {f: asdict(paired(per_unit(records, key, f, units, plan.tag),
                                          per_unit(records, other, f, units, plan.tag))) for f in FIGURES}
                 for group, units in groups.items()}
+    summary["ttis"] = {}
+    for key, row in table.items():  # how far TTIS got: its Adam steps, and the last step's latent error
+        tuned = [records[f"{u.key}@{key}@{plan.tag}"] for u in all_cases if f"{u.key}@{key}@{plan.tag}" in records]
+        if row.kind == BARET and tuned:
+            summary["ttis"][key] = {"iterations": statistics.median(r["ttis_iterations"] for r in tuned),
+                                    "loss": statistics.median(r["ttis_loss"] for r in tuned), "cases": len(tuned)}
     costs = [r["cost"] for k, r in records.items() if k.startswith(cost_prefix(plan))]
     summary["cost"] = costs[-1] if costs else None
     return summary
@@ -648,6 +654,14 @@ def tables(summary: dict, plan: Plan) -> str:
             if "peak_mib" in runs[0]["edit"]:
                 out.append(f"\nCUDA peak memory, lr {lr}: plain {runs[0]['plain']['peak_mib']:.0f} MiB, edit "
                            f"{runs[0]['edit']['peak_mib']:.0f} MiB, re-edit {runs[0]['reedit']['peak_mib']:.0f} MiB.")
+    if summary.get("ttis"):
+        paper = EditConfig(target="-")
+        limit = paper.threshold_start + (plan.steps - 1) * paper.threshold_step
+        out += ["", f"### TTIS's early stop (median over cases; the last step's limit is {limit:.2g})", "",
+                "| row | Adam steps taken | the last step's latent error after them |", "|---|---|---|"]
+        for key, ttis in summary["ttis"].items():
+            out.append(f"| {summary['rows'][key]['label']} | {ttis['iterations']:g} of "
+                       f"{paper.ttis_iterations * plan.steps} | {ttis['loss']:.2g} |")
     return "\n".join(out) + "\n"
 
 

@@ -4,6 +4,7 @@ writes every output where it is told (a temporary folder by default)."""
 from __future__ import annotations
 
 import json
+import statistics
 import tempfile
 from pathlib import Path
 
@@ -93,6 +94,12 @@ def test_the_quick_plan_runs_every_row_resumes_and_writes_its_outputs(editing, t
     written = json.loads((tmp_path / "out" / "editing.json").read_text())
     assert written["finished"] and written["summary"]["done"] == 2
     assert "| BARET, TTIS lr 0.001 |" in (tmp_path / "out" / "editing.md").read_text()
+    for lr in plan.ttis_lrs:  # how far TTIS got, from what each case recorded
+        ttis = summary["ttis"][f"baret@{lr:g}"]
+        taken = [bench.ledger.records[bench.key(case, f"baret@{lr:g}")]["ttis_iterations"] for case in bench.cases]
+        assert ttis["cases"] == 2 and ttis["iterations"] == statistics.median(taken)
+        assert 0 < ttis["loss"] and ttis["iterations"] <= 5 * plan.steps
+    assert "### TTIS's early stop" in (tmp_path / "out" / "editing.md").read_text()
     for name in ("editing.png", "editing-example.png"):
         assert Image.open(tmp_path / "out" / name).size[0] > 500
 
@@ -159,7 +166,7 @@ def test_a_run_at_another_guidance_keeps_its_records_apart(editing):
     assert bench[default.cfg].key(case, "ddim") == f"{case.key}@ddim@{default.steps}"
     assert bench[7.5].key(case, "ddim") == f"{case.key}@ddim@{default.steps}@cfg7.5"
     assert bench[7.5].cost_key() != bench[default.cfg].cost_key()
-    figures = {f: 1.0 for f in editing.FIGURES} | {"seconds": 1.0}
+    figures = {f: 1.0 for f in editing.FIGURES} | {"seconds": 1.0, "ttis_iterations": 100, "ttis_loss": 0.1}
     records = {bench[7.5].key(case, row): figures for row in editing.rows(paper)}
     records[bench[7.5].cost_key()] = {"cost": {"steps": paper.cost_steps}}
     assert editing.summarize(records, paper)["done"] == 1 and editing.summarize(records, paper)["cost"]
