@@ -342,7 +342,7 @@ def readings(bench: Benchmark) -> str:
             for p, prompt in enumerate(prompts(reference, name, plan.values_per_attribute)):
                 if prompt["attribute"] not in ("background", "pattern"):
                     continue
-                noise = unit_noise((c, 0), p, plan.samples, shape)
+                noise = unit_noise((c, plan.seeds[0]), p, plan.samples, shape)
                 pixels = sample_rows(backend, [prompt["text"]] * plan.samples, [negative] * plan.samples, words,
                                      [parse_gamma(str(cfg))] * plan.samples, noise, plan.sample_steps,
                                      identities=identities or None)
@@ -354,7 +354,7 @@ def readings(bench: Benchmark) -> str:
                              tally(read, "pattern", asked) if prompt["attribute"] == "pattern" else float("nan"),
                              tally(read, "shape", reference.shape)))
     lines = [f"### What the control prompts' samples show ({plan.samples} samples per prompt, "
-             f"{plan.checkpoints[-1]} steps, seed 0)", "",
+             f"{plan.checkpoints[-1]} steps, seed {plan.seeds[0]})", "",
              "| concept | source | asked | object in the asked colour | background in it | asked pattern shown | "
              "the concept's shape |", "|---|---|---|---|---|---|---|"]
     for concept, label, attribute, asked, on_object, on_background, pattern, kept in rows:
