@@ -129,10 +129,15 @@ class Plan:
     readings: bool = True  # the READINGS rows
 
     @property
+    def guidance(self) -> str:
+        """The guidance in ledger keys where it is not the toy model's own, so that runs at another CFG never mix
+        with these in one ledger."""
+        return "" if self.cfg == GUIDANCE else f"@cfg{self.cfg:g}"
+
+    @property
     def tag(self) -> str:
-        """What a ledger key ends with: the step count, and the guidance where it is not the toy model's own (so
-        that runs at another CFG never mix with these in one ledger)."""
-        return f"{self.steps}" if self.cfg == GUIDANCE else f"{self.steps}@cfg{self.cfg:g}"
+        """What a case's ledger key ends with."""
+        return f"{self.steps}{self.guidance}"
 
 
 FULL = Plan()
@@ -368,8 +373,7 @@ class Benchmark:
                                "source": caption(case.source), "target": text},
                       "row": row, "steps": plan.steps, "seconds": round(seconds, 2),
                       **score(self.classifier, case, image)}
-            if row.startswith("baret"):
-                inversion, inversion_seconds = inversions[inversion_options(self.baret_config(case, row))]
+            if row.startswith("baret"):  # ``inversion`` is the one this edit used
                 record |= {"ttis_iterations": sum(inversion.iterations), "ttis_loss": inversion.losses[-1],
                            "inversion_seconds": round(inversion_seconds, 2)}
             elif row == "nti":
@@ -489,8 +493,8 @@ class Benchmark:
 
 # -- the summary ------------------------------------------------------------------------------------------------
 def cost_prefix(plan: Plan) -> str:
-    """How the plan's cost records are keyed: their step count, and the guidance where it is not the toy model's."""
-    return f"cost@{plan.cost_steps}@" if plan.cfg == GUIDANCE else f"cost@cfg{plan.cfg:g}@{plan.cost_steps}@"
+    """How the plan's cost records are keyed."""
+    return f"cost{plan.guidance}@{plan.cost_steps}@"
 
 
 def per_unit(records: dict, row: str, figure: str, units: list[Case], tag: str) -> list[float]:
@@ -523,9 +527,9 @@ def summarize(records: dict, plan: Plan) -> dict:
                                          per_unit(records, other, f, units, plan.tag))) for f in FIGURES}
                 for group, units in groups.items()}
     summary["ttis"] = {}
-    for key, row in table.items():  # how far TTIS got: its Adam steps, and the last step's latent error
+    for key in (k for k, row in table.items() if row.kind == BARET):  # how far TTIS got, and its last step's error
         tuned = [records[f"{u.key}@{key}@{plan.tag}"] for u in all_cases if f"{u.key}@{key}@{plan.tag}" in records]
-        if row.kind == BARET and tuned:
+        if tuned:
             summary["ttis"][key] = {"iterations": statistics.median(r["ttis_iterations"] for r in tuned),
                                     "loss": statistics.median(r["ttis_loss"] for r in tuned), "cases": len(tuned)}
     costs = [r["cost"] for k, r in records.items() if k.startswith(cost_prefix(plan))]
