@@ -67,7 +67,9 @@ EDITED = ("background", "pattern", "colour")
 FIGURES = ("identity", "control", *(f"control_{a}" for a in EDITED))
 SAVE_EVERY = 250
 IDENTITY_BASE = {"class_word": "circle", "template": "a photo of a [name]"}
-REFERENCE_ROWS = ("da", "id")
+REFERENCE_ROWS = ("da", "id")  # every row is compared with these
+# a free token against one the identity block writes, with and without the paper's augmentation
+DIFFERENCE_PAIRS = (("ti", "id_token"), ("ti", "id_token_noaug"), ("id_token_noaug", "id_token"))
 MASS_TIMESTEPS = (100, 300, 500, 700, 900)
 
 
@@ -88,8 +90,14 @@ METHODS: dict[str, Method] = {
     "id_noattn": Method("identity mode, no attention loss", "identity", {"attention_weight": 0.0}),
     "id_onepair": Method("identity mode, one K/V pair", "identity", {"stages": 1}),
     "id_coarse": Method("identity mode, loss on 16x16 and 32x32", "identity", {"attention_layers": "16x16+32x32"}),
+    "id_nosplit": Method("identity mode, no K/V split", "identity", {"kv_split": False}),
+    # identity mode with every ablation at once: one token, as textual inversion has, written by the block
+    "id_token": Method("identity mode as one token (one stage, no K/V split, no attention loss)", "identity",
+                       {"stages": 1, "kv_split": False, "attention_weight": 0.0}),
+    "id_token_noaug": Method("identity mode as one token, no augmentation", "identity",
+                             {"stages": 1, "kv_split": False, "attention_weight": 0.0, "augment": False}),
 }
-MASS_ROWS = ("ti", "id", "id_noattn", "id_onepair", "id_coarse")
+MASS_ROWS = ("ti", "id", "id_noattn", "id_onepair", "id_coarse", "id_nosplit", "id_token")
 MASS_PAIRS = (("id", "id_noattn"), ("id", "ti"))  # the attention loss's effect; identity mode against TI
 IDENTITY_PROMPTS = ("a photo of a [name]", "a picture of a [name]")
 EDIT_PROMPT = {"background": "a photo of a [name] on a {value} background",
@@ -382,13 +390,12 @@ def summarize(records: dict, plan: Plan, methods: dict[str, Method]) -> dict:
         summary["methods"][m] = {"label": method.label, "cfg": method.cfg, "steps": {
             str(step): {f: asdict(bootstrap(per_unit(records, m, step, f, units))) for f in FIGURES}
             for step in plan.checkpoints}}
-    for base in REFERENCE_ROWS:
-        for m in methods:
-            if m == base or f"{base}-{m}" in summary["differences"]:
-                continue
+    pairs = [(m, base) for base in REFERENCE_ROWS for m in methods if m != base] + list(DIFFERENCE_PAIRS)
+    for m, base in pairs:
+        if base in methods and m in methods and f"{base}-{m}" not in summary["differences"]:
             summary["differences"][f"{m}-{base}"] = {str(step): {
                 f: asdict(paired(per_unit(records, m, step, f, units), per_unit(records, base, step, f, units)))
-                for f in ("identity", "control")} for step in plan.checkpoints}
+                for f in FIGURES} for step in plan.checkpoints}
     for m in MASS_ROWS:
         if m in methods:
             summary["mass"][m] = {str(step): asdict(bootstrap(per_unit(records, m, step, "mass", units, "mass:")))
@@ -423,10 +430,10 @@ def tables(summary: dict, plan: Plan) -> str:
             _cell(figs[f]) for f in ("identity", "control", "control_background", "control_pattern",
                                      "control_colour")) + " |")
     out += ["", "### Paired differences (row - reference; * where the 95 % interval excludes zero)", "",
-            "| difference | step | identity | control |", "|---|---|---|---|"]
+            "| difference | step | identity | control | background | pattern | colour |", "|" + "---|" * 7]
     for pair, by_step in summary["differences"].items():
         cells = [_cell(by_step[last][f]) + (" *" if Interval(**by_step[last][f]).excludes_zero else "")
-                 for f in ("identity", "control")]
+                 for f in FIGURES]
         out.append(f"| {pair} | {last} | " + " | ".join(cells) + " |")
     steps = ("0", *map(str, plan.checkpoints))
     out += ["", "### The word's cross-attention mass inside the object (32x32-class layers; "

@@ -22,6 +22,8 @@ def test_the_quick_plan_scores_every_row_and_resumes_from_its_ledger(identity_be
         assert summary["methods"][m]["steps"][step]["identity"]["units"] == 1, m
     for m in identity_bench.MASS_ROWS:
         assert summary["mass"][m]["0"]["units"] == summary["mass"][m][step]["units"] == 1, m
+    for a, b in identity_bench.DIFFERENCE_PAIRS:
+        assert summary["differences"][f"{a}-{b}"][step]["control_pattern"]["units"] == 1, (a, b)
     assert summary["cost"]["ratio"] > 0
     assert "| identity mode, one K/V pair |" in identity_bench.tables(summary, identity_bench.QUICK)
     again = identity_bench.Benchmark(identity_bench.QUICK, tmp_path, backend=backend, classifier=classifier)
