@@ -464,7 +464,7 @@ def plot(summary: dict, plan: Plan, path: Path) -> None:
             curve(ax, row, plan.checkpoints, f)
         ax.set(xscale="log", ylim=(0, 1.02), xlabel="training steps", ylabel=f,
                title=f"{f} (95 % intervals over concepts x seeds)")
-    axes[0].legend(loc="lower right", fontsize=7)
+    axes[1].legend(loc="upper right", fontsize=7)  # control stays low: the upper half is free
     figure.tight_layout()
     figure.savefig(path)
     plt.close(figure)
