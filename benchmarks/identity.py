@@ -13,8 +13,10 @@ identities: one render each, its object mask as the face region. Every row train
   identity mode           Beyond Inserting as shipped (5 stages x K/V, lambda 0.003 on the 32x32-class layers), class
                           word "circle" (a shape the model knows, as "person" is for faces), template "a photo of a
                           [name]"; sampled at the base CFG
-  ... without the attention loss (lambda 0), with one K/V pair (S = 1), and with the loss on the 16x16 layers
-                          too (the paper does not say which layers; 32x32 is the default)
+  ... without the attention loss (lambda 0), with one K/V pair (S = 1), with the loss on the 16x16 layers
+                          too (the paper does not say which layers; 32x32 is the default), and without the K/V split
+  ... as one token        every ablation at once (one stage, no K/V split, no loss): a textual inversion whose token
+                          the block writes; with and without the paper's augmentation
 
 Scores, read by the shipped attribute classifier (dreamartist.toyworld.metrics.identity_scores), per image:
 
@@ -427,8 +429,7 @@ def tables(summary: dict, plan: Plan) -> str:
     for row in summary["methods"].values():
         figs = row["steps"][last]
         out.append(f"| {row['label']} | {row['cfg']:g} | " + " | ".join(
-            _cell(figs[f]) for f in ("identity", "control", "control_background", "control_pattern",
-                                     "control_colour")) + " |")
+            _cell(figs[f]) for f in FIGURES) + " |")
     out += ["", "### Paired differences (row - reference; * where the 95 % interval excludes zero)", "",
             "| difference | step | identity | control | background | pattern | colour |", "|" + "---|" * 7]
     for pair, by_step in summary["differences"].items():
